@@ -1,0 +1,262 @@
+"""Node configuration: every environment variable, read once, typed, failing loudly.
+
+``Settings.from_env()`` is the only place in the package that reads ``NODE_*``
+variables.  Each process calls :func:`load_settings` once at start; a bad value
+raises :class:`ConfigError` naming the variable and the offending value, and the
+process entry points turn that into a clear message and a non-zero exit.
+
+Precedence: the process environment beats the embedded default.  There is no
+``.env`` file: the defaults alone run a working node (see README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from node.errors import ConfigError
+
+T = TypeVar("T")
+
+MIB = 1024 * 1024
+
+# ipc:// endpoints are Unix socket paths; Linux limits them to 107 bytes.
+_IPC_PATH_MAX = 107
+
+
+def _parse_int(name: str, raw: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise ConfigError(name, raw, "expected an integer") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, raw, f"expected an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, raw, f"expected an integer <= {maximum}")
+    return value
+
+
+def _parse_float(name: str, raw: str, *, minimum: float | None = None) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(name, raw, "expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(name, raw, "expected a finite number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, raw, f"expected a number >= {minimum}")
+    return value
+
+
+def _parse_port(name: str, raw: str) -> int:
+    return _parse_int(name, raw, minimum=1, maximum=65535)
+
+
+def _parse_ring_bytes(name: str, raw: str) -> int:
+    value = _parse_int(name, raw, minimum=MIB)
+    if value & (value - 1):
+        raise ConfigError(name, raw, "expected a power of two (e.g. 67108864 for 64 MiB)")
+    return value
+
+
+def _parse_endpoint(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value.startswith("ipc://"):
+        path = value[len("ipc://") :]
+        if not path:
+            raise ConfigError(name, raw, "expected ipc://PATH with a non-empty path")
+        if len(path.encode()) > _IPC_PATH_MAX:
+            raise ConfigError(
+                name, raw, f"ipc:// path is {len(path.encode())} bytes, the limit is {_IPC_PATH_MAX}"
+            )
+        return value
+    if value.startswith("tcp://"):
+        host, sep, port = value[len("tcp://") :].rpartition(":")
+        if not sep or not host:
+            raise ConfigError(name, raw, "expected tcp://HOST:PORT")
+        _parse_port(name, port)
+        return value
+    raise ConfigError(name, raw, "expected an ipc:// or tcp:// endpoint")
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(name, raw, f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_secret(name: str, raw: str) -> str:
+    if len(raw) < 16:
+        # The value itself is a secret: never echo it.
+        raise ConfigError(name, "<hidden>", f"expected at least 16 characters, got {len(raw)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration of a node.  Field docs are mirrored in the README."""
+
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    web_port: int = 8000
+    fanout_port: int = 8001
+    web_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    jwt_secret: str | None = field(default=None, repr=False)  # None: generated into data_dir
+    max_message_bytes: int = 65536
+    metrics_port_monitor: int = 9101
+    metrics_port_router: int = 9102
+    metrics_port_publisher: int = 9103
+    metrics_port_store: int = 9104
+
+    # Rings
+    ingress_ring_bytes: int = 64 * MIB
+    fanin_ring_bytes: int = 256 * MIB
+    # "power": persist (libpmem flush / msync) before acking -- survives power loss.
+    # "process": ack once the record is in the shared mapping -- survives any process
+    # crash (the page cache holds it) but not a kernel crash or power loss.
+    durability: str = "power"
+
+    # ZeroMQ endpoints (None: ipc:// sockets inside data_dir)
+    router_bind: str | None = None  # router's ROUTER socket
+    router_connect: str | None = None  # where monitor connects (default: router_bind)
+    pub_bind: str | None = None  # publisher's PUB socket
+    replay_bind: str | None = None  # publisher's ROUTER for replay requests and confirms
+
+    # Device connections
+    ws_ping_interval: float = 20.0  # seconds; 0 disables keep-alive pings
+    ws_ping_timeout: float = 20.0
+    conn_window: int = 256  # unacked messages in flight per device connection
+
+    # Fanout
+    fanout_queue: int = 1024  # messages buffered per client app before it is told it is too slow
+
+    log_level: str = "info"
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.resolve()
+
+    def ring_path(self, name: str) -> Path:
+        return self.data_path / f"{name}.ring"
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_path / "store.sqlite3"
+
+    @property
+    def jwt_secret_path(self) -> Path:
+        return self.data_path / "jwt_secret"
+
+    def _ipc(self, name: str) -> str:
+        return f"ipc://{self.data_path / name}"
+
+    @property
+    def router_bind_endpoint(self) -> str:
+        return self.router_bind or self._ipc("router.sock")
+
+    @property
+    def router_connect_endpoint(self) -> str:
+        return self.router_connect or self.router_bind_endpoint
+
+    @property
+    def pub_endpoint(self) -> str:
+        return self.pub_bind or self._ipc("pub.sock")
+
+    @property
+    def replay_endpoint(self) -> str:
+        return self.replay_bind or self._ipc("replay.sock")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+
+        def take(var: str, attr: str, parse: Callable[[str, str], T]) -> None:
+            raw = env.get(var)
+            if raw is None or raw == "":
+                return
+            values[attr] = parse(var, raw)
+
+        take("NODE_DATA_DIR", "data_dir", lambda n, r: Path(r))
+        take("NODE_HOST", "host", lambda n, r: r.strip())
+        take("NODE_WEB_PORT", "web_port", _parse_port)
+        take("NODE_FANOUT_PORT", "fanout_port", _parse_port)
+        take("NODE_WEB_WORKERS", "web_workers", lambda n, r: _parse_int(n, r, minimum=1, maximum=256))
+        take("NODE_JWT_SECRET", "jwt_secret", _parse_secret)
+        take(
+            "NODE_MAX_MESSAGE_BYTES",
+            "max_message_bytes",
+            lambda n, r: _parse_int(n, r, minimum=64, maximum=16 * MIB),
+        )
+        take("NODE_METRICS_PORT_MONITOR", "metrics_port_monitor", _parse_port)
+        take("NODE_METRICS_PORT_ROUTER", "metrics_port_router", _parse_port)
+        take("NODE_METRICS_PORT_PUBLISHER", "metrics_port_publisher", _parse_port)
+        take("NODE_METRICS_PORT_STORE", "metrics_port_store", _parse_port)
+        take("NODE_INGRESS_RING_BYTES", "ingress_ring_bytes", _parse_ring_bytes)
+        take("NODE_FANIN_RING_BYTES", "fanin_ring_bytes", _parse_ring_bytes)
+        take("NODE_DURABILITY", "durability", _parse_choice(("power", "process")))
+        take("NODE_ROUTER_BIND", "router_bind", _parse_endpoint)
+        take("NODE_ROUTER_CONNECT", "router_connect", _parse_endpoint)
+        take("NODE_PUB_BIND", "pub_bind", _parse_endpoint)
+        take("NODE_REPLAY_BIND", "replay_bind", _parse_endpoint)
+        take("NODE_WS_PING_INTERVAL", "ws_ping_interval", lambda n, r: _parse_float(n, r, minimum=0))
+        take("NODE_WS_PING_TIMEOUT", "ws_ping_timeout", lambda n, r: _parse_float(n, r, minimum=0))
+        take("NODE_CONN_WINDOW", "conn_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=65536))
+        take("NODE_FANOUT_QUEUE", "fanout_queue", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
+        take(
+            "NODE_LOG_LEVEL",
+            "log_level",
+            _parse_choice(("critical", "error", "warning", "info", "debug")),
+        )
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings._check_derived()
+        return settings
+
+    def _check_derived(self) -> None:
+        # Default ipc:// endpoints live in data_dir: a long data_dir path breaks them.
+        for var, endpoint in (
+            ("NODE_DATA_DIR", self.router_bind_endpoint),
+            ("NODE_DATA_DIR", self.pub_endpoint),
+            ("NODE_DATA_DIR", self.replay_endpoint),
+        ):
+            if endpoint.startswith("ipc://"):
+                path = endpoint[len("ipc://") :]
+                if len(path.encode()) > _IPC_PATH_MAX:
+                    raise ConfigError(
+                        var,
+                        str(self.data_dir),
+                        f"the ipc:// socket path {path!r} would exceed {_IPC_PATH_MAX} bytes;"
+                        " use a shorter data directory or set the NODE_*_BIND endpoints",
+                    )
+        ports = {
+            "NODE_WEB_PORT": self.web_port,
+            "NODE_FANOUT_PORT": self.fanout_port,
+            "NODE_METRICS_PORT_MONITOR": self.metrics_port_monitor,
+            "NODE_METRICS_PORT_ROUTER": self.metrics_port_router,
+            "NODE_METRICS_PORT_PUBLISHER": self.metrics_port_publisher,
+            "NODE_METRICS_PORT_STORE": self.metrics_port_store,
+        }
+        seen: dict[int, str] = {}
+        for var, port in ports.items():
+            if port in seen:
+                raise ConfigError(var, str(port), f"port already used by {seen[port]}")
+            seen[port] = var
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the configuration once; on a bad value print why and exit with status 2."""
+    try:
+        return Settings.from_env(environ)
+    except ConfigError as exc:
+        print(f"iotnode: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,36 @@
+"""Exceptions of the ``node`` package.
+
+Tree (the ring has its own root, :class:`node.ring.errors.RingError`)::
+
+    NodeError
+    ├── ConfigError (also ValueError)   a NODE_* variable has a bad value
+    └── AuthError                       a token is missing, invalid or expired
+
+Protocol violations by devices are not exceptions that escape: the protocol
+module turns them into error replies (see ``node.protocol``).
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Root of every exception raised by the node package."""
+
+
+class ConfigError(NodeError, ValueError):
+    """A configuration variable has a value the node cannot use."""
+
+    def __init__(self, variable: str, value: str, reason: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{variable}={value!r}: {reason}")
+
+
+class AuthError(NodeError):
+    """A token was refused.  ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, reason: str, status: int = 401) -> None:
+        self.reason = reason
+        self.status = status
+        super().__init__(reason)

@@ -1,0 +1,10 @@
+"""Build hook for the ring's small C helper (cffi API mode).
+
+Everything else is in pyproject.toml; setuptools needs this file only for
+``cffi_modules``.  The helper has no link-time dependency on libpmem: libpmem is
+loaded at run time when present, so a machine without it still builds and runs.
+"""
+
+from setuptools import setup
+
+setup(cffi_modules=["node/ring/_cbuild.py:ffibuilder"])

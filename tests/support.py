@@ -1,0 +1,130 @@
+"""Shared test helpers: free ports, real node processes, bounded waiting.
+
+Everything here starts *real* processes (``python -m node.workers.X``) with a
+private ``NODE_DATA_DIR`` and free loopback ports, and kills them on teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    def ok() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(ok, timeout, what=f"port {port}")
+
+
+def node_env(data_dir: Path, **overrides: object) -> dict[str, str]:
+    """An environment for node processes: private data dir, free ports, a fixed secret."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    env.update(
+        NODE_DATA_DIR=str(data_dir),
+        NODE_WEB_PORT=str(free_port()),
+        NODE_FANOUT_PORT=str(free_port()),
+        NODE_METRICS_PORT_MONITOR=str(free_port()),
+        NODE_METRICS_PORT_ROUTER=str(free_port()),
+        NODE_METRICS_PORT_PUBLISHER=str(free_port()),
+        NODE_METRICS_PORT_STORE=str(free_port()),
+        NODE_JWT_SECRET="test-secret-0123456789abcdef",
+        NODE_WEB_WORKERS="2",
+        NODE_INGRESS_RING_BYTES=str(4 << 20),
+        NODE_FANIN_RING_BYTES=str(8 << 20),
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class Processes:
+    """Starts node processes and guarantees they are gone after the test."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def start(self, name: str, module: str, env: Mapping[str, str], log_dir: Path, args: list[str] | None = None) -> subprocess.Popen[bytes]:
+        log = log_dir / f"{name}.log"
+        self.logs[name] = log
+        fh = open(log, "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *(args or [])],
+            env=dict(env),
+            cwd=str(REPO),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill workers with it
+        )
+        fh.close()
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, group: bool = True) -> None:
+        proc = self.procs[name]
+        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def log(self, name: str) -> str:
+        path = self.logs.get(name)
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def stop_all(self) -> None:
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                self.kill(name, signal.SIGKILL)
+
+
+def iter_children(pid: int) -> Iterator[int]:
+    """Direct children of ``pid`` (from /proc), e.g. uvicorn's worker processes."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            yield int(entry.name)
