@@ -1,0 +1,50 @@
+"""The ring record envelope, shared by every stage.
+
+One msgpack array per ring record, identical in the ingress and the fan-in ring,
+so no stage after the front re-parses JSON::
+
+    [device_id: str, seq: int, ts: float | int | None, received_at: float, data: Any]
+
+``data`` holds only JSON-representable values (``node.protocol`` guarantees it), so
+a sink can always write ``json.dumps(data)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+from node.errors import NodeError
+
+
+class RecordError(NodeError, ValueError):
+    """Bytes that are not a valid record envelope (a bug or a foreign ring)."""
+
+
+class Record(NamedTuple):
+    device_id: str
+    seq: int
+    ts: float | int | None
+    received_at: float
+    data: Any
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack_record(device_id: str, seq: int, ts: float | int | None, received_at: float, data: Any) -> bytes:
+    return _packer.pack((device_id, seq, ts, received_at, data))
+
+
+def unpack_record(payload: bytes) -> Record:
+    try:
+        fields = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RecordError(f"undecodable record envelope ({type(exc).__name__}, {len(payload)} bytes)") from None
+    if not isinstance(fields, list) or len(fields) != 5:
+        raise RecordError(f"expected a 5-element array, got {type(fields).__name__}")
+    device_id, seq, ts, received_at, data = fields
+    if not isinstance(device_id, str) or not isinstance(seq, int):
+        raise RecordError(f"expected [str, int, ...], got [{type(device_id).__name__}, {type(seq).__name__}, ...]")
+    return Record(device_id, seq, ts, received_at, data)
