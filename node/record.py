@@ -48,3 +48,20 @@ def unpack_record(payload: bytes) -> Record:
     if not isinstance(device_id, str) or not isinstance(seq, int):
         raise RecordError(f"expected [str, int, ...], got [{type(device_id).__name__}, {type(seq).__name__}, ...]")
     return Record(device_id, seq, ts, received_at, data)
+
+
+def device_id_of(payload: bytes) -> str:
+    """The device id of an envelope without decoding its ``data`` (the publisher's topic)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(payload)
+    try:
+        if unpacker.read_array_header() != 5:
+            raise RecordError("expected a 5-element array")
+        device_id = unpacker.unpack()
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise RecordError(f"undecodable record envelope ({type(exc).__name__}, {len(payload)} bytes)") from None
+    if not isinstance(device_id, str):
+        raise RecordError(f"expected a str device id, got {type(device_id).__name__}")
+    return device_id

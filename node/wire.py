@@ -1,0 +1,239 @@
+"""Inter-stage ZeroMQ messages, free of I/O.
+
+Every message is a list of frames (``list[bytes]``, sent with ``send_multipart``);
+the first frame is a short verb, control fields are msgpack (never pickle).  The
+functions here only build and parse frames; sockets live in ``node/workers``.
+
+monitor (DEALER) -> router (ROUTER)::
+
+    [b"BATCH", meta, rec0, rec1, ...]   meta = {"ring": id, "pos": [p0, p1, ...], "end": end}
+    [b"ACK", {"ring": id, "end": end}]  router -> monitor, once persisted in the fan-in ring
+
+publisher (PUB) -> store, fanout (SUB)::
+
+    [topic, meta, record]               topic = device_id + b"\\0", meta = [ring_id, pos, end]
+    [HEARTBEAT_TOPIC, [ring_id, tail]]  at least once a second when idle
+
+store, fanout (DEALER) -> publisher (ROUTER, the replay endpoint)::
+
+    [b"FETCH", {"ring": id, "from": pos, "max": n}]
+        -> [b"RECORDS", {"ring": id, "from": pos, "next": next, "tail": tail}, meta0, rec0, meta1, rec1, ...]
+    [b"CONFIRM", {"name": name, "ring": id, "pos": cursor}]   (no answer)
+
+A malformed message raises :class:`WireError` carrying what was wrong; receivers
+log it and drop that message (it can only come from a bug or a foreign peer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+from node.errors import NodeError
+
+BATCH = b"BATCH"
+ACK = b"ACK"
+FETCH = b"FETCH"
+RECORDS = b"RECORDS"
+CONFIRM = b"CONFIRM"
+HEARTBEAT_TOPIC = b"\x01hb"
+TOPIC_END = b"\0"
+
+
+class WireError(NodeError, ValueError):
+    """A ZeroMQ message that does not follow this module's formats."""
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(frame: bytes, what: str) -> Any:
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"{what}: undecodable msgpack ({type(exc).__name__}, {len(frame)} bytes)") from None
+
+
+def _field(meta: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(meta, dict):
+        raise WireError(f"{what}: expected a map, got {type(meta).__name__}")
+    value = meta.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise WireError(f"{what}: field {key!r} expected {kind}, got {value!r}")
+    return value
+
+
+def _verb(frames: list[bytes], verb: bytes, minimum: int) -> None:
+    if len(frames) < minimum or frames[0] != verb:
+        head = frames[0][:16] if frames else b""
+        raise WireError(f"expected {verb!r} with >= {minimum} frames, got {head!r} with {len(frames)}")
+
+
+# --------------------------------------------------------------- monitor -> router
+class Batch(NamedTuple):
+    ring: bytes
+    positions: list[int]
+    end: int
+    records: list[bytes]
+
+
+def encode_batch(ring: bytes, positions: list[int], end: int, records: list[bytes]) -> list[bytes]:
+    if len(positions) != len(records):
+        raise ValueError(f"expected one position per record, got {len(positions)} and {len(records)}")
+    return [BATCH, _pack({"ring": ring, "pos": positions, "end": end}), *records]
+
+
+def decode_batch(frames: list[bytes]) -> Batch:
+    _verb(frames, BATCH, 2)
+    meta = _unpack(frames[1], "BATCH meta")
+    ring = _field(meta, "ring", bytes, "BATCH")
+    positions = _field(meta, "pos", list, "BATCH")
+    end = _field(meta, "end", int, "BATCH")
+    records = frames[2:]
+    if len(positions) != len(records):
+        raise WireError(f"BATCH: {len(positions)} positions for {len(records)} records")
+    return Batch(ring, positions, end, records)
+
+
+class Ack(NamedTuple):
+    ring: bytes
+    end: int
+
+
+def encode_ack(ring: bytes, end: int) -> list[bytes]:
+    return [ACK, _pack({"ring": ring, "end": end})]
+
+
+def decode_ack(frames: list[bytes]) -> Ack:
+    _verb(frames, ACK, 2)
+    meta = _unpack(frames[1], "ACK")
+    return Ack(_field(meta, "ring", bytes, "ACK"), _field(meta, "end", int, "ACK"))
+
+
+# --------------------------------------------------------------- publisher -> subscribers
+def device_topic(device_id: str) -> bytes:
+    """The PUB topic of a device: its id, NUL-terminated so ``a`` does not match ``ab``."""
+    return device_id.encode() + TOPIC_END
+
+
+class Published(NamedTuple):
+    ring: bytes
+    pos: int
+    end: int
+    record: bytes
+
+
+def encode_meta(ring: bytes, pos: int, end: int) -> bytes:
+    return _pack((ring, pos, end))
+
+
+def decode_meta(frame: bytes) -> tuple[bytes, int, int]:
+    meta = _unpack(frame, "record meta")
+    if (
+        not isinstance(meta, list)
+        or len(meta) != 3
+        or not isinstance(meta[0], bytes)
+        or not isinstance(meta[1], int)
+        or not isinstance(meta[2], int)
+    ):
+        raise WireError(f"record meta: expected [bytes, int, int], got {meta!r}")
+    return meta[0], meta[1], meta[2]
+
+
+def encode_published(topic: bytes, ring: bytes, pos: int, end: int, record: bytes) -> list[bytes]:
+    return [topic, encode_meta(ring, pos, end), record]
+
+
+def decode_published(frames: list[bytes]) -> Published:
+    if len(frames) != 3:
+        raise WireError(f"published record: expected 3 frames, got {len(frames)}")
+    ring, pos, end = decode_meta(frames[1])
+    return Published(ring, pos, end, frames[2])
+
+
+def encode_heartbeat(ring: bytes, tail: int) -> list[bytes]:
+    return [HEARTBEAT_TOPIC, _pack((ring, tail))]
+
+
+def decode_heartbeat(frames: list[bytes]) -> tuple[bytes, int]:
+    if len(frames) != 2 or frames[0] != HEARTBEAT_TOPIC:
+        raise WireError(f"heartbeat: expected 2 frames starting {HEARTBEAT_TOPIC!r}")
+    body = _unpack(frames[1], "heartbeat")
+    if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], bytes) or not isinstance(body[1], int):
+        raise WireError(f"heartbeat: expected [bytes, int], got {body!r}")
+    return body[0], body[1]
+
+
+# --------------------------------------------------------------- replay / confirm
+class Fetch(NamedTuple):
+    ring: bytes
+    start: int
+    max: int
+
+
+def encode_fetch(ring: bytes, start: int, max_records: int) -> list[bytes]:
+    return [FETCH, _pack({"ring": ring, "from": start, "max": max_records})]
+
+
+def decode_fetch(frames: list[bytes]) -> Fetch:
+    _verb(frames, FETCH, 2)
+    meta = _unpack(frames[1], "FETCH")
+    return Fetch(
+        _field(meta, "ring", bytes, "FETCH"), _field(meta, "from", int, "FETCH"), _field(meta, "max", int, "FETCH")
+    )
+
+
+class Records(NamedTuple):
+    ring: bytes
+    start: int
+    next: int
+    tail: int
+    items: list[Published]
+
+
+def encode_records(
+    ring: bytes, start: int, next_pos: int, tail: int, items: list[tuple[int, int, bytes]]
+) -> list[bytes]:
+    """``items`` are ``(pos, end, record)`` in ring order."""
+    frames = [RECORDS, _pack({"ring": ring, "from": start, "next": next_pos, "tail": tail})]
+    for pos, end, record in items:
+        frames.append(encode_meta(ring, pos, end))
+        frames.append(record)
+    return frames
+
+
+def decode_records(frames: list[bytes]) -> Records:
+    _verb(frames, RECORDS, 2)
+    meta = _unpack(frames[1], "RECORDS")
+    ring = _field(meta, "ring", bytes, "RECORDS")
+    start = _field(meta, "from", int, "RECORDS")
+    next_pos = _field(meta, "next", int, "RECORDS")
+    tail = _field(meta, "tail", int, "RECORDS")
+    body = frames[2:]
+    if len(body) % 2:
+        raise WireError(f"RECORDS: expected meta/record pairs, got {len(body)} frames")
+    items = []
+    for i in range(0, len(body), 2):
+        r, pos, end = decode_meta(body[i])
+        items.append(Published(r, pos, end, body[i + 1]))
+    return Records(ring, start, next_pos, tail, items)
+
+
+class Confirm(NamedTuple):
+    name: str
+    ring: bytes
+    pos: int
+
+
+def encode_confirm(name: str, ring: bytes, pos: int) -> list[bytes]:
+    return [CONFIRM, _pack({"name": name, "ring": ring, "pos": pos})]
+
+
+def decode_confirm(frames: list[bytes]) -> Confirm:
+    _verb(frames, CONFIRM, 2)
+    meta = _unpack(frames[1], "CONFIRM")
+    return Confirm(
+        _field(meta, "name", str, "CONFIRM"), _field(meta, "ring", bytes, "CONFIRM"), _field(meta, "pos", int, "CONFIRM")
+    )
