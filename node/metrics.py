@@ -1,0 +1,53 @@
+"""Prometheus metrics of every process (contract 6).
+
+Metric objects are defined once here; processes import what they use.  Single
+process stages (monitor, router, publisher, store, fanout) serve the default
+registry with :func:`serve`.  The ``web`` front runs several uvicorn workers and
+uses prometheus_client's multiprocess mode: the Procfile sets and wipes
+``PROMETHEUS_MULTIPROC_DIR`` before starting it (see ``node/workers/web.py``).
+
+Hot paths count in batches (``inc(n)`` once per batch), never per message under
+a lock.  Ring gauges are computed at scrape time from the ring header.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Buckets that resolve 100 µs .. 1 s (and a little beyond) for device ack latency.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+
+MESSAGES = Counter(
+    "iotnode_messages",
+    "Messages handled, by stage: received, acked (web), forwarded (monitor), routed (router), "
+    "published (publisher), stored (store), streamed (fanout)",
+    ["stage"],
+)
+ERRORS = Counter("iotnode_errors", "Refused or failed inputs, by stage and reason", ["stage", "reason"])
+ACK_LATENCY = Histogram(
+    "iotnode_ack_latency_seconds", "Device message received -> ack sent", buckets=LATENCY_BUCKETS
+)
+RING_DEPTH = Gauge("iotnode_ring_depth", "Records in the ring not yet consumed (popped)", ["ring"])
+RING_BYTES_USED = Gauge("iotnode_ring_used_bytes", "Bytes of the ring holding un-popped records", ["ring"])
+RING_CAPACITY = Gauge("iotnode_ring_capacity_bytes", "Data capacity of the ring", ["ring"])
+RING_BACKEND = Gauge("iotnode_ring_backend_info", "Ring persistence backend (value 1)", ["ring", "backend"])
+
+
+def watch_ring(name: str, ring: object) -> None:
+    """Export a ring's depth, bytes used, capacity and backend, read at scrape time."""
+    RING_DEPTH.labels(ring=name).set_function(lambda: getattr(ring, "depth"))
+    RING_BYTES_USED.labels(ring=name).set_function(lambda: getattr(ring, "bytes_used"))
+    RING_CAPACITY.labels(ring=name).set(getattr(ring, "capacity"))
+    RING_BACKEND.labels(ring=name, backend=getattr(ring, "backend")).set(1)
+
+
+def serve(port: int, host: str) -> None:
+    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread)."""
+    start_http_server(port, addr=host)
+
+
+GaugeFunction = Callable[[], float]
