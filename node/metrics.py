@@ -12,8 +12,6 @@ a lock.  Ring gauges are computed at scrape time from the ring header.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # Buckets that resolve 100 µs .. 1 s (and a little beyond) for device ack latency.
@@ -49,5 +47,3 @@ def serve(port: int, host: str) -> None:
     """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread)."""
     start_http_server(port, addr=host)
 
-
-GaugeFunction = Callable[[], float]
