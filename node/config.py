@@ -93,6 +93,15 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
+def _parse_names(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of subscriber names (letters, digits, ``_``, ``-``)."""
+    names = tuple(part.strip() for part in raw.split(","))
+    for part in names:
+        if not part or not all(c.isascii() and (c.isalnum() or c in "_-") for c in part):
+            raise ConfigError(name, raw, f"expected comma-separated names of [A-Za-z0-9_-], got {part!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def _parse_secret(name: str, raw: str) -> str:
     if len(raw) < 16:
         # The value itself is a secret: never echo it.
@@ -137,6 +146,10 @@ class Settings:
 
     # Fanout
     fanout_queue: int = 1024  # messages buffered per client app before it is told it is too slow
+
+    # Publisher / store
+    durable_subscribers: tuple[str, ...] = ("store",)  # names whose CONFIRM the publisher waits for
+    pub_hwm: int = 20000  # ZeroMQ high-water mark (messages) of the PUB socket and the store's SUB
 
     log_level: str = "info"
 
@@ -213,6 +226,8 @@ class Settings:
         take("NODE_WS_PING_TIMEOUT", "ws_ping_timeout", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_CONN_WINDOW", "conn_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=65536))
         take("NODE_FANOUT_QUEUE", "fanout_queue", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
+        take("NODE_DURABLE_SUBSCRIBERS", "durable_subscribers", _parse_names)
+        take("NODE_PUB_HWM", "pub_hwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=10_000_000))
         take(
             "NODE_LOG_LEVEL",
             "log_level",
