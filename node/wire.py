@@ -6,7 +6,11 @@ functions here only build and parse frames; sockets live in ``node/workers``.
 
 monitor (DEALER) -> router (ROUTER)::
 
-    [b"BATCH", meta, rec0, rec1, ...]   meta = {"ring": id, "pos": [p0, p1, ...], "end": end}
+    [b"BATCH", meta, rec0, rec1, ...]   meta = {"ring": id, "pos": [p0, p1, ...], "end": end,
+                                                "start": s, "base": b}
+        start: the read position the batch covers from (<= p0: padding at the wrap point);
+        base: the sender's acked-through position (everything before it is durable downstream).
+        Both optional for older senders (default: start = p0, base = start).
     [b"ACK", {"ring": id, "end": end}]  router -> monitor, once persisted in the fan-in ring
 
 publisher (PUB) -> store, fanout (SUB)::
@@ -77,12 +81,27 @@ class Batch(NamedTuple):
     positions: list[int]
     end: int
     records: list[bytes]
+    start: int  # the batch covers [start, end) of the source ring
+    base: int  # the sender has been acked for everything before base
 
 
-def encode_batch(ring: bytes, positions: list[int], end: int, records: list[bytes]) -> list[bytes]:
+def encode_batch(
+    ring: bytes,
+    positions: list[int],
+    end: int,
+    records: list[bytes],
+    *,
+    start: int | None = None,
+    base: int | None = None,
+) -> list[bytes]:
     if len(positions) != len(records):
         raise ValueError(f"expected one position per record, got {len(positions)} and {len(records)}")
-    return [BATCH, _pack({"ring": ring, "pos": positions, "end": end}), *records]
+    meta: dict[str, Any] = {"ring": ring, "pos": positions, "end": end}
+    if start is not None:
+        meta["start"] = start
+    if base is not None:
+        meta["base"] = base
+    return [BATCH, _pack(meta), *records]
 
 
 def decode_batch(frames: list[bytes]) -> Batch:
@@ -94,7 +113,11 @@ def decode_batch(frames: list[bytes]) -> Batch:
     records = frames[2:]
     if len(positions) != len(records):
         raise WireError(f"BATCH: {len(positions)} positions for {len(records)} records")
-    return Batch(ring, positions, end, records)
+    start = _field(meta, "start", int, "BATCH") if "start" in meta else (positions[0] if positions else end)
+    base = _field(meta, "base", int, "BATCH") if "base" in meta else start
+    if not base <= start <= end or any(not isinstance(p, int) or isinstance(p, bool) for p in positions):
+        raise WireError(f"BATCH: expected integer positions and base <= start <= end, got {base}, {start}, {end}")
+    return Batch(ring, positions, end, records, start, base)
 
 
 class Ack(NamedTuple):

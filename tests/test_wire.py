@@ -8,7 +8,19 @@ RING = b"r" * 16
 
 def test_batch_round_trips_positions_and_records() -> None:
     frames = wire.encode_batch(RING, [0, 64, 160], 224, [b"a", b"bb", b"ccc"])
-    assert wire.decode_batch(frames) == (RING, [0, 64, 160], 224, [b"a", b"bb", b"ccc"])
+    assert wire.decode_batch(frames) == (RING, [0, 64, 160], 224, [b"a", b"bb", b"ccc"], 0, 0)
+
+
+def test_batch_carries_start_and_base_for_resend_dedup() -> None:
+    frames = wire.encode_batch(RING, [96, 160], 224, [b"a", b"b"], start=64, base=32)
+    batch = wire.decode_batch(frames)
+    assert (batch.start, batch.base) == (64, 32)
+
+
+def test_batch_with_base_after_start_is_refused() -> None:
+    frames = wire.encode_batch(RING, [96], 160, [b"a"], start=96, base=128)
+    with pytest.raises(wire.WireError, match="base <= start <= end"):
+        wire.decode_batch(frames)
 
 
 def test_batch_with_mismatched_counts_is_refused() -> None:
