@@ -1,0 +1,254 @@
+"""Device and client-app tokens: HS256 JWTs, and the node's shared secret.
+
+Public API (stable; the front, the fanout and the client library depend on it)
+------------------------------------------------------------------------------
+
+::
+
+    load_secret(settings) -> str
+        NODE_JWT_SECRET if set, else NODE_DATA_DIR/jwt_secret, generated on first
+        use (mode 0600, race-free between processes starting together).
+    issue_device_token(secret, device_id, ttl=None) -> str      claims: sub[, iat, exp]
+    issue_client_token(secret, devices, ttl=None, subject="client") -> str
+                                                            claims: sub, devices[, iat, exp]
+    verify_device_token(secret, token) -> device_id (str)
+    verify_client_token(secret, token) -> frozenset[str]   allowed device ids;
+                                                            "*" in it means every device
+    client_allows(allowed, device_id) -> bool
+    check_device_id(device_id) -> str                       raises ValueError naming the problem
+    token_from_request(headers, query) -> str | None        Bearer header, else ?token=
+
+Refusals raise :class:`node.errors.AuthError` with ``reason`` (safe to show: never
+the token) and ``status``: 401 for a missing, malformed, badly signed or expired
+token; 403 for a genuine token that does not grant what is asked (a client token
+at the device endpoint, a device token or an empty ``devices`` claim at the
+client endpoint, an unusable device id).
+
+Device ids are non-empty ``str`` without NUL, at most :data:`MAX_DEVICE_ID_BYTES`
+UTF-8 bytes: the NUL-terminated id is the ZeroMQ topic downstream.
+
+Key length: PyJWT warns below 32 bytes for HS256; the node's policy is the one in
+``node.config`` (at least 16 characters; generated secrets have 43), so that
+warning is silenced here, and only here.
+
+Secrets and tokens are never logged or put into exception messages.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+
+from node.config import Settings
+from node.errors import AuthError, NodeError
+
+__all__ = [
+    "ALL_DEVICES",
+    "MAX_DEVICE_ID_BYTES",
+    "check_device_id",
+    "client_allows",
+    "issue_client_token",
+    "issue_device_token",
+    "load_secret",
+    "token_from_request",
+    "verify_client_token",
+    "verify_device_token",
+]
+
+MAX_DEVICE_ID_BYTES: Final = 256
+ALL_DEVICES: Final = "*"
+_ALGORITHM: Final = "HS256"
+_SECRET_BYTES: Final = 32  # -> 43 url-safe characters
+
+try:  # PyJWT >= 2.10
+    from jwt.warnings import InsecureKeyLengthWarning as _KeyLengthWarning
+except ImportError:  # pragma: no cover - older PyJWT does not warn
+    _KeyLengthWarning = None  # type: ignore[assignment,misc]
+
+
+class SecretError(NodeError):
+    """The secret file exists but cannot be used (empty, unreadable)."""
+
+
+# ------------------------------------------------------------------- device ids
+def check_device_id(device_id: object) -> str:
+    """Return ``device_id`` if usable, else raise ``ValueError`` saying why."""
+    if not isinstance(device_id, str):
+        raise ValueError(f"device id must be a string, got {type(device_id).__name__}")
+    if not device_id:
+        raise ValueError("device id must not be empty")
+    if "\0" in device_id:
+        raise ValueError("device id must not contain NUL")
+    try:
+        size = len(device_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("device id must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_DEVICE_ID_BYTES:
+        raise ValueError(f"device id is {size} UTF-8 bytes, the limit is {MAX_DEVICE_ID_BYTES}")
+    return device_id
+
+
+# ----------------------------------------------------------------------- tokens
+def _encode(secret: str, claims: dict[str, Any]) -> str:
+    with warnings.catch_warnings():
+        if _KeyLengthWarning is not None:
+            warnings.simplefilter("ignore", _KeyLengthWarning)
+        return jwt.encode(claims, secret, algorithm=_ALGORITHM)
+
+
+def _decode(secret: str, token: str | None, required: list[str]) -> dict[str, Any]:
+    if not token:
+        raise AuthError("missing token: send 'Authorization: Bearer <jwt>' or '?token=<jwt>'", 401)
+    try:
+        with warnings.catch_warnings():
+            if _KeyLengthWarning is not None:
+                warnings.simplefilter("ignore", _KeyLengthWarning)
+            return jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": required})
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired", 401) from None
+    except jwt.ImmatureSignatureError:
+        raise AuthError("token not yet valid (nbf/iat in the future)", 401) from None
+    except jwt.InvalidSignatureError:
+        raise AuthError("token signature does not verify", 401) from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise AuthError(f"token lacks the {exc.claim!r} claim", 401) from None
+    except jwt.InvalidAlgorithmError:
+        raise AuthError(f"token algorithm is not {_ALGORITHM}", 401) from None
+    except jwt.DecodeError:
+        raise AuthError("malformed token", 401) from None
+    except jwt.InvalidTokenError as exc:  # InvalidSubject, bad exp type, ...
+        raise AuthError(f"invalid token ({type(exc).__name__})", 401) from None
+
+
+def _times(ttl: float | None) -> dict[str, int]:
+    if ttl is None:
+        return {}
+    if not ttl > 0:
+        raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
+    now = int(time.time())
+    return {"iat": now, "exp": now + max(1, int(round(ttl)))}
+
+
+def issue_device_token(secret: str, device_id: str, ttl: float | None = None) -> str:
+    """A device token (``sub`` = device id); without ``ttl`` it does not expire."""
+    return _encode(secret, {"sub": check_device_id(device_id), **_times(ttl)})
+
+
+def issue_client_token(
+    secret: str, devices: Iterable[str], ttl: float | None = None, subject: str = "client"
+) -> str:
+    """A client-app token whose ``devices`` claim lists ids (or ``["*"]``)."""
+    ids = list(devices)
+    if not ids:
+        raise ValueError("a client token needs at least one device id (or '*')")
+    for device_id in ids:
+        if device_id != ALL_DEVICES:
+            check_device_id(device_id)
+    return _encode(secret, {"sub": subject, "devices": ids, **_times(ttl)})
+
+
+def verify_device_token(secret: str, token: str | None) -> str:
+    """The device id of a valid device token, or :class:`AuthError`."""
+    claims = _decode(secret, token, ["sub"])
+    if "devices" in claims:
+        raise AuthError("a client-app token cannot send device messages", 403)
+    try:
+        return check_device_id(claims["sub"])
+    except ValueError as exc:
+        raise AuthError(f"unusable sub claim: {exc}", 403) from None
+
+
+def verify_client_token(secret: str, token: str | None) -> frozenset[str]:
+    """The device ids a valid client token may follow (``"*"`` in it: all)."""
+    claims = _decode(secret, token, [])
+    devices = claims.get("devices")
+    if devices is None:
+        raise AuthError("token has no 'devices' claim (a device token cannot follow devices)", 403)
+    if not isinstance(devices, list) or not devices:
+        raise AuthError("the 'devices' claim must be a non-empty list of device ids", 403)
+    allowed: set[str] = set()
+    for device_id in devices:
+        if device_id == ALL_DEVICES:
+            allowed.add(device_id)
+            continue
+        try:
+            allowed.add(check_device_id(device_id))
+        except ValueError as exc:
+            raise AuthError(f"the 'devices' claim holds an unusable id: {exc}", 403) from None
+    return frozenset(allowed)
+
+
+def client_allows(allowed: frozenset[str], device_id: str) -> bool:
+    return ALL_DEVICES in allowed or device_id in allowed
+
+
+def token_from_request(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The JWT of a request: ``Authorization: Bearer <jwt>`` wins over ``?token=``.
+
+    ``headers`` must be case-insensitive (Starlette's ``Headers``) or lower-case.
+    """
+    value = headers.get("authorization")
+    if value:
+        scheme, _, credentials = value.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+        return None  # a malformed Authorization header is not silently ignored
+    return query.get("token") or None
+
+
+# ----------------------------------------------------------------------- secret
+def load_secret(settings: Settings) -> str:
+    """The HS256 key every process of this node uses.
+
+    ``NODE_JWT_SECRET`` if set.  Otherwise ``NODE_DATA_DIR/jwt_secret``: created on
+    first use by writing a private temporary file (0600) and hard-linking it into
+    place, so concurrent first starts agree on one secret and no reader ever sees a
+    partial file; the loser of the race discards its candidate and reads the winner's.
+    """
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.jwt_secret_path
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, (secrets.token_urlsafe(_SECRET_BYTES) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won the race: use its secret
+        else:
+            _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> str:
+    value = path.read_text(encoding="ascii").strip()
+    if len(value) < 16:
+        raise SecretError(f"{path} holds {len(value)} characters, expected at least 16; delete it to regenerate")
+    return value
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
