@@ -34,6 +34,16 @@ RING_BYTES_USED = Gauge("iotnode_ring_used_bytes", "Bytes of the ring holding un
 RING_CAPACITY = Gauge("iotnode_ring_capacity_bytes", "Data capacity of the ring", ["ring"])
 RING_BACKEND = Gauge("iotnode_ring_backend_info", "Ring persistence backend (value 1)", ["ring", "backend"])
 
+# fanout (client-app stream)
+FANOUT_CLIENTS = Gauge("iotnode_fanout_clients", "Client-app WebSocket connections open on the fanout")
+FANOUT_SLOW_CLIENT_DROPS = Counter(
+    "iotnode_fanout_slow_client_drops",
+    "Client apps closed with 1013 because more than NODE_FANOUT_QUEUE messages waited for them",
+)
+FANOUT_DUPLICATES = Counter(
+    "iotnode_fanout_duplicates", "Records not streamed: seq <= the last seq already streamed for the device"
+)
+
 
 def watch_ring(name: str, ring: object) -> None:
     """Export a ring's depth, bytes used, capacity and backend, read at scrape time."""
