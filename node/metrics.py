@@ -29,6 +29,14 @@ ERRORS = Counter("iotnode_errors", "Refused or failed inputs, by stage and reaso
 ACK_LATENCY = Histogram(
     "iotnode_ack_latency_seconds", "Device message received -> ack sent", buckets=LATENCY_BUCKETS
 )
+STORE_COMMIT_SECONDS = Histogram(
+    "iotnode_store_commit_seconds", "Store: one sink transaction (records + cursor), start to durable",
+    buckets=LATENCY_BUCKETS,
+)
+STORE_LAG_SECONDS = Gauge(
+    "iotnode_store_lag_seconds", "Store: commit time minus received_at of the newest record it committed"
+)
+STORE_GAPS = Counter("iotnode_store_gaps", "Store: gaps in the live stream recovered by FETCH from the publisher")
 RING_DEPTH = Gauge("iotnode_ring_depth", "Records in the ring not yet consumed (popped)", ["ring"])
 RING_BYTES_USED = Gauge("iotnode_ring_used_bytes", "Bytes of the ring holding un-popped records", ["ring"])
 RING_CAPACITY = Gauge("iotnode_ring_capacity_bytes", "Data capacity of the ring", ["ring"])
