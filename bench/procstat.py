@@ -1,0 +1,129 @@
+"""What the system under test costs: CPU and RSS of its processes (from /proc) and
+the ring depths it exports on ``/metrics`` (iotnode contract 6), sampled while a
+scenario runs.  Reads only; never signals a process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_CLK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat(pid: int) -> tuple[str, int, float] | None:
+    """(comm, ppid, cpu seconds) of a process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process below them (uvicorn workers, honcho's children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                children.setdefault(st[1], []).append(int(entry.name))
+    out: list[int] = []
+    todo = list(roots)
+    seen: set[int] = set()
+    while todo and len(out) < 10_000:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if Path(f"/proc/{pid}").exists():
+            out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _label(pid: int) -> str:
+    cmd = cmdline(pid)
+    m = re.search(r"-m (\S+)", cmd)
+    if m:
+        return f"{m.group(1)}[{pid}]"
+    return f"{(cmd.split() or ['?'])[0].rsplit('/', 1)[-1]}[{pid}]"
+
+
+@dataclass
+class ProcSampler:
+    """Per-second CPU% and RSS for each process under ``roots``."""
+
+    roots: list[int]
+    samples: list[dict[str, object]] = field(default_factory=list)
+    _last: dict[int, tuple[float, float]] = field(default_factory=dict)
+    _first: dict[int, float] = field(default_factory=dict)
+    labels: dict[int, str] = field(default_factory=dict)
+
+    def sample(self, t: float) -> dict[str, object]:
+        now = time.monotonic()
+        procs: dict[str, dict[str, float]] = {}
+        for pid in descendants(self.roots):
+            st = _stat(pid)
+            if st is None:
+                continue
+            if pid not in self.labels:
+                self.labels[pid] = _label(pid)
+            cpu = st[2]
+            self._first.setdefault(pid, cpu)
+            prev = self._last.get(pid)
+            pct = 100.0 * (cpu - prev[1]) / (now - prev[0]) if prev and now > prev[0] else 0.0
+            self._last[pid] = (now, cpu)
+            procs[self.labels[pid]] = {"cpu_pct": round(pct, 1), "rss_mb": round(rss_bytes(pid) / 2**20, 1)}
+        s: dict[str, object] = {"t": round(t, 2), "procs": procs}
+        self.samples.append(s)
+        return s
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds each process used since its first sample."""
+        return {
+            self.labels[pid]: round(last[1] - self._first[pid], 2)
+            for pid, last in self._last.items()
+            if pid in self._first
+        }
+
+
+_METRIC = re.compile(r'^(iotnode_ring_depth)\{[^}]*ring="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+
+
+def scrape_ring_depths(urls: list[str], timeout: float = 1.0) -> dict[str, float]:
+    """``iotnode_ring_depth{ring=...}`` from each ``/metrics`` URL that answers (loopback only)."""
+    depths: dict[str, float] = {}
+    for url in urls:
+        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if not host.startswith("127.") and host != "localhost":
+            raise ValueError(f"metrics URL must be on loopback, got {url!r}")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+                text = resp.read().decode(errors="replace")
+        except OSError:
+            continue
+        for name, ring, value in _METRIC.findall(text):
+            depths[ring] = max(depths.get(ring, 0.0), float(value))
+    return depths

@@ -1,0 +1,1 @@
+"""Baseline fronts the node is measured against (same stack: uvicorn + Starlette)."""

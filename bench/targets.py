@@ -1,0 +1,218 @@
+"""Systems under test, each started and stopped by the harness on loopback.
+
+``noop``      the baseline front (:mod:`bench.servers.front`, sink noop)
+``iotnode``   the whole node (``honcho start`` in the repository, private data dir)
+``redis``     ``redis-server`` (appendonly, appendfsync always) + a front that XADDs
+``mosquitto`` Mosquitto with a WebSocket listener and persistence, MQTT QoS 1
+
+Every target gets a private temporary directory and free ports, and is checked to
+listen on loopback only (``ss -ltnp``) before any load is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import procstat
+from bench.proto import BenchError
+from bench.runner import REPO, Target
+
+NAMES = ("noop", "iotnode", "redis", "mosquitto")
+SECRET = "bench-secret-0123456789abcdef-0123456789"
+
+
+class Skip(BenchError):
+    """The target cannot run on this machine (its server is not installed); says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with status {proc.returncode} before listening on {port}:\n{_tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout}s:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-3000:]
+    except OSError:
+        return ""
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """``addr:port`` of every listening TCP socket of these processes (and their children)."""
+    tree = set(procstat.descendants(pids))
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10, check=False).stdout
+    found = []
+    for line in out.splitlines():
+        if any(f"pid={pid}," in line for pid in tree):
+            found.append(line.split()[3])
+    return found
+
+
+def check_loopback_only(name: str, pids: list[int]) -> list[str]:
+    addrs = listening_addresses(pids)
+    public = [a for a in addrs if not (a.startswith("127.") or a.startswith("[::1]"))]
+    if public:
+        raise BenchError(f"{name} listens beyond loopback: {public}; refusing to load it")
+    return addrs
+
+
+class _Group:
+    """Processes of one target; each in its own session, stopped by process group."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.workdir / f"{name}.log"
+        full_env = dict(os.environ if env is None else env)
+        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(argv, cwd=str(cwd), env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=5)
+
+
+def front_argv(port: int, workers: int, sink: str = "noop", redis_port: int = 0, ack_delay_ms: float = 0.0, coalesce: bool = False) -> list[str]:
+    argv = [sys.executable, "-m", "bench.servers.front", "--port", str(port), "--workers", str(workers), "--secret", SECRET, "--sink", sink]
+    if redis_port:
+        argv += ["--redis-port", str(redis_port)]
+    if ack_delay_ms:
+        argv += ["--ack-delay-ms", str(ack_delay_ms)]
+    if coalesce:
+        argv.append("--coalesce")
+    return argv
+
+
+@contextlib.contextmanager
+def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Iterator[Target]:
+    """Start target ``name`` under ``workdir``; yields its :class:`Target`; stops it on exit."""
+    if name not in NAMES:
+        raise BenchError(f"unknown target {name!r}: expected one of {', '.join(NAMES)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    group = _Group(workdir)
+    try:
+        if name == "noop":
+            port = free_port()
+            proc, log = group.start("noop", front_argv(port, workers, "noop", **front_opts))  # type: ignore[arg-type]
+            wait_for_port(port, proc, log)
+            target = Target("noop", f"ws://127.0.0.1:{port}/v1/ingest", secret=SECRET, pids=[proc.pid],
+                            note=f"uvicorn+Starlette, {workers} workers, ack without persisting")
+        elif name == "redis":
+            exe = shutil.which("redis-server")
+            if exe is None:
+                raise Skip("redis: redis-server is not installed (Debian package redis-server)")
+            rport = free_port()
+            rdir = workdir / "redis"
+            rdir.mkdir(exist_ok=True)
+            rproc, rlog = group.start("redis-server", [exe, "--port", str(rport), "--bind", "127.0.0.1", "--protected-mode", "yes",
+                                                       "--dir", str(rdir), "--appendonly", "yes", "--appendfsync", "always",
+                                                       "--save", "", "--daemonize", "no"])
+            wait_for_port(rport, rproc, rlog)
+            port = free_port()
+            proc, log = group.start("redis-front", front_argv(port, workers, "redis", redis_port=rport))
+            wait_for_port(port, proc, log)
+            target = Target("redis", f"ws://127.0.0.1:{port}/v1/ingest", secret=SECRET, pids=[rproc.pid, proc.pid],
+                            note=f"uvicorn+Starlette ({workers} workers) → XADD, redis-server appendfsync always")
+        elif name == "mosquitto":
+            exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+            if exe is None:
+                raise Skip("mosquitto: not installed (Debian package mosquitto)")
+            port = free_port()
+            mdir = workdir / "mosquitto"
+            mdir.mkdir(exist_ok=True)
+            conf = mdir / "mosquitto.conf"
+            conf.write_text(
+                "\n".join(
+                    [
+                        "per_listener_settings false",
+                        f"listener {port} 127.0.0.1",
+                        "bind_interface lo",  # the websockets listener ignores the address alone
+                        "protocol websockets",
+                        "allow_anonymous true",
+                        "persistence true",
+                        f"persistence_location {mdir}/",
+                        "autosave_interval 1",
+                        "max_inflight_messages 0",
+                        "max_queued_messages 1000000",
+                        "user root",
+                        "log_type error",
+                        "log_type warning",
+                        "",
+                    ]
+                )
+            )
+            proc, log = group.start("mosquitto", [exe, "-c", str(conf)])
+            wait_for_port(port, proc, log)
+            target = Target("mosquitto", f"ws://127.0.0.1:{port}/mqtt", kind="mqtt", pids=[proc.pid],
+                            note="Mosquitto, WebSocket listener, persistence on (autosave 1 s; PUBACK is not an fsync)")
+        else:  # iotnode
+            if not (REPO / "node" / "workers" / "web.py").exists():
+                raise Skip("iotnode: node/workers/web.py does not exist yet (the web front has not landed)")
+            target = _start_iotnode(group, workdir, workers)
+        target.note = target.note or ""
+        check_loopback_only(name, target.pids)
+        yield target
+    finally:
+        group.stop()
+
+
+def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
+    data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    ports = {var: free_port() for var in ("NODE_WEB_PORT", "NODE_FANOUT_PORT", "NODE_METRICS_PORT_MONITOR",
+                                           "NODE_METRICS_PORT_ROUTER", "NODE_METRICS_PORT_PUBLISHER", "NODE_METRICS_PORT_STORE")}
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update(NODE_DATA_DIR=str(data), NODE_HOST="127.0.0.1", NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS=str(workers),
+               NODE_LOG_LEVEL="warning")
+    procfile = REPO / "Procfile"
+    names = [line.split(":", 1)[0] for line in procfile.read_text().splitlines() if ":" in line and not line.startswith("#")]
+    present = [n for n in names if (REPO / "node" / "workers" / f"{n}.py").exists()]
+    proc, log = group.start("iotnode", [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(REPO), ",".join(present)], env=env)
+    wait_for_port(ports["NODE_WEB_PORT"], proc, log, timeout=60)
+    metrics = [f"http://127.0.0.1:{ports['NODE_WEB_PORT']}/metrics"] + [
+        f"http://127.0.0.1:{ports[v]}/metrics" for v in ("NODE_METRICS_PORT_MONITOR", "NODE_METRICS_PORT_ROUTER",
+                                                          "NODE_METRICS_PORT_PUBLISHER", "NODE_METRICS_PORT_STORE")
+    ]
+    missing = sorted(set(names) - set(present))
+    note = f"honcho start ({', '.join(present)}), {workers} web workers"
+    if missing:
+        note += f"; not yet built, not running: {', '.join(missing)}"
+    return Target("iotnode", f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest", secret=SECRET, pids=[proc.pid],
+                  metrics=metrics, note=note)
