@@ -1,0 +1,434 @@
+"""The client-app stream (contract 4): published records fanned out to WebSockets.
+
+::
+
+    publisher PUB ──► one SUB (topics: the devices followed by open clients)
+                        │  Hub: decode, drop seq <= last streamed for the device,
+                        │       JSON-encode once, offer the text to each follower
+                        ▼
+          per client: bounded queue (NODE_FANOUT_QUEUE) ──► its own sender task ──► WebSocket
+
+* ``GET ws://HOST:NODE_FANOUT_PORT/v1/stream?device=ID[&device=ID2...]`` with a client
+  token (``Authorization: Bearer`` or ``?token=``, see :mod:`node.auth`).
+  ``device=*`` follows every device and needs a ``["*"]`` claim.  Refusals are HTTP
+  answers at the handshake, never an upgrade: 401 (no/invalid/expired token), 403
+  (a device outside the claim, a device token), 400 (no ``device`` parameter, an
+  unusable id, more than :data:`MAX_DEVICES` ids).
+* Node -> client: JSON text frames ``{"device", "seq", "ts", "received_at", "data"}``,
+  in per-device order, each ``(device, seq)`` at most once per connection.
+* A client more than ``NODE_FANOUT_QUEUE`` messages behind is closed with code 1013
+  (try again later); it never holds up the SUB socket or the other clients.
+* The live stream is best effort: no replay of what the SUB high-water mark or a
+  disconnection lost.  The store is the durable path (see ``docs/fanout.md``).
+
+Subscriptions are reference-counted over clients: a device's topic is subscribed
+when its first follower arrives and unsubscribed when its last one leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from itertools import chain
+from typing import Final
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from node import wire
+from node.auth import ALL_DEVICES, check_device_id, client_allows, token_from_request, verify_client_token
+from node.config import Settings
+from node.errors import AuthError, NodeError
+from node.metrics import ERRORS, FANOUT_CLIENTS, FANOUT_DUPLICATES, FANOUT_SLOW_CLIENT_DROPS, MESSAGES
+from node.record import RecordError, unpack_record
+
+log = logging.getLogger("node.fanout")
+
+STREAM_PATH: Final = "/v1/stream"
+MAX_DEVICES: Final = 1024  # device parameters per connection
+CLOSE_TOO_SLOW: Final = 1013  # "try again later"
+CLOSE_GOING_AWAY: Final = 1001
+MAX_BATCH: Final = 256  # SUB messages handled per wake-up (also bounded by half a client queue)
+CLOSE_TIMEOUT: Final = 10.0  # seconds a close frame may wait behind a full socket
+
+_json_encode = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
+).encode
+
+
+class StreamRefused(NodeError):
+    """A stream request refused at the handshake; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, reason: str, metric_reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.metric_reason = metric_reason
+        super().__init__(f"{status}: {reason}")
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """``repr`` of a client-supplied value, cut short so a refusal stays small."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+# ------------------------------------------------------------------- what to follow
+@dataclass(frozen=True)
+class Selection:
+    """The devices one client follows: ``everything`` or the ids in ``devices``."""
+
+    everything: bool
+    devices: frozenset[str]
+
+
+def select_devices(requested: list[str], allowed: frozenset[str]) -> Selection:
+    """Check the ``device`` parameters against the token's claim; refuse with the reason."""
+    if not requested:
+        raise StreamRefused(
+            400,
+            "no device requested: add ?device=ID (repeat it for several devices), "
+            "or ?device=* with a token whose devices claim is [\"*\"]",
+            "no_device",
+        )
+    if len(requested) > MAX_DEVICES:
+        raise StreamRefused(400, f"{len(requested)} device parameters, the limit is {MAX_DEVICES}", "too_many_devices")
+    everything = False
+    devices: set[str] = set()
+    for device_id in requested:
+        if device_id == ALL_DEVICES:
+            if ALL_DEVICES not in allowed:
+                raise StreamRefused(403, "device=* needs a token whose devices claim is [\"*\"]", "forbidden_device")
+            everything = True
+            continue
+        try:
+            check_device_id(device_id)
+        except ValueError as exc:
+            raise StreamRefused(400, f"device={_shown(device_id)}: {exc}", "bad_device") from None
+        if not client_allows(allowed, device_id):
+            raise StreamRefused(403, f"device {_shown(device_id)} is not in the token's devices claim", "forbidden_device")
+        devices.add(device_id)
+    return Selection(everything, frozenset() if everything else frozenset(devices))
+
+
+# ------------------------------------------------------------------- one client
+class Client:
+    """The bounded queue between the hub and one WebSocket's sender task."""
+
+    def __init__(self, selection: Selection, limit: int) -> None:
+        self.selection = selection
+        self.limit = limit
+        self.queue: collections.deque[str] = collections.deque()
+        self.overflowed = False
+        self.stopping = False
+        self._wake = asyncio.Event()
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text``; ``False`` (once) when the queue was full: the client is too slow."""
+        if self.overflowed or self.stopping:
+            return True  # already leaving; nothing more is queued
+        if len(self.queue) >= self.limit:
+            self.overflowed = True
+            self.queue.clear()
+            self._wake.set()
+            return False
+        self.queue.append(text)
+        self._wake.set()
+        return True
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake.set()
+
+    async def wait(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
+
+
+# ------------------------------------------------------------------- the hub
+class Hub:
+    """Owns the SUB socket, the subscriptions and the clients; routes records to them."""
+
+    def __init__(self, endpoint: str, hwm: int, queue_limit: int) -> None:
+        self.endpoint = endpoint
+        self.batch_max = max(1, min(MAX_BATCH, queue_limit // 2))
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        # Best effort by design: beyond this many unread messages libzmq drops (the
+        # store's path is the durable one).  Same value as the publisher's PUB HWM.
+        self._sock.setsockopt(zmq.RCVHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._sync = zmq.Socket.shadow(self._sock.underlying)  # non-blocking drains
+        self._topics: dict[bytes, int] = {}
+        self._followers: dict[str, set[Client]] = {}
+        self._everyone: set[Client] = set()
+        self._clients: set[Client] = set()
+        self._last_seq: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._bad_logged_at = 0.0
+
+    # --- subscriptions (reference-counted over clients)
+    def _acquire(self, topic: bytes) -> None:
+        count = self._topics.get(topic, 0)
+        if count == 0:
+            self._sock.setsockopt(zmq.SUBSCRIBE, topic)
+        self._topics[topic] = count + 1
+
+    def _release(self, topic: bytes) -> None:
+        count = self._topics[topic] - 1
+        if count == 0:
+            del self._topics[topic]
+            self._sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+        else:
+            self._topics[topic] = count
+
+    @property
+    def topics(self) -> dict[bytes, int]:
+        """Subscribed topics and how many clients hold each (for tests and logs)."""
+        return dict(self._topics)
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def add(self, client: Client) -> None:
+        self._clients.add(client)
+        if client.selection.everything:
+            self._everyone.add(client)
+            self._acquire(b"")
+            return
+        for device_id in client.selection.devices:
+            self._followers.setdefault(device_id, set()).add(client)
+            self._acquire(wire.device_topic(device_id))
+
+    def remove(self, client: Client) -> None:
+        """Forget ``client`` (idempotent) and drop subscriptions nobody holds any more."""
+        if client not in self._clients:
+            return
+        self._clients.discard(client)
+        if client.selection.everything:
+            self._everyone.discard(client)
+            self._release(b"")
+            if not self._everyone:  # keep dedup state only for devices still followed
+                self._last_seq = {d: s for d, s in self._last_seq.items() if d in self._followers}
+            return
+        for device_id in client.selection.devices:
+            followers = self._followers[device_id]
+            followers.discard(client)
+            if not followers:
+                del self._followers[device_id]
+                if not self._everyone:
+                    self._last_seq.pop(device_id, None)
+            self._release(wire.device_topic(device_id))
+
+    # --- routing
+    def dispatch(self, batch: Iterable[list[bytes]]) -> None:
+        """Route one batch of SUB messages to the clients' queues (never raises on bad input)."""
+        streamed = duplicates = bad = 0
+        slow: list[Client] = []
+        everyone = self._everyone
+        for frames in batch:
+            if frames[0] == wire.HEARTBEAT_TOPIC:
+                continue
+            try:
+                published = wire.decode_published(frames)
+                record = unpack_record(published.record)
+                if frames[0] != wire.device_topic(record.device_id):
+                    raise wire.WireError(
+                        f"topic {frames[0][:64]!r} does not match the record's device {record.device_id[:64]!r}"
+                    )
+                followers = self._followers.get(record.device_id)
+                if not followers and not everyone:
+                    continue  # in flight before an unsubscribe took effect
+                last = self._last_seq.get(record.device_id)
+                if last is not None and record.seq <= last:
+                    duplicates += 1
+                    continue
+                text = _json_encode(
+                    {
+                        "device": record.device_id,
+                        "seq": record.seq,
+                        "ts": record.ts,
+                        "received_at": record.received_at,
+                        "data": record.data,
+                    }
+                )
+            except (wire.WireError, RecordError, TypeError, ValueError) as exc:
+                bad += 1
+                self._log_bad(exc)
+                continue
+            self._last_seq[record.device_id] = record.seq
+            streamed += 1
+            for client in chain(followers or (), everyone):
+                if not client.offer(text):
+                    slow.append(client)
+        for client in slow:
+            self.remove(client)
+            log.warning(
+                "client app too slow: more than %d messages queued, closing it with %d", client.limit, CLOSE_TOO_SLOW
+            )
+        if slow:
+            FANOUT_SLOW_CLIENT_DROPS.inc(len(slow))
+        if streamed:
+            MESSAGES.labels(stage="streamed").inc(streamed)
+        if duplicates:
+            FANOUT_DUPLICATES.inc(duplicates)
+        if bad:
+            ERRORS.labels(stage="fanout", reason="bad_message").inc(bad)
+
+    def _log_bad(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._bad_logged_at >= 1.0:  # at most one line a second
+            self._bad_logged_at = now
+            log.error("dropping a malformed published message (%s: %s)", type(exc).__name__, exc)
+
+    # --- life cycle
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="fanout-hub")
+        log.info("subscribed to the publisher at %s", self.endpoint)
+
+    async def _run(self) -> None:
+        sock, sync, batch_max = self._sock, self._sync, self.batch_max
+        while True:
+            try:
+                batch = [await sock.recv_multipart()]
+                while len(batch) < batch_max:
+                    try:
+                        batch.append(sync.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                self.dispatch(batch)
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                raise
+            except Exception:  # a bug must not silently end the stream for everyone
+                log.exception("fanout hub: unexpected error, message dropped")
+            await asyncio.sleep(0)  # let the clients' sender tasks drain their queues
+
+    async def close(self) -> None:
+        for client in list(self._clients):
+            client.stop()
+            self.remove(client)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                pass
+        self._sync.close()
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+# ------------------------------------------------------------------- the endpoint
+async def _send_loop(websocket: WebSocket, client: Client) -> None:
+    """Write the client's queue to its socket; close with 1013 when it overflowed."""
+    queue = client.queue
+    while True:
+        await client.wait()
+        while queue and not client.overflowed:
+            await websocket.send_text(queue.popleft())
+        if client.overflowed:
+            reason = f"too slow: more than {client.limit} messages queued"
+            await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, reason), CLOSE_TIMEOUT)
+            return
+        if client.stopping:
+            await asyncio.wait_for(websocket.close(CLOSE_GOING_AWAY, "server shutting down"), CLOSE_TIMEOUT)
+            return
+
+
+async def _drain_incoming(websocket: WebSocket) -> None:
+    """Read (and ignore) what the client sends, so pings/close are seen; end at disconnect."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+def create_app(settings: Settings, secret: str) -> Starlette:
+    """The fanout's ASGI app: ``/v1/stream`` and ``/metrics`` (one process, default registry)."""
+    hub_holder: list[Hub] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        hub = Hub(settings.pub_endpoint, hwm=settings.pub_hwm, queue_limit=settings.fanout_queue)
+        hub.start()
+        hub_holder.append(hub)
+        app.state.hub = hub
+        try:
+            yield
+        finally:
+            await hub.close()
+
+    async def refuse(websocket: WebSocket, status: int, reason: str) -> None:
+        response = PlainTextResponse(reason + "\n", status_code=status)
+        try:
+            await websocket.send_denial_response(response)
+        except RuntimeError:  # server without the denial extension: plain 403
+            await websocket.close(code=1008)
+
+    async def stream(websocket: WebSocket) -> None:
+        try:
+            try:
+                token = token_from_request(websocket.headers, websocket.query_params)
+                allowed = verify_client_token(secret, token)
+            except AuthError as exc:
+                raise StreamRefused(exc.status, exc.reason, "unauthorized" if exc.status == 401 else "forbidden")
+            selection = select_devices(websocket.query_params.getlist("device"), allowed)
+        except StreamRefused as exc:
+            ERRORS.labels(stage="fanout", reason=exc.metric_reason).inc()
+            await refuse(websocket, exc.status, exc.reason)
+            return
+        hub = hub_holder[0]
+        client = Client(selection, settings.fanout_queue)
+        hub.add(client)  # subscribe before accepting: nothing published after the upgrade is missed for that reason
+        try:
+            await websocket.accept()
+            with FANOUT_CLIENTS.track_inprogress():
+                await _serve(websocket, client)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            hub.remove(client)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[WebSocketRoute(STREAM_PATH, stream), Route("/metrics", metrics)],
+        lifespan=lifespan,
+    )
+
+
+async def _serve(websocket: WebSocket, client: Client) -> None:
+    what = "every device" if client.selection.everything else f"{len(client.selection.devices)} device(s)"
+    log.info("client app %s follows %s", _peer(websocket), what)
+    sender = asyncio.ensure_future(_send_loop(websocket, client))
+    receiver = asyncio.ensure_future(_drain_incoming(websocket))
+    try:
+        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        for result in await asyncio.gather(sender, receiver, return_exceptions=True):
+            if isinstance(result, (WebSocketDisconnect, OSError, asyncio.TimeoutError, asyncio.CancelledError)):
+                continue
+            if isinstance(result, BaseException):
+                log.error("client app %s: %s: %s", _peer(websocket), type(result).__name__, result)
+    log.info("client app %s left", _peer(websocket))
+
+
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client else "?"
+
