@@ -1,0 +1,330 @@
+"""``monitor`` stage: ingress ring -> router, popping only what the router acked.
+
+The monitor is the ingress ring's single consumer.  It reads batches (up to
+``BATCH_RECORDS`` records / ``BATCH_BYTES``), sends each as one ``BATCH``
+multipart on a DEALER connected to the router, keeps up to ``WINDOW`` batches in
+flight, and pops the ring up to the highest ``end`` the router acked: a record
+leaves the ingress ring only once it is durable in the fan-in ring.
+
+Unacked batches are resent, oldest first and with the current ``base`` (the
+acked-through position), when the connection to the router is (re)established
+and when the oldest one has waited ``ACK_TIMEOUT`` seconds (doubling up to
+``ACK_TIMEOUT_MAX`` while nothing is acked).  See ``docs/monitor-router.md``.
+
+No spinning: the main loop blocks in ``zmq.Poller.poll``; while the ring is
+empty a doorbell thread blocks in ``reader.wait`` (GIL released) and pokes an
+``inproc://`` PAIR socket the poller watches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from node import wire
+from node.metrics import ERRORS, MESSAGES, watch_ring
+from node.workers.runtime import start
+
+log = logging.getLogger("node.monitor")
+
+BATCH_RECORDS = 256
+BATCH_BYTES = 1 << 20
+WINDOW = 8
+ACK_TIMEOUT = 1.0
+ACK_TIMEOUT_MAX = 8.0
+POLL_MS = 200
+DOORBELL_WAIT = 0.5
+
+
+class MonitorError(Exception):
+    """The monitor cannot run (ring unusable, consumer already present); exit non-zero."""
+
+
+@dataclass
+class Flight:
+    """A batch sent (or to be sent) to the router and not yet acked."""
+
+    start: int
+    end: int
+    positions: list[int]
+    records: list[bytes]
+    sent_at: float | None = None  # None: not sent on the current connection
+
+
+class Window:
+    """The batches in flight, oldest first, and the ack bookkeeping (no I/O)."""
+
+    def __init__(self, ring_id: bytes, base: int, size: int = WINDOW) -> None:
+        self.ring_id = ring_id
+        self.base = base  # everything before it is acked (durable in the fan-in ring)
+        self.read_pos = base  # where the next batch starts
+        self.size = size
+        self.flights: deque[Flight] = deque()
+
+    @property
+    def full(self) -> bool:
+        return len(self.flights) >= self.size
+
+    def add(self, positions: list[int], end: int, records: list[bytes]) -> Flight:
+        flight = Flight(self.read_pos, end, positions, records)
+        self.flights.append(flight)
+        self.read_pos = end
+        return flight
+
+    def frames(self, flight: Flight) -> list[bytes]:
+        return wire.encode_batch(
+            self.ring_id, flight.positions, flight.end, flight.records, start=flight.start, base=self.base
+        )
+
+    def ack(self, ack: wire.Ack) -> int:
+        """Apply a (cumulative) ack; return how many records it newly acknowledged."""
+        if ack.ring != self.ring_id:
+            raise wire.WireError(f"ACK for ring {ack.ring.hex()}, expected {self.ring_id.hex()}")
+        if ack.end > self.read_pos:
+            raise wire.WireError(f"ACK up to {ack.end}, beyond what was sent ({self.read_pos})")
+        count = 0
+        while self.flights and self.flights[0].end <= ack.end:
+            count += len(self.flights.popleft().records)
+        if ack.end > self.base:
+            self.base = ack.end
+        return count
+
+    def oldest_sent(self) -> float | None:
+        return self.flights[0].sent_at if self.flights else None
+
+
+class Doorbell:
+    """A thread that blocks in ``reader.wait`` while armed and pokes an inproc PAIR.
+
+    The reader is not shared concurrently: the main loop arms the doorbell only
+    after a ``read`` found nothing, and does not ``read`` again until the thread
+    has disarmed it (``pop`` meanwhile is fine: it touches neither the wait
+    position nor the scan buffers).
+    """
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], reader: object, stop: threading.Event) -> None:
+        endpoint = f"inproc://monitor-doorbell-{id(self)}"
+        self.inbox = ctx.socket(zmq.PAIR)
+        self.inbox.bind(endpoint)
+        self._out = ctx.socket(zmq.PAIR)
+        self._out.connect(endpoint)
+        self._reader = reader
+        self._stop = stop
+        self._armed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="doorbell", daemon=True)
+        self._thread.start()
+
+    def arm(self) -> None:
+        self._armed.set()
+
+    @property
+    def armed(self) -> bool:
+        return self._armed.is_set()
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._armed.wait(DOORBELL_WAIT):
+                continue
+            if self._reader.wait(DOORBELL_WAIT):  # type: ignore[attr-defined]
+                self._armed.clear()
+                self._out.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * DOORBELL_WAIT + 1)
+        self._out.close(linger=0)
+        self.inbox.close(linger=0)
+
+
+class Monitor:
+    def __init__(self, ring: object, reader: object, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        self.ring = ring
+        self.reader = reader
+        self.endpoint = endpoint
+        self.window = Window(ring.ring_id, ring.head)  # type: ignore[attr-defined]
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Queue only on a live connection: a reconnect starts with an empty pipe and
+        # this loop resends from the oldest unacked batch (no stale copies overtaking).
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 2 * WINDOW + 2)
+        self.sock.setsockopt(zmq.RCVHWM, 1000)
+        self.events = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(endpoint)
+        self.connected = False
+        self.timeout = ACK_TIMEOUT
+        self.next_resend = 0.0
+
+    # ---------------------------------------------------------------- sending
+    def send(self, flight: Flight) -> bool:
+        try:
+            self.sock.send_multipart(self.window.frames(flight), zmq.NOBLOCK)
+        except zmq.Again:  # no live connection (IMMEDIATE) or HWM: sent on (re)connect/timeout
+            flight.sent_at = None
+            return False
+        flight.sent_at = time.monotonic()
+        return True
+
+    def resend_all(self) -> int:
+        sent = 0
+        for flight in self.window.flights:
+            if not self.send(flight):
+                break
+            sent += 1
+        return sent
+
+    def fill(self) -> bool:
+        """Read and send new batches while the window has room; True if the ring ran dry."""
+        while not self.window.full:
+            records = self.reader.read(  # type: ignore[attr-defined]
+                self.window.read_pos, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES
+            )
+            if not records:
+                return True
+            flight = self.window.add([r.pos for r in records], records[-1].end, [r.payload for r in records])
+            # Never let a new batch overtake an unsent older one (the router would refuse it).
+            if all(f.sent_at is not None for f in list(self.window.flights)[:-1]):
+                self.send(flight)
+        return False
+
+    # ---------------------------------------------------------------- receiving
+    def take_acks(self) -> None:
+        acked = 0
+        before = self.window.base
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                acked += self.window.ack(wire.decode_ack(frames))
+            except wire.WireError as exc:
+                ERRORS.labels(stage="monitor", reason="wire").inc()
+                log.warning("ignoring a reply from the router: %s", exc)
+        if self.window.base > before:
+            self.reader.pop(self.window.base)  # type: ignore[attr-defined]
+            MESSAGES.labels(stage="forwarded").inc(acked)
+            if self.timeout != ACK_TIMEOUT:
+                log.info("router acks again (acked through %d)", self.window.base)
+            self.timeout = ACK_TIMEOUT
+            # Restart the clock of what remains: it was waiting behind what was acked.
+            now = time.monotonic()
+            for flight in self.window.flights:
+                if flight.sent_at is not None:
+                    flight.sent_at = max(flight.sent_at, now - ACK_TIMEOUT / 2)
+
+    def take_events(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                sent = self.resend_all()
+                log.info("connected to the router at %s; sent %d unacked batches", self.endpoint, sent)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                for flight in self.window.flights:
+                    flight.sent_at = None
+                log.warning(
+                    "disconnected from the router at %s (%d batches unacked)", self.endpoint, len(self.window.flights)
+                )
+
+    def check_timeout(self) -> None:
+        if not self.window.flights:
+            return
+        now = time.monotonic()
+        oldest = self.window.oldest_sent()
+        if now < self.next_resend or (oldest is not None and now - oldest < self.timeout):
+            return
+        if oldest is None and not self.connected:
+            return  # nothing sent on this connection: the handshake event sends
+        sent = self.resend_all()
+        self.next_resend = now + self.timeout
+        log.warning(
+            "no ack from the router for %.1fs: resent %d of %d unacked batches from position %d",
+            self.timeout, sent, len(self.window.flights), self.window.base,
+        )
+        self.timeout = min(self.timeout * 2, ACK_TIMEOUT_MAX)
+
+    def poll_ms(self) -> int:
+        oldest = self.window.oldest_sent()
+        if oldest is None:
+            return POLL_MS
+        left = oldest + self.timeout - time.monotonic()
+        return max(1, min(POLL_MS, int(left * 1000) + 1))
+
+    # ---------------------------------------------------------------- loop
+    def run(self, stop: threading.Event) -> None:
+        doorbell = Doorbell(self.sock.context, self.reader, threading.Event())
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        poller.register(doorbell.inbox, zmq.POLLIN)
+        try:
+            while not stop.is_set():
+                if not doorbell.armed and self.fill():
+                    doorbell.arm()
+                ready = dict(poller.poll(self.poll_ms()))
+                if self.events in ready:
+                    self.take_events()
+                if self.sock in ready:
+                    self.take_acks()
+                if doorbell.inbox in ready:
+                    doorbell.drain()
+                self.check_timeout()
+        finally:
+            doorbell.close()
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.events.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def main() -> None:
+    settings, stop = start("monitor")
+    from node.ring import Ring
+    from node.ring.errors import RingError
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        path = settings.ring_path("ingress")
+        try:
+            ring = Ring.open(path, capacity=settings.ingress_ring_bytes, durability=settings.durability)
+            reader = ring.reader()
+        except RingError as exc:
+            raise MonitorError(f"cannot consume the ingress ring {path}: {exc}") from None
+        watch_ring("ingress", ring)
+        monitor = Monitor(ring, reader, ctx, settings.router_connect_endpoint)
+        log.info(
+            "forwarding ingress ring %s (%s, id %s, head %d, tail %d) to %s",
+            path, ring.backend, ring.ring_id.hex(), ring.head, ring.tail, settings.router_connect_endpoint,
+        )
+        monitor.run(stop)
+        log.info("stopping: %d batches unacked stay in the ring (resent at next start)", len(monitor.window.flights))
+        monitor.close()
+        ring.close()
+    except MonitorError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    finally:
+        ctx.destroy(linger=0)
+
+
+if __name__ == "__main__":
+    main()
