@@ -73,7 +73,7 @@ def listening_addresses(pids: list[int]) -> list[str]:
 
 def check_loopback_only(name: str, pids: list[int]) -> list[str]:
     addrs = listening_addresses(pids)
-    public = [a for a in addrs if not (a.startswith("127.") or a.startswith("[::1]"))]
+    public = [a for a in addrs if not a.startswith(("127.", "[::1]:", "[::ffff:127."))]
     if public:
         raise BenchError(f"{name} listens beyond loopback: {public}; refusing to load it")
     return addrs
@@ -161,8 +161,13 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
                 "\n".join(
                     [
                         "per_listener_settings false",
-                        f"listener {port} 127.0.0.1",
-                        "bind_interface lo",  # the websockets listener ignores the address alone
+                        # Mosquitto 2.0.x will not start with a websockets listener alone
+                        # (eclipse-mosquitto/mosquitto#2284): add a loopback MQTT one.
+                        f"listener {free_port()} 127.0.0.1",
+                        "protocol mqtt",
+                        # libwebsockets takes the listener "address" as an interface name:
+                        # "127.0.0.1" still binds every interface, "lo" binds loopback.
+                        f"listener {port} lo",
                         "protocol websockets",
                         "allow_anonymous true",
                         "persistence true",

@@ -30,8 +30,7 @@ class _Protocol(asyncio.Protocol):
         self.closed_exc: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed_exc = RedisError(f"connection to redis lost: {exc!r}")
