@@ -1,0 +1,538 @@
+"""Build script of the ring's C helper ``node.ring._chelper`` (cffi API mode).
+
+``pip install -e .`` (setup.py ``cffi_modules``) or ``python node/ring/_cbuild.py``
+compiles it in place.  The helper never links libpmem: the persist function is
+passed in as a pointer (libpmem is loaded at run time, in ABI mode, by
+``node.ring.backend``).  Every exported symbol starts with ``iotring_`` so none can
+bind to a libc symbol of the same name.  Byte offsets come from
+``node/ring/descriptor.py`` (loaded by path: the build must not import ``node``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _descriptor():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("_iotring_descriptor", os.path.join(_HERE, "descriptor.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("_iotring_descriptor", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CDEF = """
+typedef struct {
+    uintptr_t base;        /* address of the mapping (file header) */
+    uint64_t cap;          /* data capacity, power of two */
+    uint32_t seed;         /* CRC32C of the ring id */
+    uint32_t pid;          /* this producer's pid */
+    uint64_t token;        /* this producer's start time */
+    int persist_mode;      /* 0 none, 1 void fn(addr,len), 2 int fn(addr,len), 3 msync */
+    uintptr_t persist_fn;
+    uint64_t pagesize;
+} iotring_ctx;
+
+typedef struct {
+    uint64_t pos;
+    uint32_t pid;
+    uint32_t reserved;
+    uint64_t token;
+} iotring_block;
+
+uint32_t iotring_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
+int iotring_mutex_init(const iotring_ctx *c);
+int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
+                       uint64_t *first_pos);
+int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uint64_t *first_pos);
+int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint64_t max_bytes, int verify,
+                 uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
+                 iotring_block *blk);
+int iotring_resolve(const iotring_ctx *c, uint64_t pos, int force_pad);
+int64_t iotring_count(const iotring_ctx *c, uint64_t from, uint64_t to);
+int iotring_pop(const iotring_ctx *c, uint64_t to, uint64_t ndata);
+int iotring_wait(const iotring_ctx *c, uint64_t pos, int64_t timeout_ns, int stop_on_claim,
+                 iotring_block *blk);
+int iotring_recover(const iotring_ctx *c, uint64_t *out_tail, uint64_t *out_count, uint64_t *out_repaired);
+uint64_t iotring_load64(const iotring_ctx *c, uint32_t offset);
+int iotring_persist(const iotring_ctx *c, uint64_t offset, uint64_t len);
+int iotring_msync(uintptr_t addr, uint64_t len);
+int iotring_mutex_size(void);
+"""
+
+CSRC = r"""
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+
+typedef struct {
+    uintptr_t base;
+    uint64_t cap;
+    uint32_t seed;
+    uint32_t pid;
+    uint64_t token;
+    int persist_mode;
+    uintptr_t persist_fn;
+    uint64_t pagesize;
+} iotring_ctx;
+
+typedef struct {
+    uint64_t pos;
+    uint32_t pid;
+    uint32_t reserved;
+    uint64_t token;
+} iotring_block;
+
+@DEFINES@
+
+#define ALIGN_UP(x) (((x) + (D_RECORD_ALIGNMENT - 1)) & ~(uint64_t)(D_RECORD_ALIGNMENT - 1))
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+_Static_assert(sizeof(pthread_mutex_t) <= D_MUTEX_SPACE, "pthread_mutex_t does not fit the header slot");
+
+/* ------------------------------------------------------------------ CRC32C */
+static uint32_t crc_table[256];
+static int crc_ready = 0;
+static int crc_hw = 0;
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : (c >> 1);
+        crc_table[i] = c;
+    }
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    crc_hw = __builtin_cpu_supports("sse4.2");
+#endif
+    __atomic_store_n(&crc_ready, 1, __ATOMIC_RELEASE);
+}
+
+static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t n) {
+    while (n--) crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc_hw_run(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = crc;
+    while (n && ((uintptr_t)p & 7)) { c = __builtin_ia32_crc32qi((uint32_t)c, *p++); n--; }
+    while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = __builtin_ia32_crc32di(c, v); p += 8; n -= 8; }
+    while (n--) c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+    return (uint32_t)c;
+}
+#endif
+
+uint32_t iotring_crc32c(uint32_t crc, const uint8_t *buf, size_t len) {
+    if (!__atomic_load_n(&crc_ready, __ATOMIC_ACQUIRE)) crc_init();
+    crc = ~crc;
+#if defined(__x86_64__)
+    if (crc_hw) return ~crc_hw_run(crc, buf, len);
+#endif
+    return ~crc_sw(crc, buf, len);
+}
+
+/* ------------------------------------------------------------------ layout helpers */
+static inline uint8_t *P(const iotring_ctx *c, uint64_t off) { return (uint8_t *)(c->base + off); }
+static inline uint64_t *U64(const iotring_ctx *c, uint64_t off) { return (uint64_t *)(c->base + off); }
+static inline uint32_t *U32(const iotring_ctx *c, uint64_t off) { return (uint32_t *)(c->base + off); }
+static inline uint8_t *REC(const iotring_ctx *c, uint64_t pos) { return P(c, D_DATA_OFFSET + (pos & (c->cap - 1))); }
+static inline uint64_t *R_POS(uint8_t *h) { return (uint64_t *)(h + D_REC_POS_OFFSET); }
+static inline uint32_t *R_LEN(uint8_t *h) { return (uint32_t *)(h + D_REC_LENGTH_OFFSET); }
+static inline uint16_t *R_TYPE(uint8_t *h) { return (uint16_t *)(h + D_REC_TYPE_OFFSET); }
+static inline uint16_t *R_STATE(uint8_t *h) { return (uint16_t *)(h + D_REC_STATE_OFFSET); }
+static inline uint32_t *R_CRC(uint8_t *h) { return (uint32_t *)(h + D_REC_CRC_OFFSET); }
+static inline uint32_t *R_PID(uint8_t *h) { return (uint32_t *)(h + D_REC_PID_OFFSET); }
+static inline uint64_t *R_TOKEN(uint8_t *h) { return (uint64_t *)(h + D_REC_TOKEN_OFFSET); }
+
+static uint32_t record_crc(const iotring_ctx *c, uint8_t *h, int with_payload) {
+    uint32_t crc = iotring_crc32c(c->seed, h, D_REC_STATE_OFFSET);
+    crc = iotring_crc32c(crc, h + D_REC_PID_OFFSET, D_RECORD_HEADER_LENGTH - D_REC_PID_OFFSET);
+    if (with_payload) crc = iotring_crc32c(crc, h + D_RECORD_HEADER_LENGTH, *R_LEN(h));
+    return crc;
+}
+
+static int persist_range(const iotring_ctx *c, uintptr_t addr, uint64_t len) {
+    switch (c->persist_mode) {
+    case 0:
+        return 0;
+    case 1:
+        ((void (*)(const void *, size_t))c->persist_fn)((const void *)addr, (size_t)len);
+        return 0;
+    case 2:
+        return ((int (*)(const void *, size_t))c->persist_fn)((const void *)addr, (size_t)len) ? -errno : 0;
+    default: {
+        uintptr_t a = addr & ~(uintptr_t)(c->pagesize - 1);
+        return msync((void *)a, (size_t)(len + (addr - a)), MS_SYNC) ? -errno : 0;
+    }
+    }
+}
+
+int iotring_msync(uintptr_t addr, uint64_t len) {
+    return msync((void *)addr, (size_t)len, MS_SYNC) ? -errno : 0;
+}
+
+int iotring_persist(const iotring_ctx *c, uint64_t offset, uint64_t len) {
+    return persist_range(c, c->base + offset, len);
+}
+
+/* Persist the ring positions [from, to) (at most one lap), split at the wrap. */
+static int persist_positions(const iotring_ctx *c, uint64_t from, uint64_t to) {
+    if (to <= from) return 0;
+    uint64_t idx = from & (c->cap - 1), len = to - from;
+    if (idx + len <= c->cap) return persist_range(c, (uintptr_t)REC(c, from), len);
+    int r = persist_range(c, (uintptr_t)REC(c, from), c->cap - idx);
+    int r2 = persist_range(c, (uintptr_t)P(c, D_DATA_OFFSET), len - (c->cap - idx));
+    return r ? r : r2;
+}
+
+uint64_t iotring_load64(const iotring_ctx *c, uint32_t offset) {
+    return __atomic_load_n(U64(c, offset), __ATOMIC_ACQUIRE);
+}
+
+int iotring_mutex_size(void) { return (int)sizeof(pthread_mutex_t); }
+
+/* ------------------------------------------------------------------ claim mutex */
+int iotring_mutex_init(const iotring_ctx *c) {
+    pthread_mutexattr_t a;
+    int r;
+    pthread_mutex_t *m = (pthread_mutex_t *)P(c, D_MUTEX_OFFSET);
+    memset(m, 0, D_MUTEX_SPACE);
+    if ((r = pthread_mutexattr_init(&a))) return -r;
+    if ((r = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED))) return -r;
+    if ((r = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST))) return -r;
+    r = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return -r;
+}
+
+static int claim_lock(const iotring_ctx *c) {
+    pthread_mutex_t *m = (pthread_mutex_t *)P(c, D_MUTEX_OFFSET);
+    int r = pthread_mutex_lock(m);
+    if (r == EOWNERDEAD) {
+        /* The previous owner died inside the claim section.  Headers it wrote past
+           the published tail are simply overwritten; a published tail is complete. */
+        r = pthread_mutex_consistent(m);
+    }
+    return -r;
+}
+
+static void claim_unlock(const iotring_ctx *c) {
+    pthread_mutex_unlock((pthread_mutex_t *)P(c, D_MUTEX_OFFSET));
+}
+
+static long sys_futex(uint32_t *addr, int op, uint32_t val, const struct timespec *ts) {
+    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+static void wake_consumer(const iotring_ctx *c) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(U32(c, D_WAITERS_OFFSET), __ATOMIC_RELAXED) > 0) {
+        __atomic_fetch_add(U32(c, D_FUTEX_OFFSET), 1, __ATOMIC_SEQ_CST);
+        sys_futex(U32(c, D_FUTEX_OFFSET), FUTEX_WAKE, INT_MAX, NULL);
+    }
+}
+
+static void write_pad(const iotring_ctx *c, uint64_t pos, uint64_t bytes) {
+    uint8_t *h = REC(c, pos);
+    *R_POS(h) = pos;
+    *R_LEN(h) = (uint32_t)(bytes - D_RECORD_HEADER_LENGTH);
+    *R_TYPE(h) = D_TYPE_PAD;
+    *R_PID(h) = c->pid;
+    *R_TOKEN(h) = c->token;
+    *R_CRC(h) = record_crc(c, h, 0);
+    STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
+}
+
+/* ------------------------------------------------------------------ append */
+/* Claims room for a prefix of the batch, writes and commits it, persists it once.
+   Returns the number appended (0 when full) or -errno. */
+int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
+                       uint64_t *first_pos) {
+    const uint64_t cap = c->cap, mask = cap - 1;
+    int r = claim_lock(c);
+    if (r) return r;
+    uint64_t head = LOAD_ACQ(U64(c, D_HEAD_OFFSET));
+    uint64_t start = *U64(c, D_TAIL_OFFSET);
+    uint64_t p = start;
+    uint32_t k = 0;
+    for (; k < n; k++) {
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[k]);
+        uint64_t idx = p & mask;
+        uint64_t pad = (idx + rsz > cap) ? cap - idx : 0;
+        if (p + pad + rsz - head > cap) break;
+        p += pad + rsz;
+    }
+    if (k == 0) { claim_unlock(c); return 0; }
+    /* Write every header in the claimed state (self-identifying), then publish the tail. */
+    p = start;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
+        uint64_t idx = p & mask;
+        if (idx + rsz > cap) { write_pad(c, p, cap - idx); p += cap - idx; }
+        uint8_t *h = REC(c, p);
+        __atomic_store_n(R_STATE(h), (uint16_t)D_STATE_CLAIMED, __ATOMIC_RELAXED);
+        *R_POS(h) = p;
+        *R_LEN(h) = lens[i];
+        *R_TYPE(h) = D_TYPE_DATA;
+        *R_CRC(h) = 0;
+        *R_PID(h) = c->pid;
+        *R_TOKEN(h) = c->token;
+        if (i == 0) *first_pos = p;
+        p += rsz;
+    }
+    uint64_t end = p;
+    __atomic_fetch_add(U64(c, D_APPENDED_OFFSET), k, __ATOMIC_RELAXED);
+    STORE_REL(U64(c, D_TAIL_OFFSET), end);
+    claim_unlock(c);
+
+    /* Outside the lock: payloads, checksums, commit markers. */
+    p = start;
+    const uint8_t *src = (const uint8_t *)buf;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
+        uint64_t idx = p & mask;
+        if (idx + rsz > cap) p += cap - idx;
+        uint8_t *h = REC(c, p);
+        memcpy(h + D_RECORD_HEADER_LENGTH, src, lens[i]);
+        *R_CRC(h) = record_crc(c, h, 1);
+        STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
+        src += lens[i];
+        p += rsz;
+    }
+    wake_consumer(c);
+    r = persist_positions(c, start, end);
+    if (r) return r;
+    return (int64_t)k;
+}
+
+int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uint64_t *first_pos) {
+    return iotring_append(c, buf, &len, 1, first_pos);
+}
+
+/* ------------------------------------------------------------------ consumer */
+/* Status codes of iotring_scan. */
+#define SCAN_END 0       /* reached the tail */
+#define SCAN_LIMIT 1     /* max_records / max_bytes reached */
+#define SCAN_BLOCKED 2   /* a claimed, uncommitted record at *out_next (blk filled) */
+#define SCAN_CORRUPT 3   /* a header that does not describe the record expected at *out_next */
+#define SCAN_BADCRC 4    /* a committed record at *out_next whose checksum fails */
+
+int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint64_t max_bytes, int verify,
+                 uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
+                 iotring_block *blk) {
+    const uint64_t cap = c->cap, mask = cap - 1;
+    uint64_t tail = LOAD_ACQ(U64(c, D_TAIL_OFFSET));
+    uint32_t n = 0;
+    uint64_t bytes = 0;
+    int status = SCAN_END;
+    while (pos < tail) {
+        uint8_t *h = REC(c, pos);
+        uint16_t state = LOAD_ACQ(R_STATE(h));
+        if (*R_POS(h) != pos) { status = SCAN_CORRUPT; break; }
+        if (state == D_STATE_CLAIMED) {
+            blk->pos = pos; blk->pid = *R_PID(h); blk->token = *R_TOKEN(h);
+            status = SCAN_BLOCKED;
+            break;
+        }
+        uint16_t type = *R_TYPE(h);
+        uint32_t len = *R_LEN(h);
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)len);
+        if (state != D_STATE_COMMITTED || (pos & mask) + rsz > cap || pos + rsz > tail
+            || (type != D_TYPE_DATA && type != D_TYPE_PAD)) { status = SCAN_CORRUPT; break; }
+        if (type == D_TYPE_PAD) { pos += rsz; continue; }
+        if (n >= max_records || (n > 0 && bytes + len > max_bytes)) { status = SCAN_LIMIT; break; }
+        if (verify && record_crc(c, h, 1) != *R_CRC(h)) { status = SCAN_BADCRC; break; }
+        out_pos[n] = pos;
+        out_len[n] = len;
+        n++;
+        bytes += len;
+        pos += rsz;
+    }
+    *out_n = n;
+    *out_next = pos;
+    return status;
+}
+
+/* Settle the claimed record at pos whose producer is dead (or a committed record
+   whose checksum fails, force_pad=1): deliver it if its checksum holds, else turn it
+   into padding.  Returns 1 delivered, 0 padded, -1 not a record at pos. */
+int iotring_resolve(const iotring_ctx *c, uint64_t pos, int force_pad) {
+    uint8_t *h = REC(c, pos);
+    if (*R_POS(h) != pos) return -1;
+    uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)*R_LEN(h));
+    if ((pos & (c->cap - 1)) + rsz > c->cap) return -1;
+    int delivered = 0;
+    if (!force_pad && *R_TYPE(h) == D_TYPE_DATA && record_crc(c, h, 1) == *R_CRC(h)) {
+        delivered = 1;
+    } else {
+        if (*R_TYPE(h) == D_TYPE_DATA) __atomic_fetch_sub(U64(c, D_APPENDED_OFFSET), 1, __ATOMIC_RELAXED);
+        *R_TYPE(h) = D_TYPE_PAD;
+        *R_CRC(h) = record_crc(c, h, 0);
+    }
+    STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
+    persist_range(c, (uintptr_t)h, D_RECORD_HEADER_LENGTH);
+    return delivered;
+}
+
+/* Number of data records in [from, to); -1 if to is not a committed record boundary. */
+int64_t iotring_count(const iotring_ctx *c, uint64_t from, uint64_t to) {
+    int64_t n = 0;
+    uint64_t pos = from;
+    while (pos < to) {
+        uint8_t *h = REC(c, pos);
+        if (*R_POS(h) != pos || LOAD_ACQ(R_STATE(h)) != D_STATE_COMMITTED) return -1;
+        if (*R_TYPE(h) == D_TYPE_DATA) n++;
+        pos += ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)*R_LEN(h));
+    }
+    return pos == to ? n : -1;
+}
+
+int iotring_pop(const iotring_ctx *c, uint64_t to, uint64_t ndata) {
+    __atomic_fetch_add(U64(c, D_POPPED_OFFSET), ndata, __ATOMIC_RELAXED);
+    STORE_REL(U64(c, D_HEAD_OFFSET), to);
+    return persist_range(c, (uintptr_t)P(c, D_CONSUMER_LINE_OFFSET), D_CACHE_LINE);
+}
+
+/* 1: a committed data record is at or after pos (past committed padding);
+   2: a claimed record blocks (blk filled); 0: nothing yet. */
+static int probe(const iotring_ctx *c, uint64_t pos, iotring_block *blk) {
+    uint64_t tail = LOAD_ACQ(U64(c, D_TAIL_OFFSET));
+    for (int guard = 0; pos < tail && guard < 4; guard++) {
+        uint8_t *h = REC(c, pos);
+        uint16_t state = LOAD_ACQ(R_STATE(h));
+        if (*R_POS(h) != pos) return 1;      /* let read() report it */
+        if (state == D_STATE_CLAIMED) {
+            blk->pos = pos; blk->pid = *R_PID(h); blk->token = *R_TOKEN(h);
+            return 2;
+        }
+        if (state != D_STATE_COMMITTED || *R_TYPE(h) != D_TYPE_PAD) return 1;
+        pos += ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)*R_LEN(h));
+    }
+    return pos < tail ? 1 : 0;
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Block until probe() says 1 (or 2 with stop_on_claim), or the timeout.  The futex
+   word is bumped by producers after a commit when waiters > 0. */
+int iotring_wait(const iotring_ctx *c, uint64_t pos, int64_t timeout_ns, int stop_on_claim,
+                 iotring_block *blk) {
+    uint32_t *fw = U32(c, D_FUTEX_OFFSET);
+    uint32_t *waiters = U32(c, D_WAITERS_OFFSET);
+    int64_t deadline = now_ns() + (timeout_ns > 0 ? timeout_ns : 0);
+    int r;
+    __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint32_t seq = __atomic_load_n(fw, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        r = probe(c, pos, blk);
+        if (r == 1 || (r == 2 && stop_on_claim)) break;
+        int64_t left = deadline - now_ns();
+        if (left <= 0) { r = 0; break; }
+        struct timespec ts = { (time_t)(left / 1000000000LL), (long)(left % 1000000000LL) };
+        if (sys_futex(fw, FUTEX_WAIT, seq, &ts) == -1 && errno != EAGAIN && errno != ETIMEDOUT
+            && errno != EINTR) {
+            /* futex unusable on this mapping: a short sleep poll instead. */
+            struct timespec nap = { 0, 1000000L };
+            nanosleep(&nap, NULL);
+        }
+    }
+    __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+    return r;
+}
+
+/* ------------------------------------------------------------------ recovery */
+/* Caller holds the ring exclusively (no other process has it open). */
+static int valid_at(const iotring_ctx *c, uint64_t pos, uint64_t limit, uint64_t *rsz_out) {
+    uint8_t *h = REC(c, pos);
+    if (*R_POS(h) != pos) return 0;
+    uint16_t type = *R_TYPE(h), state = *R_STATE(h);
+    if (type != D_TYPE_DATA && type != D_TYPE_PAD) return 0;
+    if (state != D_STATE_CLAIMED && state != D_STATE_COMMITTED) return 0;
+    uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)*R_LEN(h));
+    if ((pos & (c->cap - 1)) + rsz > c->cap || pos + rsz > limit) return 0;
+    if (record_crc(c, h, type == D_TYPE_DATA) != *R_CRC(h)) return 0;
+    *rsz_out = rsz;
+    return 1;
+}
+
+int iotring_recover(const iotring_ctx *c, uint64_t *out_tail, uint64_t *out_count, uint64_t *out_repaired) {
+    uint64_t head = *U64(c, D_HEAD_OFFSET);
+    if (head & (D_RECORD_ALIGNMENT - 1)) return -EINVAL;
+    uint64_t limit = head + c->cap, pos = head, count = 0, repaired = 0, rsz = 0;
+    while (pos < limit) {
+        if (valid_at(c, pos, limit, &rsz)) {
+            uint8_t *h = REC(c, pos);
+            if (*R_TYPE(h) == D_TYPE_DATA) count++;
+            *R_STATE(h) = D_STATE_COMMITTED;
+            pos += rsz;
+            continue;
+        }
+        uint64_t q = pos + D_RECORD_ALIGNMENT;
+        while (q < limit && !valid_at(c, q, limit, &rsz)) q += D_RECORD_ALIGNMENT;
+        if (q >= limit) break;
+        while (pos < q) {   /* the torn gap becomes padding, split at the wrap point */
+            uint64_t idx = pos & (c->cap - 1);
+            uint64_t seg = q - pos < c->cap - idx ? q - pos : c->cap - idx;
+            write_pad(c, pos, seg);
+            pos += seg;
+            repaired++;
+        }
+    }
+    *U64(c, D_TAIL_OFFSET) = pos;
+    *U64(c, D_APPENDED_OFFSET) = *U64(c, D_POPPED_OFFSET) + count;
+    *U32(c, D_FUTEX_OFFSET) = 0;
+    *U32(c, D_WAITERS_OFFSET) = 0;
+    int r = iotring_mutex_init(c);
+    if (r) return r;
+    *out_tail = pos;
+    *out_count = count;
+    *out_repaired = repaired;
+    return persist_range(c, c->base, D_DATA_OFFSET + c->cap);
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "node.ring._chelper",
+    CSRC.replace("@DEFINES@", _descriptor().c_defines()),
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    # In-place build from the repository root: python node/ring/_cbuild.py
+    import glob
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = ffibuilder.compile(tmpdir=tmp, verbose=False)
+        for old in glob.glob(os.path.join(_HERE, "_chelper.*.so")):
+            os.unlink(old)
+        shutil.copy2(built, os.path.join(_HERE, os.path.basename(built)))

@@ -1,0 +1,170 @@
+"""Persistence backends: how the ring file is mapped and made durable.
+
+One small interface, :class:`Mapping` (map, persist(offset, length), unmap,
+is_pmem), with two implementations:
+
+* :class:`PmemMapping` -- libpmem (PMDK) loaded at run time in cffi ABI mode
+  (``ffi.dlopen("libpmem.so.1")``); never a link-time dependency.  On DAX
+  persistent memory (``pmem_is_pmem`` true) persistence is a cache flush
+  (``pmem_persist``): backend ``"pmem"``.  On an ordinary file it is
+  ``pmem_msync``: backend ``"msync"``.  ``PMEM_IS_PMEM_FORCE=1`` (a libpmem
+  variable, read by libpmem once per process) makes any mapping count as pmem.
+* :class:`MmapMapping` -- Python :mod:`mmap` + ``msync`` (through the C helper):
+  backend ``"mmap"``, used where libpmem is not installed.  Same file format, same
+  guarantees.  PMDK upstream is archived; this path stands on its own.
+
+The C helper does the persisting on the hot path: each mapping exposes
+``persist_mode`` / ``persist_fn`` (a function pointer as an integer) for it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+from node.ring._native import ffi, lib
+from node.ring.errors import RingBackendError
+
+BACKENDS = ("auto", "pmem", "msync", "mmap")
+
+# persist_mode values understood by the C helper
+PERSIST_NONE = 0
+PERSIST_VOID_FN = 1   # void fn(const void *, size_t): pmem_persist
+PERSIST_INT_FN = 2    # int fn(const void *, size_t): pmem_msync
+PERSIST_MSYNC = 3     # msync in the helper
+
+_PMEM_CDEF = """
+void *pmem_map_file(const char *path, size_t len, int flags, unsigned int mode, size_t *mapped_lenp, int *is_pmemp);
+int pmem_unmap(void *addr, size_t len);
+int pmem_is_pmem(const void *addr, size_t len);
+void pmem_persist(const void *addr, size_t len);
+int pmem_msync(const void *addr, size_t len);
+const char *pmem_errormsg(void);
+"""
+
+_libpmem: tuple[Any, Any] | None = None
+_libpmem_error: str | None = None
+
+
+def load_libpmem() -> tuple[Any, Any] | None:
+    """(ffi, lib) of libpmem, or None if it is not installed (the reason in :func:`libpmem_error`)."""
+    global _libpmem, _libpmem_error
+    if _libpmem is None and _libpmem_error is None:
+        import cffi
+
+        abi = cffi.FFI()
+        abi.cdef(_PMEM_CDEF)
+        try:
+            _libpmem = (abi, abi.dlopen("libpmem.so.1"))
+        except OSError as exc:
+            _libpmem_error = str(exc)
+    return _libpmem
+
+
+def libpmem_error() -> str | None:
+    load_libpmem()
+    return _libpmem_error
+
+
+class Mapping:
+    """A mapped ring file.  ``view`` is a writable memoryview of the whole file."""
+
+    name: str
+    address: int
+    size: int
+    view: memoryview
+    is_pmem: bool
+    persist_mode: int
+    persist_fn: int
+
+    def persist(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` of the file durable (a no-op is never allowed)."""
+        ctx = ffi.new("iotring_ctx *")
+        ctx.base = self.address
+        ctx.persist_mode = self.persist_mode
+        ctx.persist_fn = self.persist_fn
+        ctx.pagesize = mmap.PAGESIZE
+        rc = lib.iotring_persist(ctx, offset, length)
+        if rc:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PmemMapping(Mapping):
+    def __init__(self, path: str, size: int, want: str) -> None:
+        loaded = load_libpmem()
+        if loaded is None:
+            raise RingBackendError(f"backend {want!r} needs libpmem.so.1, which failed to load: {_libpmem_error}")
+        abi, pm = loaded
+        self._abi, self._pm = abi, pm
+        mapped_len = abi.new("size_t *")
+        is_pmem = abi.new("int *")
+        addr = pm.pmem_map_file(os.fsencode(path), 0, 0, 0, mapped_len, is_pmem)
+        if addr == abi.NULL:
+            raise RingBackendError(f"pmem_map_file({path!r}) failed: {abi.string(pm.pmem_errormsg()).decode()}")
+        if mapped_len[0] != size:
+            pm.pmem_unmap(addr, mapped_len[0])
+            raise RingBackendError(f"pmem_map_file({path!r}) mapped {mapped_len[0]} bytes, expected {size}")
+        self._addr = addr
+        self.size = size
+        self.is_pmem = bool(is_pmem[0]) and bool(pm.pmem_is_pmem(addr, size))
+        if want == "pmem" and not self.is_pmem:
+            pm.pmem_unmap(addr, size)
+            raise RingBackendError(
+                f"backend 'pmem' requested but {path} is not persistent memory (pmem_is_pmem=0);"
+                " use 'auto' or 'msync', or PMEM_IS_PMEM_FORCE=1 for tests"
+            )
+        if want == "msync" or not self.is_pmem:
+            self.name = "msync"
+            self.persist_mode = PERSIST_INT_FN
+            self.persist_fn = int(abi.cast("uintptr_t", pm.pmem_msync))
+        else:
+            self.name = "pmem"
+            self.persist_mode = PERSIST_VOID_FN
+            self.persist_fn = int(abi.cast("uintptr_t", pm.pmem_persist))
+        self.address = int(abi.cast("uintptr_t", addr))
+        self.view = memoryview(abi.buffer(abi.cast("char *", addr), size))
+
+    def close(self) -> None:
+        if self._addr is not None:
+            self.view.release()
+            self._pm.pmem_unmap(self._addr, self.size)
+            self._addr = None
+
+
+class MmapMapping(Mapping):
+    def __init__(self, fd: int, size: int) -> None:
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._cbuf = ffi.from_buffer("char[]", self._mm, require_writable=True)
+        self.address = int(ffi.cast("uintptr_t", self._cbuf))
+        self.size = size
+        self.is_pmem = False
+        self.name = "mmap"
+        self.persist_mode = PERSIST_MSYNC
+        self.persist_fn = 0
+        self.view = memoryview(self._mm)
+        self._open = True
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.view.release()
+            ffi.release(self._cbuf)
+            self._mm.close()
+
+
+def open_mapping(path: str, fd: int, size: int, backend: str) -> Mapping:
+    """Map ``path`` (already open as ``fd``, ``size`` bytes) with the chosen backend.
+
+    ``auto``: libpmem when it loads (``pmem`` or ``msync``), else ``mmap``.
+    """
+    if backend == "mmap":
+        return MmapMapping(fd, size)
+    if backend == "auto":
+        if load_libpmem() is None:
+            return MmapMapping(fd, size)
+        return PmemMapping(path, size, "auto")
+    return PmemMapping(path, size, backend)

@@ -1,0 +1,214 @@
+"""The single consumer of a ring: read committed records, pop, wait.
+
+Only one reader per ring file exists at a time (``flock(LOCK_EX|LOCK_NB)`` on
+``<ring>.consumer``; a second one gets :class:`ConsumerBusy`).  Reading never
+removes anything: a record is released only by :meth:`Reader.pop`.
+
+A record claimed by a producer that is still alive (even one stopped with SIGSTOP)
+blocks the reader at that position until it is committed.  If its producer is dead
+(pid + start time, checked at most every few ms) the record is settled: delivered
+if its checksum holds, else turned into padding.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+from node.ring import descriptor as D
+from node.ring._native import ffi, lib
+from node.ring.errors import ConsumerBusy, RingClosed, RingCorrupt, RingPersistError, RingPositionError
+from node.ring.liveness import is_alive
+
+if TYPE_CHECKING:
+    from node.ring.ring import Ring
+
+log = logging.getLogger("node.ring")
+
+# iotring_scan status codes (see _cbuild.py)
+_SCAN_END, _SCAN_LIMIT, _SCAN_BLOCKED, _SCAN_CORRUPT, _SCAN_BADCRC = range(5)
+
+LIVENESS_INTERVAL = 0.005  # seconds between /proc checks of one blocking claimer
+_MAX_SETTLE = 1024          # claims settled per read() call at most (bounded loop)
+
+
+class Record(NamedTuple):
+    pos: int        # absolute position of the record
+    end: int        # position just after it (the next record's position, or padding)
+    payload: bytes
+
+
+class Reader:
+    """The consumer side of a :class:`~node.ring.ring.Ring`."""
+
+    def __init__(self, ring: "Ring") -> None:
+        if ring.closed:
+            raise RingClosed(f"{ring.path}: ring is closed")
+        self.ring = ring
+        self.lock_path = ring.path + ".consumer"
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConsumerBusy(self.lock_path) from None
+        self._lock_fd = fd
+        self._ctx = ring._ctx
+        self._cap = ring.capacity
+        self._nbuf = 0
+        self._grow(256)
+        self._n = ffi.new("uint32_t *")
+        self._next = ffi.new("uint64_t *")
+        self._blk = ffi.new("iotring_block *")
+        self._cursor = ring.head      # where the last scan stopped (wait() watches here)
+        self._scanned = self._cursor  # highest position up to which records were read
+        self._liveness: dict[tuple[int, int], tuple[float, bool]] = {}
+        self.settled_dead = 0   # claims of dead producers delivered or padded
+        self.skipped_corrupt = 0  # committed records whose checksum failed (never delivered)
+
+    def _grow(self, n: int) -> None:
+        if n > self._nbuf:
+            self._nbuf = max(n, 2 * self._nbuf)
+            self._pos = ffi.new("uint64_t[]", self._nbuf)
+            self._len = ffi.new("uint32_t[]", self._nbuf)
+
+    def _check(self) -> None:
+        if self._lock_fd < 0 or self.ring.closed:
+            raise RingClosed(f"{self.ring.path}: reader or ring is closed")
+
+    def _alive(self, pid: int, token: int) -> bool:
+        now = time.monotonic()
+        key = (pid, token)
+        seen = self._liveness.get(key)
+        if seen is not None and now - seen[0] < LIVENESS_INTERVAL:
+            return seen[1]
+        alive = is_alive(pid, token)
+        if len(self._liveness) > 64:
+            self._liveness.clear()
+        self._liveness[key] = (now, alive)
+        return alive
+
+    # ------------------------------------------------------------------ read
+    def read(self, from_pos: int | None = None, max_records: int = 256, max_bytes: int = 1 << 20) -> list[Record]:
+        """Committed records from ``from_pos`` (default: where the last read stopped), in order.
+
+        At most ``max_records`` records and ``max_bytes`` payload bytes (at least one
+        record if one is available).  ``from_pos`` must be ``>= ring.head`` and a
+        record boundary (a ``pos`` or ``end`` returned earlier).
+        """
+        self._check()
+        head = self.ring.head
+        pos = self._cursor if from_pos is None else from_pos
+        if pos < head:
+            raise RingPositionError(f"read from {pos}: below the ring head {head} (already popped)")
+        if pos & (D.RECORD_ALIGNMENT - 1):
+            raise RingPositionError(f"read from {pos}: not a record boundary (positions are multiples of 32)")
+        if max_records < 1:
+            raise RingPositionError(f"max_records={max_records}: expected at least 1")
+        self._grow(max_records)
+        out: list[Record] = []
+        view = self.ring._view
+        mask = self._cap - 1
+        base = D.DATA_OFFSET + D.RECORD_HEADER_LENGTH
+        nbytes = 0
+        for _ in range(_MAX_SETTLE):
+            status = lib.iotring_scan(
+                self._ctx, pos, max_records - len(out), max(0, max_bytes - nbytes), 1,
+                self._pos, self._len, self._n, self._next, self._blk,
+            )
+            for i in range(self._n[0]):
+                p = self._pos[i]
+                ln = self._len[i]
+                off = base + (p & mask)
+                out.append(Record(p, p + ((D.RECORD_HEADER_LENGTH + ln + 31) & ~31), bytes(view[off : off + ln])))
+                nbytes += ln
+            pos = self._next[0]
+            if status == _SCAN_BLOCKED:
+                blk = self._blk
+                if len(out) < max_records and not self._alive(blk.pid, blk.token):
+                    delivered = lib.iotring_resolve(self._ctx, blk.pos, 0)
+                    self.settled_dead += 1
+                    log.warning(
+                        "ring %s: producer pid %d died holding a claim at %d; record %s",
+                        self.ring.path, blk.pid, blk.pos, "delivered (checksum valid)" if delivered else "dropped (torn)",
+                    )
+                    continue
+                break
+            if status == _SCAN_BADCRC:
+                lib.iotring_resolve(self._ctx, pos, 1)
+                self.skipped_corrupt += 1
+                log.error("ring %s: committed record at %d fails its checksum; skipped", self.ring.path, pos)
+                continue
+            if status == _SCAN_CORRUPT:
+                if not out:
+                    raise RingCorrupt(
+                        f"{self.ring.path}: no valid record header at position {pos}"
+                        f" (head {head}, tail {self.ring.tail}); reopen the ring to recover"
+                    )
+            break
+        self._cursor = pos
+        if pos > self._scanned:
+            self._scanned = pos
+        return out
+
+    # ------------------------------------------------------------------ pop
+    def pop(self, to_pos: int) -> int:
+        """Release every record before ``to_pos`` (persisted).  Returns how many were released."""
+        self._check()
+        head = self.ring.head
+        if to_pos <= head:
+            return 0
+        if to_pos > self._scanned:
+            raise RingPositionError(f"pop to {to_pos}: beyond the last position read ({self._scanned})")
+        n = lib.iotring_count(self._ctx, head, to_pos)
+        if n < 0:
+            raise RingPositionError(f"pop to {to_pos}: not a record boundary after head {head}")
+        rc = lib.iotring_pop(self._ctx, to_pos, n)
+        if rc:
+            raise RingPersistError(-rc, f"{self.ring.path}: persisting the head failed: {os.strerror(-rc)}")
+        if self._cursor < to_pos:
+            self._cursor = to_pos
+        return int(n)
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, timeout: float) -> bool:
+        """Block (GIL released) until a record is committed past the last read position.
+
+        Returns True when there is something for :meth:`read` (including a claim left
+        by a dead producer, which read() settles), False on timeout.  No busy spin: a
+        futex in the ring header, woken by producers.
+        """
+        self._check()
+        deadline = time.monotonic() + max(0.0, timeout)
+        for _ in range(1 + int(timeout / LIVENESS_INTERVAL) + 2):
+            left = deadline - time.monotonic()
+            r = lib.iotring_wait(self._ctx, self._cursor, max(0, int(left * 1e9)), 1, self._blk)
+            if r == 1:
+                return True
+            if r == 0:
+                return False
+            # r == 2: a claim blocks the cursor.
+            if not self._alive(self._blk.pid, self._blk.token):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            r = lib.iotring_wait(self._ctx, self._cursor, int(min(left, LIVENESS_INTERVAL * 2) * 1e9), 0, self._blk)
+            if r == 1:
+                return True
+        return False
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

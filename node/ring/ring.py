@@ -1,0 +1,332 @@
+"""The persistent multi-producer ring: open (with recovery), append, counters.
+
+Any number of producer processes and one consumer (:class:`node.ring.reader.Reader`)
+share one file.  Every process opens the file itself (after fork).  The layout is in
+:mod:`node.ring.descriptor`, the hot paths in the C helper (``_cbuild.py``), the
+mapping/persistence in :mod:`node.ring.backend`.
+
+Append = one C call per batch (GIL released): under a robust process-shared mutex,
+check free space and write every record header in the *claimed* state (position +
+producer identity), publish the tail, unlock; then copy payloads, checksum, store the
+commit marker, and persist the batch's whole range once.
+
+Open: ``flock(LOCK_EX)`` on ``<ring>.lock`` serialises openers; if
+``flock(ring, LOCK_EX|LOCK_NB)`` succeeds nobody else has the ring open, so the ring
+is recovered (every record from the head is checksum-verified, torn ones become
+padding, tail and counters recomputed, the claim mutex re-initialised); then every
+process holds ``LOCK_SH`` on the ring file for as long as it has it open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import secrets
+import time
+import weakref
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.ring import descriptor as D
+from node.ring._native import ffi, lib
+from node.ring.backend import BACKENDS, PERSIST_NONE, Mapping, open_mapping
+from node.ring.errors import (
+    RecordTooLarge,
+    RingClosed,
+    RingConfigError,
+    RingCorrupt,
+    RingError,
+    RingPersistError,
+    RingVersionError,
+)
+from node.ring.liveness import identity
+
+log = logging.getLogger("node.ring")
+
+DURABILITIES = ("power", "process")
+
+_open_rings: "weakref.WeakSet[Ring]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    pid, token = identity()
+    for ring in list(_open_rings):
+        ring._set_identity(pid, token)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_capacity(capacity: int) -> None:
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise RingConfigError("capacity", capacity, "expected an int")
+    if capacity < D.MIN_CAPACITY or capacity > D.MAX_CAPACITY or capacity & (capacity - 1):
+        raise RingConfigError(
+            "capacity", capacity, f"expected a power of two between {D.MIN_CAPACITY} and {D.MAX_CAPACITY}"
+        )
+
+
+class Ring:
+    """An open ring file.  Use :meth:`Ring.open`."""
+
+    path: str
+    backend: str
+    ring_id: bytes
+    capacity: int
+    max_record: int
+    durability: str
+    recovered: bool
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        capacity: int = 64 << 20,
+        durability: str = "power",
+        backend: str = "auto",
+    ) -> "Ring":
+        """Open (creating if missing) the ring at ``path``.
+
+        ``capacity`` (data bytes, a power of two) is used only when creating; an
+        existing file keeps its own.  ``durability``: ``"power"`` persists before
+        append returns; ``"process"`` skips the persist (survives process crashes,
+        not power loss).  ``backend``: ``"auto"`` | ``"pmem"`` | ``"msync"`` | ``"mmap"``.
+        """
+        _check_capacity(capacity)
+        if durability not in DURABILITIES:
+            raise RingConfigError("durability", durability, f"expected one of {', '.join(DURABILITIES)}")
+        if backend not in BACKENDS:
+            raise RingConfigError("backend", backend, f"expected one of {', '.join(BACKENDS)}")
+        ring = cls.__new__(cls)
+        ring._open(os.fspath(path), capacity, durability, backend)
+        return ring
+
+    # ------------------------------------------------------------------ open
+    def _open(self, path: str, capacity: int, durability: str, backend: str) -> None:
+        self.path = path
+        self.durability = durability
+        self._closed = True
+        self._fd = -1
+        self._map: Mapping | None = None
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if not os.path.exists(path) or os.path.getsize(path) == 0:
+                self._create(path, capacity)
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                hdr = self._check_header(path, self._fd)
+                if hdr.capacity != capacity:
+                    log.warning(
+                        "ring %s exists with capacity %d; requested %d ignored", path, hdr.capacity, capacity
+                    )
+                self.capacity = hdr.capacity
+                self.max_record = hdr.max_record
+                self.ring_id = hdr.ring_id
+                self._map = open_mapping(path, self._fd, D.file_size(hdr.capacity), backend)
+                self.backend = self._map.name
+                self._view = self._map.view
+                self._ctx = ffi.new("iotring_ctx *")
+                self._ctx.base = self._map.address
+                self._ctx.cap = self.capacity
+                self._ctx.seed = lib.iotring_crc32c(0, self.ring_id, len(self.ring_id))
+                self._ctx.pagesize = mmap.PAGESIZE
+                self._ctx.persist_mode = self._map.persist_mode
+                self._ctx.persist_fn = self._map.persist_fn
+                self._set_identity(*identity())
+                self.recovered = self._recover_if_alone()
+                if durability == "process":
+                    self._ctx.persist_mode = PERSIST_NONE
+            except BaseException:
+                self._release()
+                raise
+        finally:
+            os.close(lock_fd)  # releases the opener lock
+        self._closed = False
+        self._readers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._out_first = ffi.new("uint64_t *")
+        _open_rings.add(self)
+        log.info(
+            "ring %s open: backend=%s capacity=%d max_record=%d durability=%s head=%d tail=%d%s",
+            path, self.backend, self.capacity, self.max_record, durability, self.head, self.tail,
+            " (recovered)" if self.recovered else "",
+        )
+
+    @staticmethod
+    def _create(path: str, capacity: int) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, D.pack_file_header(capacity, secrets.token_bytes(D.RING_ID_LENGTH), time.time_ns()), 0)
+            os.ftruncate(fd, D.file_size(capacity))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        log.info("ring %s created with capacity %d", path, capacity)
+
+    @staticmethod
+    def _check_header(path: str, fd: int) -> D.FileHeader:
+        page = os.pread(fd, D.HEADER_SIZE, 0)
+        if len(page) < D.HEADER_SIZE:
+            raise RingCorrupt(f"{path}: {len(page)} bytes, too short for a ring header ({D.HEADER_SIZE})")
+        hdr = D.unpack_file_header(page)
+        if hdr.magic != D.MAGIC:
+            raise RingCorrupt(f"{path}: not a ring file (magic {hdr.magic!r}, expected {D.MAGIC!r})")
+        if hdr.version != D.VERSION:
+            raise RingVersionError(path, hdr.version, D.VERSION)
+        cap = hdr.capacity
+        if hdr.header_size != D.HEADER_SIZE:
+            raise RingCorrupt(f"{path}: header size {hdr.header_size}, expected {D.HEADER_SIZE}")
+        if cap < D.MIN_CAPACITY or cap > D.MAX_CAPACITY or cap & (cap - 1):
+            raise RingCorrupt(f"{path}: capacity {cap} in the header is not a valid power of two")
+        if hdr.max_record != D.max_record_for(cap):
+            raise RingCorrupt(f"{path}: max record {hdr.max_record}, expected {D.max_record_for(cap)}")
+        size = os.fstat(fd).st_size
+        if size != D.file_size(cap):
+            raise RingCorrupt(f"{path}: file is {size} bytes, a ring of capacity {cap} has {D.file_size(cap)}")
+        return hdr
+
+    def _recover_if_alone(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            return False
+        tail = ffi.new("uint64_t *")
+        count = ffi.new("uint64_t *")
+        repaired = ffi.new("uint64_t *")
+        rc = lib.iotring_recover(self._ctx, tail, count, repaired)
+        if rc == -22:
+            head = int(lib.iotring_load64(self._ctx, D.HEAD_OFFSET))
+            raise RingCorrupt(f"{self.path}: head {head} is not aligned to {D.RECORD_ALIGNMENT}")
+        if rc:
+            raise RingPersistError(-rc, f"{self.path}: persisting the recovered ring failed: {os.strerror(-rc)}")
+        if repaired[0]:
+            log.warning(
+                "ring %s: recovery turned %d torn or unfinished region(s) into padding", self.path, repaired[0]
+            )
+        log.info(
+            "ring %s recovered: %d record(s) from %d to %d",
+            self.path, count[0], lib.iotring_load64(self._ctx, D.HEAD_OFFSET), tail[0],
+        )
+        fcntl.flock(self._fd, fcntl.LOCK_SH)  # under the opener lock: nobody can slip in
+        return True
+
+    def _set_identity(self, pid: int, token: int) -> None:
+        self._ctx.pid = pid
+        self._ctx.token = token
+
+    # ------------------------------------------------------------------ producers
+    def append(self, payload: bytes) -> bool:
+        """Append one record; True once it is durable, False if the ring is full."""
+        if self._closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        n = len(payload)
+        if n > self.max_record:
+            raise RecordTooLarge(n, self.max_record)
+        rc = lib.iotring_append1(self._ctx, payload, n, self._out_first)
+        if rc < 0:
+            self._raise_persist(rc)
+        return rc == 1
+
+    def append_batch(self, payloads: Sequence[bytes]) -> int:
+        """Append a prefix of ``payloads``; return how many (0 when full).  One persist."""
+        if self._closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        count = len(payloads)
+        if count == 0:
+            return 0
+        lens = array("I", map(len, payloads))
+        if max(lens) > self.max_record:
+            index = next(i for i, n in enumerate(lens) if n > self.max_record)
+            raise RecordTooLarge(lens[index], self.max_record, index)
+        buf = b"".join(payloads)
+        rc = lib.iotring_append(self._ctx, buf, ffi.from_buffer("uint32_t[]", lens), count, self._out_first)
+        if rc < 0:
+            self._raise_persist(rc)
+        return int(rc)
+
+    def _raise_persist(self, rc: int) -> None:
+        raise RingPersistError(-rc, f"{self.path}: persist failed, records not durable: {os.strerror(-rc)}")
+
+    # ------------------------------------------------------------------ counters (any process)
+    def _load(self, offset: int) -> int:
+        if self._closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        return int(lib.iotring_load64(self._ctx, offset))
+
+    @property
+    def head(self) -> int:
+        """Position of the oldest un-popped record."""
+        return self._load(D.HEAD_OFFSET)
+
+    @property
+    def tail(self) -> int:
+        """Position after the newest claimed record."""
+        return self._load(D.TAIL_OFFSET)
+
+    @property
+    def depth(self) -> int:
+        """Records appended (claimed) and not yet popped."""
+        return max(0, self._load(D.APPENDED_OFFSET) - self._load(D.POPPED_OFFSET))
+
+    @property
+    def bytes_used(self) -> int:
+        """Ring bytes holding un-popped records (headers and padding included)."""
+        return max(0, self._load(D.TAIL_OFFSET) - self._load(D.HEAD_OFFSET))
+
+    # ------------------------------------------------------------------ consumer
+    def reader(self) -> "Any":
+        """The single consumer of this ring (:class:`~node.ring.reader.Reader`); ConsumerBusy if taken."""
+        from node.ring.reader import Reader
+
+        reader = Reader(self)
+        self._readers.add(reader)
+        return reader
+
+    # ------------------------------------------------------------------ lifecycle
+    def _release(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)  # drops LOCK_SH
+            self._fd = -1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for reader in list(self._readers):
+            reader.close()
+        self._closed = True
+        _open_rings.discard(self)
+        self._release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Ring":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"head={self.head} tail={self.tail}"
+        return f"<Ring {self.path} backend={getattr(self, 'backend', '?')} {state}>"
+
+
+__all__ = ["Ring", "RingError"]

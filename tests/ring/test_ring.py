@@ -1,0 +1,268 @@
+"""Ring API on real files: append, read, pop, full, wrap, limits, file checks."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from node.ring import (
+    ConsumerBusy,
+    RecordTooLarge,
+    Ring,
+    RingClosed,
+    RingConfigError,
+    RingCorrupt,
+    RingError,
+    RingFull,
+    RingPositionError,
+    RingVersionError,
+)
+from node.ring import descriptor as D
+
+CAP = 1 << 16
+
+
+def test_open_reports_backend_id_capacity_and_empty_counters(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        assert ring.backend == backend
+        assert len(ring.ring_id) == 16
+        assert ring.capacity == CAP
+        assert ring.max_record == CAP // 4 - 32
+        assert (ring.head, ring.tail, ring.depth, ring.bytes_used) == (0, 0, 0, 0)
+
+
+def test_appended_records_are_read_in_order_with_positions(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        assert ring.append(b"one") is True
+        assert ring.append_batch([b"two", b"", b"x" * 100]) == 3
+        reader = ring.reader()
+        recs = reader.read(ring.head)
+        assert [r.payload for r in recs] == [b"one", b"two", b"", b"x" * 100]
+        assert recs[0].pos == 0
+        for a, b in zip(recs, recs[1:]):
+            assert a.end == b.pos
+        assert recs[-1].end == ring.tail
+        assert ring.depth == 4
+        assert ring.bytes_used == ring.tail
+
+
+def test_read_does_not_remove_and_pop_releases_only_up_to_position(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        ring.append_batch([b"a", b"b", b"c"])
+        reader = ring.reader()
+        recs = reader.read(ring.head)
+        assert [r.payload for r in reader.read(ring.head)] == [b"a", b"b", b"c"]
+        assert reader.pop(recs[1].end) == 2
+        assert ring.head == recs[1].end
+        assert ring.depth == 1
+        assert [r.payload for r in reader.read(ring.head)] == [b"c"]
+
+
+def test_pops_survive_reopen(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        ring.append_batch([b"a", b"b", b"c"])
+        reader = ring.reader()
+        reader.pop(reader.read(ring.head)[0].end)
+        ring_id = ring.ring_id
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        assert ring.recovered
+        assert ring.ring_id == ring_id
+        assert [r.payload for r in ring.reader().read(ring.head)] == [b"b", b"c"]
+        assert ring.depth == 2
+
+
+def test_full_ring_returns_zero_and_keeps_records(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        payload = b"p" * 200  # 256 bytes per record: exactly 16 fit
+        appended = 0
+        for _ in range(100):
+            if not ring.append(payload):
+                break
+            appended += 1
+        assert appended == 16
+        assert ring.append(payload) is False
+        assert ring.append_batch([payload, payload]) == RingFull == 0
+        assert ring.depth == 16
+        assert ring.bytes_used == 4096
+        recs = ring.reader().read(ring.head, max_records=100)
+        assert len(recs) == 16 and all(r.payload == payload for r in recs)
+
+
+def test_batch_appends_the_prefix_that_fits(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        batch = [bytes([i]) * 200 for i in range(20)]
+        assert ring.append_batch(batch) == 16
+        reader = ring.reader()
+        recs = reader.read(ring.head, max_records=100)
+        assert [r.payload for r in recs] == batch[:16]
+        reader.pop(recs[3].end)
+        assert ring.append_batch(batch[16:]) == 4
+
+
+def test_wraps_around_many_times_with_padding(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        reader = ring.reader()
+        expected = 0
+        sent = 0
+        for lap in range(300):  # ~60 laps of the 4 KiB ring, odd sizes force padding
+            batch = [f"{sent + i}:".encode() + b"z" * ((sent + i) * 37 % 700) for i in range(3)]
+            n = ring.append_batch(batch)
+            sent += n
+            recs = reader.read(ring.head, max_records=100)
+            for r in recs:
+                assert r.payload.split(b":")[0] == str(expected).encode()
+                expected += 1
+            if recs:
+                reader.pop(recs[-1].end)
+        assert sent > 500 and expected == sent
+        assert ring.tail > 40 * 4096
+        assert ring.depth == 0
+
+
+def test_records_at_max_size_fit_and_max_plus_one_is_refused_with_sizes(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        big = os.urandom(ring.max_record)
+        reader = ring.reader()
+        for _ in range(10):  # every alignment of the wrap point
+            assert ring.append(big)
+            ring.append(b"s" * 40)
+            recs = reader.read(ring.head)
+            assert recs[0].payload == big
+            reader.pop(recs[-1].end)
+        with pytest.raises(RecordTooLarge) as exc:
+            ring.append(big + b"!")
+        assert exc.value.size == ring.max_record + 1 and exc.value.max_record == ring.max_record
+        assert str(ring.max_record + 1) in str(exc.value) and str(ring.max_record) in str(exc.value)
+        with pytest.raises(RecordTooLarge) as exc2:
+            ring.append_batch([b"ok", big + b"!"])
+        assert exc2.value.index == 1
+        assert isinstance(exc2.value, ValueError) and isinstance(exc2.value, RingError)
+        assert ring.depth == 0
+
+
+def test_second_consumer_is_refused_naming_the_lock(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        reader = ring.reader()
+        with Ring.open(ring_path, capacity=CAP, backend=backend) as other:
+            with pytest.raises(ConsumerBusy) as exc:
+                other.reader()
+            assert str(ring_path) + ".consumer" in str(exc.value)
+        reader.close()
+        ring.reader().close()  # free again once the first one closed
+
+
+def test_wrong_version_is_refused_naming_both_versions(ring_path: Path) -> None:
+    Ring.open(ring_path, capacity=CAP, backend="mmap").close()
+    with open(ring_path, "r+b") as fh:
+        fh.seek(D.VERSION_OFFSET)
+        fh.write(struct.pack("<I", 7))
+    with pytest.raises(RingVersionError) as exc:
+        Ring.open(ring_path, capacity=CAP, backend="mmap")
+    assert exc.value.found == 7 and exc.value.expected == D.VERSION
+    assert "version 7" in str(exc.value) and f"version {D.VERSION}" in str(exc.value)
+
+
+def test_foreign_file_is_refused_as_not_a_ring(ring_path: Path) -> None:
+    ring_path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 8000)
+    with pytest.raises(RingCorrupt, match="not a ring file"):
+        Ring.open(ring_path, capacity=CAP, backend="mmap")
+
+
+def test_truncated_file_is_refused_with_sizes(ring_path: Path) -> None:
+    Ring.open(ring_path, capacity=CAP, backend="mmap").close()
+    os.truncate(ring_path, D.file_size(CAP) - 4096)
+    with pytest.raises(RingCorrupt, match=str(D.file_size(CAP) - 4096)):
+        Ring.open(ring_path, capacity=CAP, backend="mmap")
+
+
+def test_existing_file_keeps_its_capacity(ring_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Ring.open(ring_path, capacity=CAP, backend="mmap").close()
+    with Ring.open(ring_path, capacity=CAP * 4, backend="mmap") as ring:
+        assert ring.capacity == CAP
+    assert "requested" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"capacity": 5000}, "capacity"),
+        ({"capacity": 1024}, "capacity"),
+        ({"durability": "disk"}, "durability"),
+        ({"backend": "nvme"}, "backend"),
+    ],
+)
+def test_bad_open_arguments_raise_naming_the_value(ring_path: Path, kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(RingConfigError) as exc:
+        Ring.open(ring_path, **kwargs)  # type: ignore[arg-type]
+    assert exc.value.name == name and repr(kwargs[name]) in str(exc.value)
+    assert not ring_path.exists()
+
+
+def test_positions_below_head_or_unread_are_refused(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        ring.append_batch([b"a", b"b"])
+        reader = ring.reader()
+        recs = reader.read(ring.head, max_records=1)
+        with pytest.raises(RingPositionError, match="beyond"):
+            reader.pop(ring.tail)
+        reader.pop(recs[0].end)
+        with pytest.raises(RingPositionError, match="below the ring head"):
+            reader.read(0)
+        with pytest.raises(RingPositionError, match="record boundary"):
+            reader.read(recs[0].end + 8)
+
+
+def test_closed_ring_refuses_use(ring_path: Path) -> None:
+    ring = Ring.open(ring_path, capacity=CAP, backend="mmap")
+    reader = ring.reader()
+    ring.close()
+    with pytest.raises(RingClosed):
+        ring.append(b"x")
+    with pytest.raises(RingClosed):
+        reader.read()
+    ring.close()  # idempotent
+
+
+def test_wait_times_out_on_idle_ring_and_wakes_on_commit(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        reader = ring.reader()
+        t0 = time.monotonic()
+        assert reader.wait(0.05) is False
+        assert 0.045 <= time.monotonic() - t0 < 1.0
+        woke: list[float] = []
+
+        def consumer() -> None:
+            if reader.wait(5.0):
+                woke.append(time.monotonic())
+
+        th = threading.Thread(target=consumer)
+        th.start()
+        time.sleep(0.05)
+        sent = time.monotonic()
+        ring.append(b"wake")
+        th.join(5)
+        assert woke and woke[0] - sent < 0.5
+        assert [r.payload for r in reader.read()] == [b"wake"]
+        assert reader.wait(0.01) is False  # nothing past what was read
+
+
+def test_process_durability_appends_without_persist(ring_path: Path) -> None:
+    with Ring.open(ring_path, capacity=CAP, durability="process", backend="mmap") as ring:
+        assert ring.append_batch([b"a", b"b"]) == 2
+        assert ring.durability == "process"
+    with Ring.open(ring_path, capacity=CAP, backend="mmap") as ring:
+        assert [r.payload for r in ring.reader().read(ring.head)] == [b"a", b"b"]
+
+
+def test_max_bytes_limits_a_read_but_returns_at_least_one(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        ring.append_batch([b"1" * 100, b"2" * 100, b"3" * 100])
+        reader = ring.reader()
+        assert [len(r.payload) for r in reader.read(ring.head, max_bytes=10)] == [100]
+        assert len(reader.read(ring.head, max_bytes=250)) == 2
+        assert len(reader.read(ring.head, max_records=1)) == 1
