@@ -1,0 +1,255 @@
+"""The device front: a Starlette app serving ``/v1/ingest`` (contract 3).
+
+A thin adapter: the handshake is checked with :mod:`node.auth` *before* the
+upgrade (refusal = an HTTP 401/403 response through the WebSocket Denial Response
+ASGI extension, no upgrade); each frame goes through :func:`node.protocol.parse_frame`;
+accepted messages are packed into the ring envelope and handed to the worker's
+:class:`node.committer.Committer`, which acks after the persist.
+
+Per connection there are two coroutines: the *reader* (this endpoint) waits for
+window room, reads a frame, and parses it; the *writer* sends what the committer
+and the parser left for the device (error replies and the coalesced ack), so a
+device that does not read its acks never blocks the committer or other devices.
+
+``create_app(settings=None, *, on_group=None, routes=())`` builds the app; uvicorn
+calls it as a factory in each worker process (``node.app:create_app``), and the
+lifespan opens the ring *in the worker*, after the fork/spawn.  ``on_group`` and
+``routes`` are the seams for ``node.metrics`` (ack-latency observation, ``/metrics``).
+``app.state.front`` holds the worker's :class:`FrontState` (committer, stats, ring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import re
+import resource
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from node.auth import load_secret, token_from_request, verify_device_token
+from node.committer import Committer, Conn, FrontStats, GroupCallback
+from node.config import Settings, load_settings
+from node.errors import AuthError
+from node.protocol import ErrorReply, parse_frame, reject
+from node.record import pack_record
+
+__all__ = ["FrontState", "create_app", "raise_nofile_limit"]
+
+log = logging.getLogger("iotnode.front")
+
+INGEST_PATH = "/v1/ingest"
+CLOSE_INTERNAL_ERROR = 1011
+
+
+@dataclass
+class FrontState:
+    settings: Settings
+    secret: str
+    stats: FrontStats
+    ring: Any = None  # node.ring.Ring once started
+    committer: Committer | None = None
+
+
+class RedactTokens(logging.Filter):
+    """Keep JWTs out of the logs: uvicorn logs the request path *with its query
+    string* (``?token=...``) at INFO when it accepts a WebSocket.  Installed on the
+    ``uvicorn.error`` logger by :func:`create_app` (so in every worker).
+
+    Also drops uvicorn's (0.54, websockets-sansio) spurious ERROR "ASGI callable
+    returned without completing handshake." that follows every *denial response*:
+    that implementation never marks a denied handshake complete.  Our endpoint
+    returns before accepting only after sending a denial, so the line carries no
+    information, and a flood of bad tokens would otherwise flood the log."""
+
+    _pattern = re.compile(r"(?i)(token=)[^&\s\"']+")
+    _spurious = "ASGI callable returned without completing handshake."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self._spurious:
+            return False
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(
+                self._pattern.sub(r"\1<redacted>", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        elif isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = self._pattern.sub(r"\1<redacted>", record.msg)
+        return True
+
+
+def _install_log_filters() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RedactTokens) for f in logger.filters):
+        logger.addFilter(RedactTokens())
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def pending_bytes_limit(settings: Settings, ring_capacity: int) -> int:
+    """How many record bytes one worker may hold queued or persisting."""
+    return max(4 * settings.max_message_bytes, min(16 << 20, ring_capacity // 4))
+
+
+def _open_ring(settings: Settings) -> Any:
+    from node.ring import Ring
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    return Ring.open(
+        settings.ring_path("ingress"), capacity=settings.ingress_ring_bytes, durability=settings.durability
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    on_group: GroupCallback | None = None,
+    routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    settings = settings if settings is not None else load_settings()
+    _install_log_filters()
+    state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise_nofile_limit()
+        ring = _open_ring(settings)
+        # With libpmem on real pmem a persist is a few cache-line flushes: calling it
+        # inline beats a thread hop.  msync (and the mmap fallback) block for 100+ us:
+        # run them in the commit thread while the loop keeps reading.
+        threaded = getattr(ring, "backend", "msync") != "pmem"
+        committer = Committer(
+            ring,
+            max_pending_bytes=pending_bytes_limit(settings, ring.capacity),
+            window=settings.conn_window,
+            threaded=threaded,
+            on_group=on_group,
+            stats=state.stats,
+        )
+        await committer.start()
+        state.ring, state.committer = ring, committer
+        log.info(
+            "ingress ring %s (backend %s, %s commit), window %d",
+            settings.ring_path("ingress"),
+            getattr(ring, "backend", "?"),
+            "threaded" if threaded else "inline",
+            settings.conn_window,
+        )
+        # Start-up objects never die: keep them out of every future full GC (at 10k
+        # connections full collections otherwise pause the loop for 0.1-0.8 s).
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await committer.stop()
+            ring.close()
+
+    async def ingest(websocket: WebSocket) -> None:
+        await _serve_device(websocket, state)
+
+    app = Starlette(routes=[WebSocketRoute(INGEST_PATH, ingest), *routes], lifespan=lifespan)
+    app.state.front = state
+    return app
+
+
+async def _deny(websocket: WebSocket, exc: AuthError) -> None:
+    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status == 401 else {}
+    response = PlainTextResponse(exc.reason + "\n", status_code=exc.status, headers=headers)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:  # a server without the extension: close before accept (HTTP 403)
+        await websocket.close(code=1008)
+
+
+async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
+    stats = state.stats
+    try:
+        device_id = verify_device_token(state.secret, token_from_request(websocket.headers, websocket.query_params))
+    except AuthError as exc:
+        stats.refused[exc.status] += 1
+        await _deny(websocket, exc)
+        return
+    committer = state.committer
+    assert committer is not None, "lifespan did not run"
+    max_record = state.ring.max_record
+    await websocket.accept()
+    conn = committer.connect(device_id)
+    writer = asyncio.get_running_loop().create_task(_write(websocket, conn))
+    perf_counter, wall = time.perf_counter, time.time
+    receive = websocket.receive
+    try:
+        while True:
+            if not committer.has_room(conn):
+                await committer.wait_room(conn)
+                if conn.failed:
+                    break
+            message = await receive()
+            t_received = perf_counter()
+            if message["type"] != "websocket.receive":
+                break  # websocket.disconnect (including 1009 from the server itself)
+            frame = message.get("bytes")
+            if frame is None:
+                frame = message.get("text")
+                if frame is None:
+                    continue
+            result = parse_frame(frame)
+            if type(result) is ErrorReply:
+                stats.errors[result.kind] += 1
+                conn.reply(result.frame)
+                continue
+            payload = pack_record(device_id, result.seq, result.ts, wall(), result.data)  # type: ignore[union-attr]
+            if len(payload) > max_record:
+                too_large = reject(
+                    "too_large",
+                    f"message too large: its record is {len(payload)} bytes, the ring takes {max_record}",
+                    result.seq,  # type: ignore[union-attr]
+                    result.binary,  # type: ignore[union-attr]
+                )
+                stats.errors[too_large.kind] += 1
+                conn.reply(too_large.frame)
+                continue
+            committer.submit(conn, result.seq, result.binary, payload, t_received)  # type: ignore[union-attr]
+    except WebSocketDisconnect:
+        pass
+    finally:
+        committer.disconnect(conn)
+        if not writer.done():
+            writer.cancel()
+        try:
+            await writer
+        except asyncio.CancelledError:
+            pass
+
+
+async def _write(websocket: WebSocket, conn: Conn) -> None:
+    """Send error replies and acks to one device, in order, until it goes away."""
+    send = websocket.send
+    try:
+        while True:
+            frames = await conn.outgoing()
+            for frame in frames:
+                if type(frame) is bytes:
+                    await send({"type": "websocket.send", "bytes": frame})
+                else:
+                    await send({"type": "websocket.send", "text": frame})
+            if conn.failed:
+                await websocket.close(code=CLOSE_INTERNAL_ERROR, reason="could not persist; resend")
+                return
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        return  # the connection is gone (or closing): the reader sees the disconnect

@@ -1,0 +1,392 @@
+"""Group commit: one committer per web worker, acks only after the ring persisted.
+
+Every connection of a worker hands its accepted records to the worker's single
+:class:`Committer`.  The committer takes everything queued so far as one *group*,
+appends it with ONE ``ring.append_batch`` (one persist), and only then acks: per
+connection, one cumulative ack per group, ``{"ack": N}`` in the encoding of the last
+acked message.  While a group persists (in one dedicated thread: the ring's C call
+releases the GIL, an msync takes 100+ microseconds), the event loop keeps reading
+frames, and they form the next group.  Under light load a group is one message
+(lowest latency); under heavy load groups grow by themselves (fewer persists).
+
+Guarantees:
+
+* an ack never precedes the persist of what it covers;
+* per connection, records enter the ring in receipt order, and acks grow;
+* ``N`` is the largest value such that every message this connection sent with
+  ``seq <= N`` is durable (a device that resends a lower ``seq`` on the same
+  connection gets no ack claiming a still-pending message).
+
+Back-pressure, nothing dropped, memory bounded:
+
+* a full ring (``append_batch`` returns fewer than asked) is retried with a short
+  backoff (0.5 ms doubling to 10 ms); what was appended is acked at once;
+* each connection may have at most ``window`` messages not yet durable (plus error
+  replies not yet written); the committer at most ``max_pending_bytes`` of records
+  queued or persisting.  When either is reached, :meth:`Committer.wait_room` blocks
+  the connection's reader, so it stops reading its socket: TCP back-pressure.
+
+Seams for metrics (``node.metrics`` plugs in here, the committer imports nothing
+of it): :class:`FrontStats` holds the counts, and an optional
+``on_group(now, receive_times, nbytes)`` callback sees every committed group with
+the ``time.perf_counter()`` receive time of each message in it (ack latency =
+``now - t``).
+
+Public API::
+
+    committer = Committer(ring, max_pending_bytes=..., window=..., threaded=True,
+                          on_group=None, stats=None)
+    await committer.start();  await committer.stop()
+    conn = committer.connect(device_id)           # one per WebSocket
+    await committer.wait_room(conn)               # before reading the next frame
+    committer.submit(conn, seq, binary, payload, t_received)
+    conn.reply(frame)                             # an error reply to send in order with acks
+    frames = await conn.outgoing()                # the connection's writer: what to send next
+    committer.disconnect(conn)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from node.protocol import encode_ack
+
+__all__ = ["Appender", "Committer", "Conn", "FrontStats", "GroupCallback"]
+
+log = logging.getLogger("iotnode.committer")
+
+#: A group never exceeds these (bounds one append call and one persist).
+MAX_GROUP_RECORDS = 4096
+MAX_GROUP_BYTES = 4 << 20
+_BACKOFF_FIRST = 0.0005
+_BACKOFF_MAX = 0.010
+_FULL_SLICE = 0.050  # the thread gives the loop a turn at least this often when full
+
+
+class Appender(Protocol):
+    """What the committer needs of the ring (``node.ring.Ring`` satisfies it)."""
+
+    def append_batch(self, payloads: list[bytes]) -> int: ...
+
+
+GroupCallback = Callable[[float, Sequence[float], int], None]
+
+
+@dataclass
+class FrontStats:
+    """Counts of one web worker, read by the metrics module."""
+
+    received: int = 0  # accepted messages handed to the committer
+    acked: int = 0  # messages made durable (and acked, unless the connection had gone)
+    groups: int = 0  # append_batch calls that appended something
+    ring_full: int = 0  # append_batch calls that appended less than asked
+    errors: Counter[str] = field(default_factory=Counter)  # error replies by protocol kind
+    refused: Counter[int] = field(default_factory=Counter)  # refused handshakes by HTTP status
+    open_connections: int = 0
+    pending_bytes: int = 0  # queued or persisting right now
+
+
+class Conn:
+    """The committer's state for one device connection."""
+
+    __slots__ = (
+        "device_id",
+        "_window",
+        "_inflight",
+        "_monotonic",
+        "_last_seq",
+        "_max_durable",
+        "_ack",
+        "_ack_binary",
+        "_replies",
+        "_wake",
+        "_room",
+        "closed",
+        "failed",
+    )
+
+    def __init__(self, device_id: str, window: int) -> None:
+        self.device_id = device_id
+        self._window = window
+        self._inflight: deque[int] = deque()  # seqs handed over, not yet durable, receipt order
+        self._monotonic = True  # every seq so far was above the previous one
+        self._last_seq = -1
+        self._max_durable = -1
+        self._ack: int | None = None  # ack waiting for the writer (coalesced)
+        self._ack_binary = True
+        self._replies: deque[bytes | str] = deque()
+        self._wake = asyncio.Event()  # the writer has something to send
+        self._room = asyncio.Event()  # the window has room again
+        self.closed = False
+        self.failed = False  # the committer could not persist: close with 1011
+
+    @property
+    def unacked(self) -> int:
+        return len(self._inflight)
+
+    def has_room(self) -> bool:
+        return len(self._inflight) + len(self._replies) < self._window
+
+    def reply(self, frame: bytes | str) -> None:
+        """Queue an error reply; it counts against the window until written."""
+        self._replies.append(frame)
+        self._wake.set()
+
+    async def outgoing(self) -> list[bytes | str]:
+        """Wait for, then take, every frame due to this device (replies, then the ack)."""
+        while not self._replies and self._ack is None and not self.failed:
+            self._wake.clear()
+            await self._wake.wait()
+        frames: list[bytes | str] = list(self._replies)
+        self._replies.clear()
+        if self._ack is not None:
+            frames.append(encode_ack(self._ack, self._ack_binary))
+            self._ack = None
+        self._room.set()
+        return frames
+
+    # --- committer side -------------------------------------------------------
+    def _handed(self, seq: int) -> None:
+        if seq <= self._last_seq:
+            self._monotonic = False
+        self._last_seq = seq
+        self._inflight.append(seq)
+
+    def _durable(self, count: int, max_seq: int, binary: bool) -> None:
+        inflight = self._inflight
+        for _ in range(count):
+            inflight.popleft()
+        if max_seq > self._max_durable:
+            self._max_durable = max_seq
+        n = self._max_durable
+        if not self._monotonic and inflight:
+            n = min(n, min(inflight) - 1)
+        if n >= 0:
+            self._ack = n
+            self._ack_binary = binary
+            self._wake.set()
+        self._room.set()
+
+
+class _Entry:
+    __slots__ = ("conn", "seq", "binary", "payload", "t_received")
+
+    def __init__(self, conn: Conn, seq: int, binary: bool, payload: bytes, t_received: float) -> None:
+        self.conn = conn
+        self.seq = seq
+        self.binary = binary
+        self.payload = payload
+        self.t_received = t_received
+
+
+class Committer:
+    """Collects records from all connections of a worker; one append per group."""
+
+    def __init__(
+        self,
+        ring: Appender,
+        *,
+        max_pending_bytes: int,
+        window: int,
+        threaded: bool = True,
+        on_group: GroupCallback | None = None,
+        stats: FrontStats | None = None,
+    ) -> None:
+        if max_pending_bytes < 1 or window < 1:
+            raise ValueError(f"expected max_pending_bytes >= 1 and window >= 1, got {max_pending_bytes}, {window}")
+        self._ring = ring
+        self._max_pending = max_pending_bytes
+        self._window = window
+        self._threaded = threaded
+        self.on_group = on_group
+        self.stats = stats or FrontStats()
+        self._queue: deque[_Entry] = deque()
+        self._conns: set[Conn] = set()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._threaded:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotnode-commit")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="iotnode-committer")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Persist what is queued (bounded by ``timeout``), then stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except asyncio.TimeoutError:
+                log.warning("committer: %d records not persisted at shutdown (devices resend them)", len(self._queue))
+            self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------------------- connections
+    def connect(self, device_id: str) -> Conn:
+        conn = Conn(device_id, self._window)
+        self._conns.add(conn)
+        self.stats.open_connections += 1
+        return conn
+
+    def disconnect(self, conn: Conn) -> None:
+        """Forget ``conn``.  Its queued records are still persisted (not acked)."""
+        if not conn.closed:
+            conn.closed = True
+            self._conns.discard(conn)
+            self.stats.open_connections -= 1
+
+    def has_room(self, conn: Conn) -> bool:
+        return conn.has_room() and self.stats.pending_bytes < self._max_pending
+
+    async def wait_room(self, conn: Conn) -> None:
+        """Return when ``conn`` may read its next frame (window and pending bytes),
+        or when it failed (check ``conn.failed``)."""
+        while not conn.failed:
+            if not conn.has_room():
+                conn._room.clear()
+                await conn._room.wait()
+            elif self.stats.pending_bytes >= self._max_pending:
+                self._room.clear()
+                await self._room.wait()
+            else:
+                return
+
+    def submit(self, conn: Conn, seq: int, binary: bool, payload: bytes, t_received: float) -> None:
+        """Queue one accepted record for the next group (never blocks: the reader
+        called :meth:`wait_room` before reading the frame)."""
+        self._queue.append(_Entry(conn, seq, binary, payload, t_received))
+        conn._handed(seq)
+        self.stats.received += 1
+        self.stats.pending_bytes += len(payload)
+        self._wake.set()
+
+    # ------------------------------------------------------------- the loop
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            group = self._take()
+            payloads = [e.payload for e in group]
+            try:
+                if self._executor is not None:
+                    n = await loop.run_in_executor(self._executor, self._append_blocking, payloads)
+                else:
+                    n = await self._append_inline(payloads)
+            except Exception:
+                # Not a full ring (that is a return value): the ring is broken or
+                # misused.  Nothing of this group is acked; its connections are
+                # closed with 1011 and their devices will resend.
+                log.exception("committer: append_batch failed for %d records", len(group))
+                self._fail(group)
+                continue
+            if n < len(group):
+                queue.extendleft(reversed(group[n:]))  # keep receipt order
+            if n:
+                self._complete(group[:n])
+
+    def _take(self) -> list[_Entry]:
+        queue = self._queue
+        group: list[_Entry] = []
+        size = 0
+        while queue and len(group) < MAX_GROUP_RECORDS:
+            entry = queue[0]
+            if group and size + len(entry.payload) > MAX_GROUP_BYTES:
+                break
+            queue.popleft()
+            group.append(entry)
+            size += len(entry.payload)
+        return group
+
+    def _append_blocking(self, payloads: list[bytes]) -> int:
+        """In the commit thread: append, retrying a full ring with backoff for a
+        bounded slice, so the loop regains control at least every 50 ms."""
+        deadline = time.monotonic() + _FULL_SLICE
+        backoff = _BACKOFF_FIRST
+        while True:
+            n = self._ring.append_batch(payloads)
+            if n < len(payloads):
+                self.stats.ring_full += 1
+            if n or time.monotonic() >= deadline:
+                return n
+            time.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _append_inline(self, payloads: list[bytes]) -> int:
+        backoff = _BACKOFF_FIRST
+        while True:
+            n = self._ring.append_batch(payloads)
+            if n < len(payloads):
+                self.stats.ring_full += 1
+            if n:
+                return n
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _complete(self, done: list[_Entry]) -> None:
+        now = time.perf_counter()
+        nbytes = 0
+        per_conn: dict[Conn, list[int]] = {}  # conn -> [count, max_seq, last binary]
+        for e in done:
+            nbytes += len(e.payload)
+            acc = per_conn.get(e.conn)
+            if acc is None:
+                per_conn[e.conn] = [1, e.seq, e.binary]
+            else:
+                acc[0] += 1
+                if e.seq > acc[1]:
+                    acc[1] = e.seq
+                acc[2] = e.binary
+        for conn, (count, max_seq, binary) in per_conn.items():
+            conn._durable(count, max_seq, bool(binary))
+        stats = self.stats
+        stats.acked += len(done)
+        stats.groups += 1
+        stats.pending_bytes -= nbytes
+        if stats.pending_bytes < self._max_pending:
+            self._room.set()
+        if self.on_group is not None:
+            try:
+                self.on_group(now, [e.t_received for e in done], nbytes)
+            except Exception:  # a metrics bug must not stop acks
+                log.exception("committer: on_group callback failed")
+
+    def _fail(self, group: list[_Entry]) -> None:
+        nbytes = sum(len(e.payload) for e in group)
+        self.stats.pending_bytes -= nbytes
+        self._room.set()
+        failed = {e.conn for e in group}
+        # Later records of those connections are behind the failed ones: drop them
+        # too (never acked), so no ack can skip over a hole.
+        kept: deque[_Entry] = deque()
+        for e in self._queue:
+            if e.conn in failed:
+                self.stats.pending_bytes -= len(e.payload)
+            else:
+                kept.append(e)
+        self._queue.clear()
+        self._queue.extend(kept)
+        for conn in failed:
+            conn.failed = True
+            conn._wake.set()
+            conn._room.set()

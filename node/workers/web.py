@@ -1,0 +1,98 @@
+"""``web`` process (Procfile): uvicorn serving the device front with N workers.
+
+    python -m node.workers.web
+
+Reads the configuration once (a bad ``NODE_*`` value exits with status 2 and a
+message naming the variable, before anything starts), then runs uvicorn with
+``Settings.web_workers`` worker processes, each building the app from the factory
+``node.app:create_app`` and opening the ingress ring itself in its lifespan.
+
+C10K settings (see docs/front.md): listen backlog 4096+, RLIMIT_NOFILE soft limit
+raised to the hard limit (here and in every worker), no per-message deflate
+(a zlib context per connection costs ~64 KiB+ of memory and CPU per frame), keep-
+alive pings from ``NODE_WS_PING_INTERVAL``/``_TIMEOUT`` (0 disables), frames over
+``NODE_MAX_MESSAGE_BYTES`` closed with 1009 by the WebSocket layer from the frame
+header, access log off (it would also log ``?token=``).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+
+from node.app import raise_nofile_limit
+from node.auth import load_secret
+from node.config import Settings, load_settings
+
+#: uvicorn's sans-I/O websockets implementation: no reader task per connection
+#: (the legacy one keeps one, plus one keep-alive task), pauses reading while the
+#: app has not taken the last message (tight back-pressure), and checks the
+#: frame size from its header.
+WS_IMPLEMENTATION = "websockets-sansio"
+BACKLOG_MIN = 4096
+
+
+def backlog() -> int:
+    """At least 4096, and the kernel's somaxconn when larger (the kernel caps at it)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as fh:
+            return max(BACKLOG_MIN, int(fh.read().strip()))
+    except (OSError, ValueError):
+        return BACKLOG_MIN
+
+
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    def seconds(value: float) -> float | None:
+        return value if value > 0 else None
+
+    return dict(
+        factory=True,
+        host=settings.host,
+        port=settings.web_port,
+        workers=settings.web_workers,
+        loop="uvloop",
+        http="httptools",
+        ws=WS_IMPLEMENTATION,
+        ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=False,
+        ws_ping_interval=seconds(settings.ws_ping_interval),
+        ws_ping_timeout=seconds(settings.ws_ping_timeout),
+        backlog=backlog(),
+        access_log=False,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    raise_nofile_limit()
+    # Create the secret (if generated) once, before the workers race for it.
+    load_secret(settings)
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    _check_bind(settings)
+    uvicorn.run("node.app:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+
+
+def _check_bind(settings: Settings) -> None:
+    """Fail with a message naming the variables when the address cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.web_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SystemExit(f"iotnode web: NODE_HOST={settings.host!r} does not resolve ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SystemExit(
+                f"iotnode web: cannot bind NODE_HOST={settings.host!r} NODE_WEB_PORT={settings.web_port}: "
+                f"{exc.strerror}"
+            ) from None
+
+
+if __name__ == "__main__":
+    main()
