@@ -61,7 +61,7 @@ MAX_DEVICES: Final = 1024  # device parameters per connection
 CLOSE_TOO_SLOW: Final = 1013  # "try again later"
 CLOSE_GOING_AWAY: Final = 1001
 MAX_BATCH: Final = 256  # SUB messages handled per wake-up (also bounded by half a client queue)
-CLOSE_TIMEOUT: Final = 10.0  # seconds a close frame may wait behind a full socket
+CLOSE_TIMEOUT: Final = 30.0  # seconds a close frame may wait behind a full socket
 
 _json_encode = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")

@@ -87,6 +87,9 @@ def main() -> None:
         lifespan="on",
         ws="websockets-sansio",
         ws_max_size=MAX_CLIENT_FRAME,
+        # One record goes to many clients: per-connection deflate would cost CPU per
+        # client per message (its context is per connection), so frames go uncompressed.
+        ws_per_message_deflate=False,
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_timeout or None,
         timeout_graceful_shutdown=GRACE,
