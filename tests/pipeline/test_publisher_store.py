@@ -1,0 +1,373 @@
+"""Publisher + store as real processes over real ipc:// sockets, a real fan-in ring
+and a real SQLite file.  The test is the fan-in ring's producer (the router's role)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from node import wire
+from node.record import pack_record
+from node.ring import Ring
+from tests.support import Processes, free_port, node_env, wait_until
+
+DEVICES = 7
+
+
+def envelope(i: int) -> bytes:
+    """Record ``i``: device ``dev{i % 7}``, seq ``i``, ts absent on odd ``i``."""
+    return pack_record(f"dev{i % DEVICES}", i, None if i % 2 else 1000.0 + i, 1_700_000_000.0 + i, {"i": i, "s": "é" * (i % 3)})
+
+
+class Pipeline:
+    """A publisher and a store on a private data dir; the test appends to the fan-in ring."""
+
+    def __init__(self, data_dir: Path, processes: Processes, **env: object) -> None:
+        self.data_dir = data_dir
+        self.processes = processes
+        self.env = node_env(data_dir, **env)
+        self._ring: Ring | None = None
+
+    def start(self, name: str) -> None:
+        self.processes.start(name, f"node.workers.{name}", self.env, self.data_dir.parent)
+
+    @property
+    def ring(self) -> Ring:
+        if self._ring is None:
+            path = self.data_dir / "fanin.ring"
+            wait_until(path.exists, 15, what="the publisher to create the fan-in ring")
+            self._ring = Ring.open(path, capacity=int(self.env["NODE_FANIN_RING_BYTES"]), durability="process")
+        return self._ring
+
+    def append(self, start: int, stop: int, timeout: float = 20.0) -> None:
+        """Append records ``start..stop-1``, waiting (bounded) while the ring is full."""
+        i = start
+        deadline = time.monotonic() + timeout
+        while i < stop:
+            n = self.ring.append_batch([envelope(j) for j in range(i, min(stop, i + 100))])
+            i += n
+            if n == 0:
+                assert time.monotonic() < deadline, f"fan-in ring stayed full at record {i}"
+                time.sleep(0.005)
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        path = self.data_dir / "store.sqlite3"
+        if not path.exists():
+            return []
+        try:
+            with closing(sqlite3.connect(path, timeout=5)) as db:
+                return db.execute("SELECT device_id, seq, ts, received_at, data FROM messages").fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+
+    def count(self) -> int:
+        return len(self.rows())
+
+    def wait_stored(self, n: int, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.count() >= n, timeout, interval=0.05, what=f"{n} stored records (have {self.count()})")
+
+    def assert_exactly(self, n: int) -> None:
+        rows = self.rows()
+        keys = [(r[0], r[1]) for r in rows]
+        assert len(keys) == len(set(keys)) == n, f"{len(keys)} rows, {len(set(keys))} distinct, want {n}"
+        assert sorted(r[1] for r in rows) == list(range(n)), "a seq is missing"
+        for device_id, seq, ts, received_at, data in rows:
+            assert device_id == f"dev{seq % DEVICES}"
+            assert ts == (None if seq % 2 else 1000.0 + seq)
+            assert received_at == 1_700_000_000.0 + seq
+            assert json.loads(data) == {"i": seq, "s": "é" * (seq % 3)}
+
+    def metric(self, name: str, port_var: str) -> float:
+        url = f"http://127.0.0.1:{self.env[port_var]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} not in {url}")
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+
+
+@pytest.fixture
+def pipeline(data_dir: Path, processes: Processes) -> Iterator[Pipeline]:
+    p = Pipeline(data_dir, processes)
+    yield p
+    p.close()
+
+
+def make(data_dir: Path, processes: Processes, request: pytest.FixtureRequest, **env: object) -> Pipeline:
+    p = Pipeline(data_dir, processes, **env)
+    request.addfinalizer(p.close)
+    return p
+
+
+class Producer(threading.Thread):
+    """Appends records ``0..n-1`` in the background, a little at a time (bounded)."""
+
+    def __init__(self, pipeline: Pipeline, n: int, per_batch: int = 50, pause: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.pipeline, self.n, self.per_batch, self.pause = pipeline, n, per_batch, pause
+        self.appended = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while self.appended < self.n:
+                stop = min(self.n, self.appended + self.per_batch)
+                self.pipeline.append(self.appended, stop, timeout=60)
+                self.appended = stop
+                time.sleep(self.pause)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def finish(self) -> None:
+        self.join(90)
+        assert not self.is_alive() and self.error is None, self.error
+
+
+# ---------------------------------------------------------------------------- tests
+def test_records_are_stored_once_with_contract_columns_and_ring_is_released(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 3000)
+    pipeline.wait_stored(3000)
+    pipeline.assert_exactly(3000)
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the publisher to pop the confirmed records")
+    assert pipeline.metric('iotnode_messages_total{stage="stored"}', "NODE_METRICS_PORT_STORE") == 3000
+    assert pipeline.metric('iotnode_messages_total{stage="published"}', "NODE_METRICS_PORT_PUBLISHER") >= 3000
+    assert pipeline.metric('iotnode_ring_depth{ring="fanin"}', "NODE_METRICS_PORT_PUBLISHER") == 0
+
+
+def test_store_sigkilled_mid_stream_and_restarted_stores_every_record_exactly_once(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    producer = Producer(pipeline, 6000)
+    producer.start()
+    pipeline.wait_stored(1500)
+    pipeline.processes.kill("store", signal.SIGKILL)
+    stored_at_kill = pipeline.count()
+    time.sleep(0.3)  # the publisher keeps publishing to nobody meanwhile
+    pipeline.start("store")
+    producer.finish()
+    pipeline.wait_stored(6000)
+    assert stored_at_kill < 6000
+    pipeline.assert_exactly(6000)
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
+
+
+def test_publisher_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothing(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    producer = Producer(pipeline, 6000)
+    producer.start()
+    pipeline.wait_stored(1500)
+    pipeline.processes.kill("publisher", signal.SIGKILL)
+    # The killed publisher leaves its ipc:// socket files behind; the restart binds anyway.
+    assert (pipeline.data_dir / "pub.sock").exists() and (pipeline.data_dir / "replay.sock").exists()
+    time.sleep(0.3)
+    pipeline.start("publisher")
+    producer.finish()
+    pipeline.wait_stored(6000)
+    pipeline.assert_exactly(6000)
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
+    assert "publisher: fan-in ring" in pipeline.processes.log("publisher")
+
+
+def test_live_stream_dropped_at_a_tiny_pub_hwm_is_recovered_by_fetch(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    pipeline = make(data_dir, processes, request, NODE_PUB_HWM=1)
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 1)
+    pipeline.wait_stored(1)
+    pipeline.append(1, 20000)  # a burst far beyond a high-water mark of 1
+    pipeline.wait_stored(20000, timeout=60)
+    pipeline.assert_exactly(20000)
+    assert pipeline.metric("iotnode_store_gaps_total", "NODE_METRICS_PORT_STORE") >= 1
+    assert "fetching" in processes.log("store")
+
+
+def test_stopped_store_keeps_the_ring_full_until_it_returns_then_everything_drains_once(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    pipeline = make(data_dir, processes, request, NODE_FANIN_RING_BYTES=1 << 20)
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 500)
+    pipeline.wait_stored(500)
+    processes.kill("store", signal.SIGTERM, group=False)
+    assert processes.procs["store"].returncode == 0
+    # Fill the ring: the publisher publishes but must not pop without the store's confirm.
+    appended = 500
+    for _ in range(10_000):
+        n = pipeline.ring.append_batch([envelope(j) for j in range(appended, appended + 100)])
+        appended += n
+        if n == 0:
+            break
+    assert pipeline.ring.append_batch([envelope(appended)]) == 0, "the ring never filled"
+    head = pipeline.ring.head
+    time.sleep(1.0)
+    assert pipeline.ring.head == head and pipeline.ring.append_batch([envelope(appended)]) == 0
+    assert pipeline.count() == 500
+    pipeline.start("store")
+    pipeline.wait_stored(appended, timeout=60)
+    pipeline.assert_exactly(appended)
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
+    assert pipeline.ring.append_batch([envelope(appended)]) == 1
+
+
+def test_a_durable_subscriber_that_never_confirms_keeps_records_in_the_ring(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    pipeline = make(data_dir, processes, request, NODE_DURABLE_SUBSCRIBERS="store,audit")
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 1000)
+    pipeline.wait_stored(1000)
+    time.sleep(1.2)  # more than a confirm interval of the store
+    assert pipeline.ring.depth == 1000 and pipeline.ring.head == 0
+    # Now "audit" confirms over the replay socket: the ring is released up to it.
+    tail = pipeline.ring.tail
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as dealer:
+        dealer.setsockopt(zmq.LINGER, 1000)
+        dealer.connect(f"ipc://{data_dir.resolve()}/replay.sock")
+        dealer.send_multipart(wire.encode_confirm("audit", pipeline.ring.ring_id, tail))
+        wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to be popped after audit confirmed")
+    assert pipeline.ring.head == tail
+
+
+def test_fetch_below_the_head_is_answered_from_the_head_and_a_probe_learns_the_ring(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 200)
+    pipeline.wait_stored(200)
+    wait_until(lambda: pipeline.ring.head > 0, 10, what="a pop")
+    pipeline.append(200, 210)
+    pipeline.wait_stored(210)
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as dealer:
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVTIMEO, 5000)
+        dealer.connect(f"ipc://{pipeline.data_dir.resolve()}/replay.sock")
+        dealer.send_multipart(wire.encode_fetch(b"", 0, 0))
+        probe = wire.decode_records(dealer.recv_multipart())
+        assert probe.ring == pipeline.ring.ring_id and probe.items == []
+        head = pipeline.ring.head
+        dealer.send_multipart(wire.encode_fetch(pipeline.ring.ring_id, 0, 5))
+        answer = wire.decode_records(dealer.recv_multipart())
+    assert answer.start == head > 0
+    assert len(answer.items) <= 5 and all(item.ring == answer.ring for item in answer.items)
+    if answer.items:
+        assert answer.items[0].pos == head and answer.next == answer.items[-1].end
+
+
+def test_recreated_fanin_ring_is_followed_from_its_head(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 300)
+    pipeline.wait_stored(300)
+    pipeline.processes.kill("publisher", signal.SIGTERM, group=False)
+    pipeline.close()
+    pipeline._ring = None
+    for suffix in ("", ".lock", ".consumer"):
+        path = pipeline.data_dir / f"fanin.ring{suffix}"
+        if path.exists():
+            path.unlink()
+    pipeline.start("publisher")
+    pipeline.append(300, 600)
+    pipeline.wait_stored(600)
+    pipeline.assert_exactly(600)
+    wait_until(lambda: "ring id changed" in pipeline.processes.log("store"), 10, what="the ring change to be logged")
+
+
+def test_bad_records_in_the_ring_are_logged_and_skipped_without_stopping_the_flow(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 10)
+    assert pipeline.ring.append_batch([b"\xc1 not msgpack", pack_record("dev-bytes", 1, None, 1.0, b"\x00")]) == 2
+    pipeline.append(10, 20)
+    pipeline.wait_stored(20)
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain past the bad records")
+    pipeline.assert_exactly(20)
+    log = pipeline.processes.log("store")
+    assert "undecodable record envelope" in log and "dev-bytes" in log
+    assert processes_alive(pipeline, "publisher", "store")
+
+
+def processes_alive(pipeline: Pipeline, *names: str) -> bool:
+    return all(pipeline.processes.procs[name].poll() is None for name in names)
+
+
+def test_sigterm_stops_both_stages_with_status_zero(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 100)
+    pipeline.wait_stored(100)
+    for name in ("store", "publisher"):
+        started = time.monotonic()
+        pipeline.processes.kill(name, signal.SIGTERM, group=False)
+        assert pipeline.processes.procs[name].returncode == 0, pipeline.processes.log(name)
+        assert time.monotonic() - started < 5
+    assert "stopped" in pipeline.processes.log("store") and "stopped" in pipeline.processes.log("publisher")
+
+
+@pytest.mark.parametrize(
+    ("name", "var", "value"),
+    [
+        ("publisher", "NODE_PUB_HWM", "lots"),
+        ("store", "NODE_PUB_HWM", "0"),
+        ("publisher", "NODE_DURABLE_SUBSCRIBERS", "store,,audit"),
+        ("store", "NODE_PUB_BIND", "udp://127.0.0.1:1"),
+        ("publisher", "NODE_FANIN_RING_BYTES", "3000000"),
+    ],
+)
+def test_bad_configuration_exits_non_zero_naming_the_variable(
+    data_dir: Path, processes: Processes, name: str, var: str, value: str
+) -> None:
+    env = node_env(data_dir, **{var: value})
+    proc = processes.start(name, f"node.workers.{name}", env, data_dir.parent)
+    assert proc.wait(timeout=30) != 0
+    log = processes.log(name)
+    assert var in log and value in log
+
+
+def test_second_publisher_on_the_same_ring_exits_non_zero(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    wait_until(lambda: "publisher: fan-in ring" in pipeline.processes.log("publisher"), 15, what="publisher up")
+    env = dict(pipeline.env, NODE_METRICS_PORT_PUBLISHER=str(free_port()))
+    second = pipeline.processes.start("publisher2", "node.workers.publisher", env, pipeline.data_dir.parent)
+    assert second.wait(timeout=30) == 1
+    assert "cannot consume the fan-in ring" in pipeline.processes.log("publisher2")
+    assert pipeline.processes.procs["publisher"].poll() is None
+
+
+def test_idle_stages_do_not_spin(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    pipeline.append(0, 10)
+    pipeline.wait_stored(10)
+
+    def cpu(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    pids = [pipeline.processes.procs[n].pid for n in ("publisher", "store")]
+    before = [cpu(p) for p in pids]
+    time.sleep(2.0)
+    used = sum(cpu(p) - b for p, b in zip(pids, before))
+    assert used < 0.1, f"idle publisher + store used {used:.3f} s of CPU in 2 s"
