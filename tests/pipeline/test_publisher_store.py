@@ -371,3 +371,19 @@ def test_idle_stages_do_not_spin(pipeline: Pipeline) -> None:
     time.sleep(2.0)
     used = sum(cpu(p) - b for p, b in zip(pids, before))
     assert used < 0.1, f"idle publisher + store used {used:.3f} s of CPU in 2 s"
+
+
+def test_repeated_sigkills_of_both_stages_still_store_every_record_exactly_once(pipeline: Pipeline) -> None:
+    pipeline.start("publisher")
+    pipeline.start("store")
+    producer = Producer(pipeline, 10000, per_batch=40, pause=0.003)
+    producer.start()
+    for round_, name in enumerate(("store", "publisher", "store", "publisher", "store")):
+        pipeline.wait_stored(min(9000, 1000 * (round_ + 1)), timeout=60)
+        pipeline.processes.kill(name, signal.SIGKILL)
+        time.sleep(0.1)
+        pipeline.start(name)
+    producer.finish()
+    pipeline.wait_stored(10000, timeout=60)
+    pipeline.assert_exactly(10000)
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
