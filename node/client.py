@@ -258,6 +258,7 @@ class DeviceClient:
         self.sent_frames = 0  # frames written, resends included
         self.acked = 0
         self.rejected = 0
+        self.attempts = 0  # connection attempts (handshakes tried)
         self.connections = 0  # successful handshakes
         self.connect_times: list[float] = []  # time.monotonic() of each handshake
 
@@ -327,8 +328,8 @@ class DeviceClient:
             await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        await self.close(flush=exc_type is None)  # an error in the block: do not wait for acks
 
     # ----------------------------------------------------------------- sending
     @property
@@ -432,6 +433,7 @@ class DeviceClient:
     async def _run(self) -> None:
         attempt = 0
         while not self._closing:
+            self.attempts += 1
             try:
                 ws = await ws_connect(
                     self.url,
@@ -469,6 +471,9 @@ class DeviceClient:
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Run one connection: resend everything unacked in order, then keep going."""
+        if self._closing:  # close() came while the handshake was in progress
+            await ws.close()
+            return
         self._ws = ws
         self._conn_acked = False
         self._inflight.clear()
