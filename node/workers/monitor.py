@@ -40,6 +40,7 @@ ACK_TIMEOUT = 1.0
 ACK_TIMEOUT_MAX = 8.0
 POLL_MS = 200
 DOORBELL_WAIT = 0.5
+FINISH_WAIT = 1.0  # on SIGTERM, how long to collect acks of the batches in flight
 
 
 class MonitorError(Exception):
@@ -287,8 +288,22 @@ class Monitor:
                 if doorbell.inbox in ready:
                     doorbell.drain()
                 self.check_timeout()
+            self.finish(FINISH_WAIT)
         finally:
             doorbell.close()
+
+    def finish(self, timeout: float) -> None:
+        """On stop: read nothing new, collect acks of what is in flight for up to ``timeout`` s.
+
+        Not needed for safety (unacked records stay in the ring and are resent at
+        the next start) but it saves the next router from appending them twice.
+        """
+        deadline = time.monotonic() + timeout
+        while self.window.flights and self.connected:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                break
+            self.take_acks()
 
     def close(self) -> None:
         self.sock.disable_monitor()

@@ -261,7 +261,7 @@ def main() -> None:
         router = Router(settings, ring, sock)
         router.run(stop)
         log.info("stopping: %d batches pending, %d source rings seen", len(router.pending), len(router.sources))
-        sock.close(linger=0)
+        sock.close(linger=500)  # let the last acks reach the monitors
         ring.close()
     except RouterError as exc:
         log.error("%s", exc)

@@ -1,0 +1,220 @@
+"""monitor + router as real processes between real ring files.
+
+The test appends to the ingress ring itself (as the web front would) and is the
+fan-in ring's consumer (as the publisher would).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from node.workers.monitor import BATCH_RECORDS, WINDOW
+from tests.pipeline.conftest import FaninConsumer, IngressProducer, Stages, check_delivery
+from tests.support import Processes, free_port, wait_for_port, wait_until
+
+# Records the router may have appended but not acked when it is killed: the window.
+DUPLICATES_PER_ROUTER_CRASH = WINDOW * BATCH_RECORDS
+
+
+def produce_in_background(producer: IngressProducer, total: int, chunk: int = 200, pause: float = 0.004) -> threading.Thread:
+    def run() -> None:
+        for _ in range(total // chunk):
+            producer.append(chunk)
+            time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_distinct_while_draining(consumer: FaninConsumer, count: int, timeout: float = 30.0) -> None:
+    consumer.until_distinct(count, timeout)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks
+
+
+def test_every_record_arrives_once_in_order_and_ingress_drains(stages: Callable[..., Stages]) -> None:
+    s = stages()
+    producer = IngressProducer(s.ingress_path)
+    consumer = FaninConsumer(s.fanin_path)
+    producer.append(20_000)
+    s.start("router")
+    s.start("monitor")
+    consumer.until_distinct(20_000)
+    assert check_delivery(producer.sent, consumer.got) == 0, s.logs()
+    wait_until(lambda: producer.ring.depth == 0, 10, what="ingress ring popped to empty")
+
+
+def test_router_sigkill_mid_stream_loses_nothing_and_bounds_duplicates(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
+    s = stages()
+    producer = IngressProducer(s.ingress_path)
+    consumer = FaninConsumer(s.fanin_path)
+    s.start("router")
+    s.start("monitor")
+    total = 40_000
+    thread = produce_in_background(producer, total)
+    for crash in range(2):
+        consumer.until_distinct((crash + 1) * total // 4)
+        processes.kill("router", signal.SIGKILL)
+        time.sleep(0.2)
+        s.start("router")  # binds again over the socket file the killed router left behind
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    consumer.until_distinct(total)
+    duplicates = check_delivery(producer.sent, consumer.got)
+    assert duplicates <= 2 * DUPLICATES_PER_ROUTER_CRASH, s.logs()
+    wait_until(lambda: producer.ring.depth == 0, 10, what="ingress ring popped to empty")
+
+
+def test_monitor_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
+    s = stages()
+    producer = IngressProducer(s.ingress_path)
+    consumer = FaninConsumer(s.fanin_path)
+    s.start("router")
+    s.start("monitor")
+    total = 40_000
+    thread = produce_in_background(producer, total)
+    for crash in range(2):
+        consumer.until_distinct((crash + 1) * total // 4)
+        processes.kill("monitor", signal.SIGKILL)
+        time.sleep(0.2)
+        s.start("monitor")  # resends from the ring head; the live router drops what it has
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    consumer.until_distinct(total)
+    assert check_delivery(producer.sent, consumer.got) == 0, s.logs()
+
+
+def test_full_fanin_ring_stops_ingress_draining_and_resumes_when_consumed(stages: Callable[..., Stages]) -> None:
+    fanin_bytes = 1 << 20
+    s = stages(NODE_FANIN_RING_BYTES=fanin_bytes)
+    producer = IngressProducer(s.ingress_path, pad=900)  # ~1 KiB records: 3 MiB into a 1 MiB fan-in ring
+    consumer = FaninConsumer(s.fanin_path, capacity=fanin_bytes)
+    producer.append(3000)
+    s.start("router")
+    s.start("monitor")
+
+    depths: list[int] = []
+
+    def stalled() -> bool:
+        depths.append(producer.ring.depth)
+        return len(depths) > 25 and len(set(depths[-25:])) == 1  # unchanged for ~0.5 s
+
+    wait_until(stalled, 20, interval=0.02, what="the ingress ring to stop draining")
+    assert 0 < producer.ring.depth < 3000
+    assert consumer.ring.depth > 0 and consumer.ring.bytes_used > fanin_bytes // 2
+    wait_until(lambda: "fan-in ring full" in s.processes.log("router"), 5, what="router logging the full ring")
+
+    consumer.until_distinct(3000)
+    assert check_delivery(producer.sent, consumer.got) == 0, s.logs()
+    wait_until(lambda: producer.ring.depth == 0, 10, what="ingress ring drained after consuming")
+
+
+def test_two_monitors_feed_one_router_over_tcp(stages: Callable[..., Stages], tmp_path: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    a = stages(tmp_path / "node-a", NODE_ROUTER_BIND=endpoint)
+    b = stages(tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint)
+    producer_a = IngressProducer(a.ingress_path, prefix="a")
+    producer_b = IngressProducer(b.ingress_path, prefix="b")
+    consumer = FaninConsumer(a.fanin_path)
+    a.start("router")
+    a.start("monitor", "-a")
+    b.start("monitor", "-b")
+    for _ in range(10):
+        producer_a.append(1000)
+        producer_b.append(1000)
+    consumer.until_distinct(20_000)
+    assert check_delivery(producer_a.sent + producer_b.sent, consumer.got) == 0, a.logs()
+    wait_until(lambda: producer_a.ring.depth == 0 and producer_b.ring.depth == 0, 10, what="both rings popped")
+
+
+def test_sigterm_exits_0_and_a_restart_resumes_exactly_once(stages: Callable[..., Stages], processes: Processes) -> None:
+    s = stages()
+    producer = IngressProducer(s.ingress_path)
+    consumer = FaninConsumer(s.fanin_path)
+    s.start("router")
+    s.start("monitor")
+    total = 30_000
+    thread = produce_in_background(producer, total)
+    consumer.until_distinct(total // 3)
+    processes.kill("monitor", signal.SIGTERM)
+    processes.kill("router", signal.SIGTERM)
+    assert processes.procs["monitor"].returncode == 0, s.logs()
+    assert processes.procs["router"].returncode == 0, s.logs()
+    s.start("router")
+    s.start("monitor")
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    consumer.until_distinct(total)
+    assert check_delivery(producer.sent, consumer.got) == 0, s.logs()
+
+
+def test_second_router_on_a_live_ipc_endpoint_exits_2(stages: Callable[..., Stages], processes: Processes) -> None:
+    s = stages()
+    s.start("router")
+    wait_until(lambda: (s.data_dir / "router.sock").exists(), 10, what="the router socket file")
+    s.env["NODE_METRICS_PORT_ROUTER"] = str(free_port())
+    s.start("router", "-2")
+    assert processes.procs["router-2"].wait(timeout=15) == 2
+    assert "another process is serving" in processes.log("router-2")
+    assert processes.procs["router"].poll() is None  # the first one keeps its endpoint
+
+
+def test_bad_endpoint_configuration_exits_2_naming_the_variable(stages: Callable[..., Stages], processes: Processes) -> None:
+    s = stages(NODE_ROUTER_BIND="udp://127.0.0.1:1")
+    s.start("router")
+    s.start("monitor")
+    for name in ("router", "monitor"):
+        assert processes.procs[name].wait(timeout=15) == 2
+        assert "NODE_ROUTER_BIND='udp://127.0.0.1:1'" in processes.log(name)
+
+
+def test_metrics_show_ingress_depth_and_stage_counters(stages: Callable[..., Stages]) -> None:
+    s = stages()
+    producer = IngressProducer(s.ingress_path)
+    consumer = FaninConsumer(s.fanin_path)
+    producer.append(1000)
+    s.start("router")
+    s.start("monitor")
+    consumer.until_distinct(1000)
+    monitor_port = int(s.env["NODE_METRICS_PORT_MONITOR"])
+    router_port = int(s.env["NODE_METRICS_PORT_ROUTER"])
+    wait_for_port(monitor_port)
+    wait_for_port(router_port)
+
+    def scraped() -> bool:
+        mon = httpx.get(f"http://127.0.0.1:{monitor_port}/metrics").text
+        rou = httpx.get(f"http://127.0.0.1:{router_port}/metrics").text
+        return (
+            'iotnode_ring_depth{ring="ingress"} 0.0' in mon
+            and 'iotnode_messages_total{stage="forwarded"} 1000.0' in mon
+            and 'iotnode_messages_total{stage="routed"} 1000.0' in rou
+        )
+
+    wait_until(scraped, 10, interval=0.1, what="metrics to show the 1000 records")
+
+
+def test_idle_monitor_and_router_do_not_spin(stages: Callable[..., Stages], processes: Processes) -> None:
+    s = stages()
+    s.start("router")
+    s.start("monitor")
+    wait_until(lambda: "connected to the router" in processes.log("monitor"), 15, what="monitor connected")
+    time.sleep(1.0)
+    pids = [processes.procs["router"].pid, processes.procs["monitor"].pid]
+    before = sum(cpu_seconds(p) for p in pids)
+    time.sleep(3.0)
+    used = sum(cpu_seconds(p) for p in pids) - before
+    assert used < 0.06, f"idle monitor + router used {used:.2f}s of CPU in 3 s"
