@@ -73,6 +73,7 @@ class Gen:
         self.connect_hist = Histogram()
         self.sent = 0
         self.acked = 0
+        self.ack_frames = 0  # replies that acked something (< acked when acks are coalesced)
         self.errors = 0
         self.error_samples: list[str] = []
         self.reconnects = 0
@@ -242,6 +243,8 @@ class Conn(WSListener):
                     lat.record_us(int((now - sched) * 1e6))
                     n += 1
         gen.acked += n
+        if n:
+            gen.ack_frames += 1
         if self.backlog or gen.mode == "max":
             self.pump()
 
@@ -454,6 +457,7 @@ async def run(spec: dict[str, Any]) -> None:
             "sent": gen.sent,
             "sent_in_window": sent_in_window,
             "acked": gen.acked,
+            "ack_frames": gen.ack_frames,
             "unacked": unacked if spec["mode"] == "rate" else 0,
             "in_flight_at_end": unacked if spec["mode"] == "max" else 0,
             "errors": gen.errors,

@@ -124,12 +124,22 @@ class _Worker:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=2)  # it exits by itself after its result
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=5)
+        self.thread.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
     def stderr_tail(self) -> str:
         try:
@@ -313,7 +323,7 @@ def _merge(
 ) -> dict[str, Any]:
     lat = Histogram()
     conn = Histogram()
-    totals = {"sent": 0, "acked": 0, "unacked": 0, "in_flight_at_end": 0, "errors": 0, "reconnects": 0, "disconnects": 0, "connect_failures": 0}
+    totals = {"sent": 0, "acked": 0, "ack_frames": 0, "unacked": 0, "in_flight_at_end": 0, "errors": 0, "reconnects": 0, "disconnects": 0, "connect_failures": 0}
     cpu_s = 0.0
     samples: list[str] = []
     for r in results.values():

@@ -209,7 +209,7 @@ def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
     procfile = REPO / "Procfile"
     names = [line.split(":", 1)[0] for line in procfile.read_text().splitlines() if ":" in line and not line.startswith("#")]
     present = [n for n in names if (REPO / "node" / "workers" / f"{n}.py").exists()]
-    proc, log = group.start("iotnode", [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(REPO), ",".join(present)], env=env)
+    proc, log = group.start("iotnode", [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(REPO), *present], env=env)
     wait_for_port(ports["NODE_WEB_PORT"], proc, log, timeout=60)
     metrics = [f"http://127.0.0.1:{ports['NODE_WEB_PORT']}/metrics"] + [
         f"http://127.0.0.1:{ports[v]}/metrics" for v in ("NODE_METRICS_PORT_MONITOR", "NODE_METRICS_PORT_ROUTER",

@@ -1,0 +1,150 @@
+"""``python -m bench SCENARIO [options]`` — see docs/bench.md.
+
+Scenarios: c10k (many paced devices), max (closed-loop throughput), soak (long,
+fixed rate, drift), compare (no-op, iotnode, redis, mosquitto in one run),
+report (re-render a results JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import proto, report, runner, targets
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "c10k": {"mode": "rate", "connections": 10_000, "rate": 1.0, "window": 1000, "duration": 30.0, "ramp": 2000.0},
+    "max": {"mode": "max", "connections": 100, "rate": 1.0, "window": 32, "duration": 15.0, "ramp": 2000.0},
+    "soak": {"mode": "rate", "connections": 1000, "rate": 10.0, "window": 1000, "duration": 600.0, "ramp": 1000.0},
+}
+
+
+def _scenario_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("load")
+    g.add_argument("--connections", "-n", type=int, help="device connections (c10k 10000, max 100, soak 1000)")
+    g.add_argument("--rate", "-r", type=float, help="messages per second per connection, open loop (c10k 1, soak 10)")
+    g.add_argument("--window", "-w", type=int, help="messages in flight per connection (max: W=32; rate: cap 1000)")
+    g.add_argument("--duration", "-d", type=float, help="seconds of steady load (c10k 30, max 15, soak 600)")
+    g.add_argument("--ramp", type=float, help="connections opened per second (2000)")
+    g.add_argument("--payload", type=int, default=64, help="approximate message size in bytes (64)")
+    g.add_argument("--encoding", choices=proto.ENCODINGS, default="msgpack")
+    g.add_argument("--processes", "-p", type=int, default=2, help="load-generator processes (2)")
+    g.add_argument("--sources", type=int, default=8, help="127.0.0.x source addresses to spread connections over (8)")
+    g.add_argument("--drain", type=float, default=5.0, help="seconds to wait for outstanding acks at the end (5)")
+    g.add_argument("--metrics-every", type=float, default=5.0, help="seconds between /metrics scrapes (5)")
+    t = p.add_argument_group("system under test")
+    t.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="web worker processes of a target the harness starts (default: CPUs, like NODE_WEB_WORKERS)")
+    t.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+
+
+def _scenario(name: str, args: argparse.Namespace) -> runner.Scenario:
+    d = dict(DEFAULTS[name])
+    for key in ("connections", "rate", "window", "duration", "ramp"):
+        if getattr(args, key) is not None:
+            d[key] = getattr(args, key)
+    scn = runner.Scenario(
+        name=name, payload=args.payload, encoding=args.encoding, processes=args.processes, sources=args.sources,
+        drain=args.drain, metrics_every=args.metrics_every, **d,
+    )
+    scn.check()
+    return scn
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, help_ in (("c10k", "many devices at a paced rate (open loop)"),
+                        ("max", "closed-loop maximum throughput, W in flight per connection"),
+                        ("soak", "long run at a fixed rate; latency, RSS and ring-depth drift")):
+        p = sub.add_parser(name, help=help_)
+        _scenario_args(p)
+        g = p.add_argument_group("target (one of --target or --url)")
+        g.add_argument("--target", choices=targets.NAMES, help="start this system on loopback and load it")
+        g.add_argument("--url", help="an already running device endpoint, e.g. ws://127.0.0.1:8000/v1/ingest")
+        g.add_argument("--kind", choices=("iotnode", "mqtt"), default="iotnode", help="protocol spoken to --url")
+        g.add_argument("--secret", help="HS256 key for device tokens (default: --data-dir/jwt_secret)")
+        g.add_argument("--data-dir", type=Path, help="the node's NODE_DATA_DIR, to read jwt_secret from")
+        g.add_argument("--pid", type=int, action="append", default=[], help="sample CPU/RSS of this process tree (repeat)")
+        g.add_argument("--metrics", action="append", default=[], help="a /metrics URL to scrape ring depths from (repeat)")
+    p = sub.add_parser("compare", help="no-op, iotnode, redis and mosquitto, same load, one table")
+    p.add_argument("--scenario", choices=("c10k", "max"), default="c10k")
+    p.add_argument("--targets", default=",".join(targets.NAMES), help="comma-separated subset, in order")
+    _scenario_args(p)
+    p = sub.add_parser("report", help="re-render the HTML report of a results JSON")
+    p.add_argument("json", type=Path)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    command = "python -m bench " + shlex.join(argv)
+    try:
+        if args.command == "report":
+            doc = json.loads(args.json.read_text())
+            out = args.json.with_suffix(".html")
+            out.write_text(report.render_html(doc))
+            print(out)
+            return 0
+        progress = None if args.quiet else sys.stderr
+        if args.command == "compare":
+            return _compare(args, command, progress)
+        scn = _scenario(args.command, args)
+        if bool(args.target) == bool(args.url):
+            ap.error("give exactly one of --target NAME (started by the harness) or --url URL")
+        with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp:
+            if args.target:
+                try:
+                    with targets.start(args.target, Path(tmp) / args.target, args.workers) as target:
+                        result = runner.run(scn, target, Path(tmp) / "logs", progress)
+                except targets.Skip as exc:
+                    print(f"skipped: {exc}", file=sys.stderr)
+                    return 3
+            else:
+                secret = proto.read_secret(args.secret, args.data_dir) if args.kind == "iotnode" else None
+                target = runner.Target("url", args.url, kind=args.kind, secret=secret, pids=args.pid, metrics=args.metrics)
+                result = runner.run(scn, target, Path(tmp) / "logs", progress)
+        paths = report.save([result], f"{scn.name}-{result['target']['name']}", args.out, command)
+        print(report.format_table(report.table_rows([result])))
+        print(f"results: {paths[0]}\nreport:  {paths[1]}")
+        return 0
+    except proto.BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
+    scn = _scenario(args.scenario, args)
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    for n in names:
+        if n not in targets.NAMES:
+            raise proto.BenchError(f"--targets: unknown target {n!r}, expected some of {', '.join(targets.NAMES)}")
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp:
+        for name in names:
+            try:
+                with targets.start(name, Path(tmp) / name, args.workers) as target:
+                    results.append(runner.run(scn, target, Path(tmp) / "logs" / name, progress))
+            except targets.Skip as exc:
+                print(f"skipped: {exc}", file=sys.stderr)
+                results.append({"target": {"name": name}, "skipped": str(exc)})
+            except proto.BenchError as exc:
+                print(f"failed: {name}: {exc}", file=sys.stderr)
+                results.append({"target": {"name": name}, "skipped": f"failed: {str(exc)[:300]}"})
+    paths = report.save(results, f"compare-{scn.name}", args.out, command)
+    print(report.format_table(report.table_rows(results)))
+    print(f"results: {paths[0]}\nreport:  {paths[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Results on disk: one JSON file per run and a self-contained HTML report (inline
+SVG, no JavaScript, no dependencies) with the latency percentile curve, throughput
+over time, and where the target's CPU went.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+
+
+def save(results: list[dict[str, Any]], name: str, out_dir: Path = RESULTS, command: str = "") -> tuple[Path, Path]:
+    """Write ``<stamp>-<name>.json`` and ``.html``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = out_dir / f"{stamp}-{name}"
+    doc = {"command": command, "results": results, "table": table_rows(results)}
+    json_path = base.with_suffix(".json")
+    json_path.write_text(json.dumps(doc, indent=1))
+    html_path = base.with_suffix(".html")
+    html_path.write_text(render_html(doc))
+    return json_path, html_path
+
+
+# ----------------------------------------------------------------------------- tables
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per target; ratios against the no-op baseline of the same run."""
+    base = next((r for r in results if r.get("target", {}).get("name") == "noop" and "skipped" not in r), None)
+    node = next((r for r in results if r.get("target", {}).get("name") == "iotnode" and "skipped" not in r), None)
+    rows = []
+    for r in results:
+        name = r.get("target", {}).get("name", "?")
+        if "skipped" in r:
+            rows.append({"target": name, "skipped": r["skipped"]})
+            continue
+        lat = r["latency_ms"]
+        row: dict[str, Any] = {
+            "target": name,
+            "acked_msg_s": r["acked_msg_s"],
+            "p50_ms": lat.get("p50"),
+            "p99_ms": lat.get("p99"),
+            "p99.9_ms": lat.get("p99.9"),
+            "max_ms": lat.get("max"),
+            "errors": r["errors"],
+            "unacked": r["unacked"],
+            "open": r["connections_open"],
+            "target_cpu_pct": r["target_procs"]["cpu_pct_of_one_core"],
+            "gen_cpu_pct": r["generator"]["cpu_pct_of_one_core"],
+        }
+        if base is not None and base["acked_msg_s"]:
+            row["thr_vs_noop"] = round(r["acked_msg_s"] / base["acked_msg_s"], 3)
+            bp99 = base["latency_ms"].get("p99") or 0
+            row["p99_vs_noop"] = round(lat.get("p99", 0) / bp99, 2) if bp99 else None
+        if node is not None and name not in ("iotnode", "noop") and r["acked_msg_s"]:
+            row["iotnode_thr_vs_this"] = round(node["acked_msg_s"] / r["acked_msg_s"], 3)
+            p99 = lat.get("p99") or 0
+            row["iotnode_p99_vs_this"] = round(node["latency_ms"].get("p99", 0) / p99, 2) if p99 else None
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["target", "acked_msg_s", "thr_vs_noop", "p50_ms", "p99_ms", "p99.9_ms", "max_ms", "p99_vs_noop",
+            "iotnode_thr_vs_this", "iotnode_p99_vs_this", "errors", "unacked", "open", "target_cpu_pct", "gen_cpu_pct"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        if "skipped" in row:
+            why = " ".join(str(row["skipped"]).split())[:160].replace("|", "/")
+            lines.append(f"| {row['target']} | skipped: {why} |" + " |" * (len(cols) - 2))
+            continue
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- SVG
+def _nines(p: float) -> float:
+    return 5.3 if p >= 100 else min(5.0, -math.log10(max(1e-5, 1 - p / 100)))
+
+
+def svg_chart(
+    series: list[tuple[str, list[tuple[float, float]]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    ylog: bool = False,
+    xticks: list[tuple[float, str]] | None = None,
+    width: int = 760,
+    height: int = 340,
+) -> str:
+    left, right, top, bottom = 70, 150, 30, 45
+    pw, ph = width - left - right, height - top - bottom
+    pts = [(x, y) for _, s in series for x, y in s if (y > 0 or not ylog)]
+    if not pts:
+        return f"<p>{html.escape(title)}: no data</p>"
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    if xticks:
+        x0, x1 = min(x0, xticks[0][0]), max(x1, xticks[-1][0])
+    if x1 == x0:
+        x1 = x0 + 1
+    ys = [p[1] for p in pts]
+    if ylog:
+        lo = math.floor(math.log10(max(min(ys), 1e-3)))
+        hi = math.ceil(math.log10(max(ys) * 1.01))
+        hi = max(hi, lo + 1)
+        fy = lambda y: top + ph - (math.log10(max(y, 10**lo)) - lo) / (hi - lo) * ph  # noqa: E731
+        yticks = [(10.0**e, f"{10.0**e:g}") for e in range(lo, hi + 1)]
+    else:
+        ymax = max(ys) * 1.1 or 1.0
+        fy = lambda y: top + ph - y / ymax * ph  # noqa: E731
+        step = 10 ** math.floor(math.log10(ymax / 5)) if ymax > 0 else 1
+        while ymax / step > 8:
+            step *= 2
+        yticks = [(k * step, f"{k * step:g}") for k in range(int(ymax / step) + 1)]
+    fx = lambda x: left + (x - x0) / (x1 - x0) * pw  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    for y, label in yticks:
+        py = fy(y)
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py:.1f}" y2="{py:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 5}" y="{py + 4:.1f}" text-anchor="end">{html.escape(label)}</text>')
+    if xticks is None:
+        step = max(1, round((x1 - x0) / 8))
+        xticks = [(x0 + k * step, f"{x0 + k * step:g}") for k in range(int((x1 - x0) / step) + 1)]
+    for x, label in xticks:
+        px = fx(x)
+        out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>')
+        out.append(f'<text x="{px:.1f}" y="{top + ph + 15}" text-anchor="middle">{html.escape(label)}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" text-anchor="middle">{html.escape(ylabel)}</text>')
+    for i, (name, s) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        path = " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in s if (y > 0 or not ylog))
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
+        ly = top + 14 + 16 * i
+        out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 30}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>')
+        out.append(f'<text x="{left + pw + 35}" y="{ly}">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def render_html(doc: dict[str, Any]) -> str:
+    results = [r for r in doc["results"] if "skipped" not in r]
+    curve = [(r["target"]["name"], [(_nines(p), v) for p, v in r["latency_curve_ms"]]) for r in results]
+    ticks = [(_nines(p), lbl) for p, lbl in ((0, "0"), (90, "90"), (99, "99"), (99.9, "99.9"), (99.99, "99.99"), (99.999, "99.999"), (100, "max"))]
+    thr = [(r["target"]["name"], [(t["t"], t["acked"]) for t in r["timeline"]]) for r in results]
+    p99t = [(r["target"]["name"], [(t["t"], t["p99_ms"]) for t in r["timeline"]]) for r in results]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>iotnode bench</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f4f4f4}</style>",
+        "<h1>iotnode bench</h1>",
+        f"<p>Command: <code>{html.escape(doc.get('command', ''))}</code></p>",
+    ]
+    if doc["results"]:
+        scn = doc["results"][0].get("scenario", {})
+        parts.append(f"<p>Scenario: <code>{html.escape(json.dumps(scn))}</code></p>")
+    parts.append(_html_table(doc["table"]))
+    parts.append(svg_chart(curve, "Ack latency by percentile (latency from the scheduled send time)", "percentile", "ms (log)", ylog=True, xticks=ticks))
+    parts.append(svg_chart(thr, "Acked messages per second", "seconds", "msg/s"))
+    parts.append(svg_chart(p99t, "p99 ack latency per second", "seconds", "ms (log)", ylog=True))
+    for r in results:
+        parts.append(f"<h2>{html.escape(r['target']['name'])}</h2><p>{html.escape(r['target'].get('note', ''))}</p>")
+        cpu = r["target_procs"]["cpu_s"]
+        if cpu:
+            dur = r["scenario"]["duration"]
+            rows = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{v}</td><td>{100 * v / dur:.0f}%</td></tr>" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+            parts.append(f"<table><tr><th>process</th><th>CPU s</th><th>% of a core</th></tr>{rows}</table>")
+        if r.get("drift"):
+            parts.append(f"<p>Drift (first vs last fifth): <code>{html.escape(json.dumps(r['drift']))}</code></p>")
+        if r.get("ring_depths"):
+            depth_series = {}
+            for s in r["ring_depths"]:
+                for k, v in s.items():
+                    if k != "t":
+                        depth_series.setdefault(k, []).append((s["t"], v))
+            parts.append(svg_chart(list(depth_series.items()), "Ring depth (records)", "seconds", "records"))
+        if r.get("error_samples"):
+            parts.append("<p>Errors (samples):</p><ul>" + "".join(f"<li><code>{html.escape(e)}</code></li>" for e in r["error_samples"]) + "</ul>")
+    for r in doc["results"]:
+        if "skipped" in r:
+            parts.append(f"<p><b>{html.escape(r['target']['name'])}</b> skipped: {html.escape(r['skipped'])}</p>")
+    return "\n".join(parts)
+
+
+def _html_table(rows: list[dict[str, Any]]) -> str:
+    cols: list[str] = []
+    for row in rows:
+        for c in row:
+            if c not in cols:
+                cols.append(c)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in cols) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"

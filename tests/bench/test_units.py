@@ -1,0 +1,119 @@
+"""Pure parts of the harness: histogram, wire formats, argument checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench import proto
+from bench.hist import Histogram, bucket_of, bucket_value
+from bench.report import table_rows
+from bench.runner import Scenario, Target
+
+
+def test_histogram_percentiles_are_within_two_percent_of_exact() -> None:
+    rng = random.Random(7)
+    values = [int(rng.lognormvariate(8, 1.5)) for _ in range(20_000)]
+    h = Histogram()
+    for v in values:
+        h.record_us(v)
+    values.sort()
+    for p in (50.0, 90.0, 99.0, 99.9):
+        exact = values[int(p / 100 * len(values)) - 1]
+        assert abs(h.percentile_us(p) - exact) <= max(2.0, 0.02 * exact), (p, exact, h.percentile_us(p))
+    assert h.percentile_us(100) == values[-1]
+    assert h.percentile_us(0) == values[0]
+
+
+def test_histograms_merged_across_processes_equal_one_histogram() -> None:
+    a, b, both = Histogram(), Histogram(), Histogram()
+    for v in range(0, 50_000, 7):
+        (a if v % 2 else b).record_us(v)
+        both.record_us(v)
+    merged = Histogram.from_json(a.to_json())
+    merged.merge(Histogram.from_json(b.to_json()))
+    assert merged.counts == both.counts and merged.count == both.count and merged.max_us == both.max_us
+
+
+def test_bucket_width_is_at_most_one_64th_of_the_value() -> None:
+    for v in (128, 129, 1000, 65_535, 10**6, 10**9):
+        assert abs(bucket_value(bucket_of(v)) - v) <= v / 64
+
+
+def test_percentile_outside_0_to_100_is_refused_with_the_value() -> None:
+    with pytest.raises(ValueError, match="101"):
+        Histogram().percentile_us(101)
+
+
+def test_mqtt_parser_reassembles_packets_cut_and_joined_across_frames() -> None:
+    pkt = proto.mqtt_publish_qos1(b"t/x", 300, b"y" * 200)  # remaining length needs 2 bytes
+    puback = b"\x40\x02\x01\x2c"
+    stream = pkt + puback + puback
+    p = proto.MqttParser()
+    got = []
+    for i in range(0, len(stream), 3):
+        got += p.feed(stream[i : i + 3])
+    assert [t for t, _ in got] == [3, proto.MQTT_PUBACK, proto.MQTT_PUBACK]
+    assert got[1][1] == b"\x01\x2c"
+
+
+def test_mqtt_malformed_length_is_an_error_naming_the_bytes() -> None:
+    with pytest.raises(proto.BenchError, match="malformed"):
+        proto.MqttParser().feed(b"\x30\xff\xff\xff\xff\x01")
+
+
+def test_mqtt_packet_id_out_of_range_is_refused() -> None:
+    with pytest.raises(proto.BenchError, match="70000"):
+        proto.mqtt_publish_qos1(b"t", 70000, b"")
+
+
+def test_replies_decode_acks_errors_and_garbage() -> None:
+    assert proto.decode_reply(b'{"ack": 7}', False).ack == 7
+    assert proto.decode_reply(proto.msgpack.packb({"ack": 3}), True).ack == 3
+    err = proto.decode_reply(b'{"error": "seq missing", "seq": null}', False)
+    assert err.ack is None and err.error == "seq missing"
+    junk = proto.decode_reply(b"\xc1garbage", True)
+    assert junk.ack is None and "garbage" in (junk.error or "")
+
+
+def test_messages_round_trip_in_both_encodings() -> None:
+    data = proto.make_data(100)
+    m = proto.msgpack.unpackb(proto.encode_message("msgpack", 5, 1.5, data))
+    j = proto.json.loads(proto.encode_message("json", 5, 1.5, data))
+    assert m == j == {"seq": 5, "ts": 1.5, "data": data}
+
+
+def test_secret_is_read_from_the_node_data_dir(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "jwt_secret").write_text("s3cret-from-the-node-0123456789\n")
+    assert proto.read_secret(None, tmp_path) == "s3cret-from-the-node-0123456789"
+    with pytest.raises(proto.BenchError, match="jwt_secret"):
+        proto.read_secret(None, tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("connections", 0), ("rate", 0.0), ("window", 0), ("duration", -1.0), ("encoding", "xml"), ("processes", 99)],
+)
+def test_bad_scenario_values_are_refused_with_the_value(field: str, value: object) -> None:
+    with pytest.raises(proto.BenchError, match=repr(value).strip("'")):
+        Scenario(**{field: value}).check()  # type: ignore[arg-type]
+
+
+def test_a_target_off_loopback_is_refused() -> None:
+    with pytest.raises(proto.BenchError, match="10.0.0.5"):
+        Target("x", "ws://10.0.0.5:8000/v1/ingest").check()
+
+
+def test_table_reports_ratios_to_noop_and_iotnode_against_each_peer() -> None:
+    def res(name: str, thr: float, p99: float) -> dict[str, object]:
+        return {"target": {"name": name}, "acked_msg_s": thr, "latency_ms": {"p50": 1, "p99": p99, "p99.9": p99, "max": p99},
+                "errors": 0, "unacked": 0, "connections_open": 1,
+                "target_procs": {"cpu_pct_of_one_core": 1}, "generator": {"cpu_pct_of_one_core": 1}}
+
+    rows = table_rows([res("noop", 1000, 2), res("iotnode", 500, 8), res("redis", 250, 16),
+                       {"target": {"name": "mosquitto"}, "skipped": "not installed"}])
+    by = {r["target"]: r for r in rows}
+    assert by["iotnode"]["thr_vs_noop"] == 0.5 and by["iotnode"]["p99_vs_noop"] == 4.0
+    assert by["redis"]["iotnode_thr_vs_this"] == 2.0 and by["redis"]["iotnode_p99_vs_this"] == 0.5
+    assert by["mosquitto"]["skipped"] == "not installed"
