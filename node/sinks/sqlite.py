@@ -45,11 +45,14 @@ _SET_CURSOR = (
 )
 
 
+# One encoder for every row (json.dumps with options builds a new encoder per call).
+_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def to_row(record: Record) -> tuple[str, int, float | None, float, str]:
     """The ``messages`` row of a record; ``ValueError``/``TypeError`` if ``data`` is not JSON."""
-    ts = None if record.ts is None else float(record.ts)
-    data = json.dumps(record.data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return (record.device_id, record.seq, ts, float(record.received_at), data)
+    ts = record.ts
+    return (record.device_id, record.seq, None if ts is None else float(ts), float(record.received_at), _json(record.data))
 
 
 class SqliteSink(Sink):

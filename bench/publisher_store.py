@@ -1,0 +1,175 @@
+"""Throughput of publisher + store against the store's own work done in-process.
+
+    python -m bench.publisher_store [--records 200000] [--durability process|power]
+
+* baseline: one process decodes the envelopes and writes them with ``SqliteSink``
+  in batches of 1000 (the work the store cannot avoid);
+* catch-up: the fan-in ring is pre-filled, then publisher + store start; time until
+  the publisher has popped everything (every record durable in SQLite + confirmed);
+* live: publisher + store running, the bench appends as fast as it can (the
+  router's role); time from the first append until the ring is empty again.
+
+Prints records/s for each and the ratios to the baseline measured in the same run.
+Real processes and sockets (ipc:// in a temporary data dir); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from node.record import pack_record, unpack_record
+from node.ring import Ring
+from node.sinks.sqlite import SqliteSink
+
+REPO = Path(__file__).resolve().parent.parent
+RING_BYTES = 64 << 20
+
+
+def envelopes(n: int) -> list[bytes]:
+    now = time.time()
+    return [pack_record(f"dev{i % 1000}", i, now, now, {"temp": 20.0 + i % 10, "n": i}) for i in range(n)]
+
+
+def baseline(records: list[bytes], path: Path, durability: str) -> float:
+    sink = SqliteSink(path, durability)
+    sink.open()
+    ring_id = b"b" * 16
+    started = time.perf_counter()
+    for i in range(0, len(records), 1000):
+        sink.write([unpack_record(p) for p in records[i : i + 1000]], ring_id, i + 1000)
+    elapsed = time.perf_counter() - started
+    sink.close()
+    return len(records) / elapsed
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(data_dir: Path, durability: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    env.update(
+        NODE_DATA_DIR=str(data_dir),
+        NODE_FANIN_RING_BYTES=str(RING_BYTES),
+        NODE_DURABILITY=durability,
+        NODE_METRICS_PORT_PUBLISHER=str(free_port()),
+        NODE_METRICS_PORT_STORE=str(free_port()),
+        NODE_LOG_LEVEL="warning",
+        PYTHONPATH=str(REPO),
+    )
+    return env
+
+
+def start(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", f"node.workers.{name}"], env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
+
+
+def wait_empty(ring: Ring, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while ring.depth:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out: {ring.depth} records still in the fan-in ring")
+        time.sleep(0.005)
+
+
+def fill(ring: Ring, records: list[bytes], timeout: float) -> None:
+    i = 0
+    deadline = time.monotonic() + timeout
+    while i < len(records):
+        n = ring.append_batch(records[i : i + 256])
+        i += n
+        if n == 0:
+            if time.monotonic() > deadline:
+                raise SystemExit("timed out appending: the ring stayed full")
+            time.sleep(0.001)
+
+
+def catch_up(records: list[bytes], root: Path, durability: str) -> float:
+    data = root / "catchup"
+    data.mkdir()
+    env = env_for(data, durability)
+    pub = start("publisher", env, root / "catchup.log")
+    try:
+        deadline = time.monotonic() + 15
+        while not (data / "fanin.ring").exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("publisher did not create the ring")
+            time.sleep(0.02)
+        ring = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability="process")
+        fill(ring, records, 60)
+        started = time.perf_counter()
+        store = start("store", env, root / "catchup.log")
+        wait_empty(ring, 300)
+        elapsed = time.perf_counter() - started
+        stop([store])
+        ring.close()
+    finally:
+        stop([pub])
+    return len(records) / elapsed
+
+
+def live(records: list[bytes], root: Path, durability: str) -> float:
+    data = root / "live"
+    data.mkdir()
+    env = env_for(data, durability)
+    procs = [start("publisher", env, root / "live.log"), start("store", env, root / "live.log")]
+    try:
+        deadline = time.monotonic() + 15
+        while not (data / "fanin.ring").exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("publisher did not create the ring")
+            time.sleep(0.02)
+        ring = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability="process")
+        time.sleep(1.0)  # let the store connect and learn the ring
+        started = time.perf_counter()
+        fill(ring, records, 300)
+        wait_empty(ring, 300)
+        elapsed = time.perf_counter() - started
+        ring.close()
+    finally:
+        stop(procs)
+    return len(records) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--durability", choices=("process", "power"), default="power")
+    args = parser.parse_args()
+    records = envelopes(args.records)
+    with tempfile.TemporaryDirectory(prefix="bench-ps-") as tmp:
+        root = Path(tmp)
+        base = baseline(records, root / "baseline.sqlite3", args.durability)
+        cu = catch_up(records, root, args.durability)
+        lv = live(records, root, args.durability)
+    print(f"records={args.records} durability={args.durability} ({os.cpu_count()} CPUs)")
+    print(f"baseline  in-process decode + SqliteSink.write: {base:10.0f} rec/s")
+    print(f"catch-up  publisher + store, ring pre-filled:    {cu:10.0f} rec/s  ({cu / base:.2f} x baseline)")
+    print(f"live      publisher + store, appending meanwhile: {lv:10.0f} rec/s  ({lv / base:.2f} x baseline)")
+
+
+if __name__ == "__main__":
+    main()
