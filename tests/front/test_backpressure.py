@@ -1,0 +1,81 @@
+"""A full ingress ring, end to end: acks stop, then the socket stops accepting;
+when the consumer frees space everything is acked and nothing was dropped."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from node.record import unpack_record
+from node.ring import Ring
+from tests.front.conftest import start_front
+from tests.support import Processes
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_full_ring_stops_acks_then_reading_and_resumes_without_loss(
+    data_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    front = start_front(
+        data_dir, tmp_path, processes, NODE_INGRESS_RING_BYTES=1 << 20, NODE_CONN_WINDOW=16, NODE_WEB_WORKERS=1
+    )
+    total, pad = 2000, "p" * 8000  # ~16 MiB: far more than the ring and the kernel's socket buffers
+    acked = [-1]
+
+    async def go() -> tuple[int, bool, list[int]]:
+        async with front.connect("bp-dev", ping_interval=None, max_queue=None) as ws:
+
+            async def sender() -> None:
+                for seq in range(total):
+                    await ws.send(msgpack.packb({"seq": seq, "data": pad}))
+
+            async def reader() -> None:
+                async for frame in ws:
+                    acked[0] = msgpack.unpackb(frame)["ack"]
+                    if acked[0] == total - 1:
+                        return
+
+            send_task = asyncio.create_task(sender())
+            read_task = asyncio.create_task(reader())
+            # Wait until acks stop moving (the ring is full; nobody consumes it).
+            last, still = -2, 0
+            for _ in range(300):
+                await asyncio.sleep(0.05)
+                still = still + 1 if acked[0] == last else 0
+                last = acked[0]
+                if still >= 10 and last >= 0:
+                    break
+            stalled_at = acked[0]
+            sender_blocked = not send_task.done()
+            # Be the ring's consumer: pop what is there, repeatedly, until all is acked.
+            ring = Ring.open(front.data_dir / "ingress.ring", capacity=1 << 20)
+            seqs: list[int] = []
+            try:
+                reader_ = ring.reader()
+                pos = ring.head
+                for _ in range(3000):
+                    batch = await asyncio.get_running_loop().run_in_executor(None, reader_.read, pos, 4096)
+                    for record in batch:
+                        seqs.append(unpack_record(record.payload).seq)
+                    if batch:
+                        pos = batch[-1].end
+                        reader_.pop(pos)
+                    elif read_task.done() and send_task.done():
+                        break
+                    else:
+                        await asyncio.sleep(0.01)
+                reader_.close()
+            finally:
+                ring.close()
+            await asyncio.wait_for(asyncio.gather(send_task, read_task), 30)
+            return stalled_at, sender_blocked, seqs
+
+    stalled_at, sender_blocked, seqs = asyncio.run(asyncio.wait_for(go(), 100))
+    assert 0 <= stalled_at < total - 1, "acks should stall while the ring is full"
+    assert sender_blocked, "the socket should stop accepting while the ring is full"
+    assert acked[0] == total - 1
+    assert seqs == list(range(total)), "every message reached the ring once, in order"
