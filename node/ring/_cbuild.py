@@ -52,6 +52,8 @@ int iotring_mutex_init(const iotring_ctx *c);
 int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                        uint64_t *first_pos);
 int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uint64_t *first_pos);
+int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
+                               int stage, uint64_t *first_pos);
 int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint64_t max_bytes, int verify,
                  uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
                  iotring_block *blk);
@@ -264,10 +266,12 @@ static void write_pad(const iotring_ctx *c, uint64_t pos, uint64_t bytes) {
 }
 
 /* ------------------------------------------------------------------ append */
-/* Claims room for a prefix of the batch, writes and commits it, persists it once.
-   Returns the number appended (0 when full) or -errno. */
-int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
-                       uint64_t *first_pos) {
+/* Under the claim mutex: fit a prefix of the batch (padding at the wrap point), write
+   every header in the claimed state (self-identifying), publish the tail.
+   Returns how many records were claimed (0: full) or -errno; [*start, *end) is the
+   claimed range. */
+static int64_t claim(const iotring_ctx *c, const uint32_t *lens, uint32_t n, uint64_t *start_out,
+                     uint64_t *end_out) {
     const uint64_t cap = c->cap, mask = cap - 1;
     int r = claim_lock(c);
     if (r) return r;
@@ -283,7 +287,6 @@ int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *le
         p += pad + rsz;
     }
     if (k == 0) { claim_unlock(c); return 0; }
-    /* Write every header in the claimed state (self-identifying), then publish the tail. */
     p = start;
     for (uint32_t i = 0; i < k; i++) {
         uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
@@ -297,36 +300,84 @@ int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *le
         *R_CRC(h) = 0;
         *R_PID(h) = c->pid;
         *R_TOKEN(h) = c->token;
-        if (i == 0) *first_pos = p;
         p += rsz;
     }
-    uint64_t end = p;
     __atomic_fetch_add(U64(c, D_APPENDED_OFFSET), k, __ATOMIC_RELAXED);
-    STORE_REL(U64(c, D_TAIL_OFFSET), end);
+    STORE_REL(U64(c, D_TAIL_OFFSET), p);
     claim_unlock(c);
+    *start_out = start;
+    *end_out = p;
+    return (int64_t)k;
+}
 
-    /* Outside the lock: payloads, checksums, commit markers. */
-    p = start;
-    const uint8_t *src = (const uint8_t *)buf;
+/* Outside the lock: payloads and checksums (stage >= 1), commit markers (stage 2). */
+static void fill(const iotring_ctx *c, const uint8_t *src, const uint32_t *lens, uint32_t k, uint64_t p,
+                 int stage) {
+    const uint64_t cap = c->cap, mask = cap - 1;
     for (uint32_t i = 0; i < k; i++) {
         uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
         uint64_t idx = p & mask;
         if (idx + rsz > cap) p += cap - idx;
         uint8_t *h = REC(c, p);
-        memcpy(h + D_RECORD_HEADER_LENGTH, src, lens[i]);
-        *R_CRC(h) = record_crc(c, h, 1);
-        STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
+        if (stage >= 1) {
+            memcpy(h + D_RECORD_HEADER_LENGTH, src, lens[i]);
+            *R_CRC(h) = record_crc(c, h, 1);
+        }
+        if (stage >= 2) STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
         src += lens[i];
         p += rsz;
     }
+}
+
+/* Appends a prefix of the batch: claim, write, commit, wake, ONE persist of the range.
+   Returns the number appended (0 when full) or -errno (records committed, not durable). */
+int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
+                       uint64_t *first_pos) {
+    uint64_t start = 0, end = 0;
+    int64_t k = claim(c, lens, n, &start, &end);
+    if (k <= 0) return k;
+    fill(c, (const uint8_t *)buf, lens, (uint32_t)k, start, 2);
     wake_consumer(c);
-    r = persist_positions(c, start, end);
+    int r = persist_positions(c, start, end);
     if (r) return r;
-    return (int64_t)k;
+    *first_pos = start;
+    return k;
 }
 
 int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uint64_t *first_pos) {
     return iotring_append(c, buf, &len, 1, first_pos);
+}
+
+/* TEST HOOK for crash tests: stop at `stage` as a producer killed there would leave
+   the ring (-1: holding the claim mutex; 0: headers claimed only; 1: payloads +
+   checksums written, not committed).  Nothing is persisted.  The caller must die. */
+int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
+                               int stage, uint64_t *first_pos) {
+    uint64_t start = 0, end = 0;
+    if (stage < 0) {
+        /* -1: die inside the claim section: mutex held, claimed headers written past the
+           tail, tail not published. */
+        int r = claim_lock(c);
+        if (r) return r;
+        uint64_t p = *U64(c, D_TAIL_OFFSET);
+        for (uint32_t i = 0; i < n && (p & (c->cap - 1)) + ALIGN_UP(D_RECORD_HEADER_LENGTH + lens[i]) <= c->cap; i++) {
+            uint8_t *h = REC(c, p);
+            *R_STATE(h) = D_STATE_CLAIMED;
+            *R_POS(h) = p;
+            *R_LEN(h) = lens[i];
+            *R_TYPE(h) = D_TYPE_DATA;
+            *R_PID(h) = c->pid;
+            *R_TOKEN(h) = c->token;
+            p += ALIGN_UP(D_RECORD_HEADER_LENGTH + lens[i]);
+        }
+        *first_pos = p;
+        return 0;
+    }
+    int64_t k = claim(c, lens, n, &start, &end);
+    if (k <= 0) return k;
+    fill(c, (const uint8_t *)buf, lens, (uint32_t)k, start, stage < 1 ? 0 : 1);
+    *first_pos = start;
+    return k;
 }
 
 /* ------------------------------------------------------------------ consumer */

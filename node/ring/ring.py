@@ -258,6 +258,19 @@ class Ring:
             self._raise_persist(rc)
         return int(rc)
 
+    def _append_partial(self, payloads: Sequence[bytes], stage: int) -> int:
+        """TEST HOOK: claim ``payloads`` and stop as a producer killed mid-append would.
+
+        ``stage`` -1: holding the claim mutex, tail not published; 0: only the claimed
+        headers are written; 1: payloads and checksums too, but no commit marker.
+        The caller must die right after.  Used by the crash tests; never by the node.
+        """
+        lens = array("I", map(len, payloads))
+        rc = lib.iotring_append_partial(
+            self._ctx, b"".join(payloads), ffi.from_buffer("uint32_t[]", lens), len(payloads), stage, self._out_first
+        )
+        return int(rc)
+
     def _raise_persist(self, rc: int) -> None:
         raise RingPersistError(-rc, f"{self.path}: persist failed, records not durable: {os.strerror(-rc)}")
 
