@@ -15,7 +15,7 @@ import pytest
 from node.auth import issue_device_token
 from node.client import Backoff, ClientClosed, HandshakeRefused, MessageRejected, MessageTooLarge
 from node.client import DeviceClient as _DeviceClient
-from node.record import unpack_record
+from node.record import Record, unpack_record
 from node.ring import Ring
 from tests.client.conftest import Node
 
@@ -60,25 +60,26 @@ async def eventually(predicate: Callable[[], object], timeout: float, what: str)
         await asyncio.sleep(0.01)
 
 
-def ring_seqs(node: Node, device: str) -> Counter[int]:
-    """Every seq of ``device`` in the ingress ring (read with no other consumer)."""
+def ring_records(node: Node) -> list[Record]:
+    """Every record in the ingress ring (read with no other consumer)."""
     ring = Ring.open(node.env["NODE_DATA_DIR"] + "/ingress.ring", capacity=int(node.env["NODE_INGRESS_RING_BYTES"]))
     try:
         reader = ring.reader()
-        seqs: Counter[int] = Counter()
+        out: list[Record] = []
         pos = ring.head
         for _ in range(100_000):
             records = reader.read(pos, max_records=1024)
             if not records:
                 break
-            for rec in records:
-                envelope = unpack_record(rec.payload)
-                if envelope.device_id == device:
-                    seqs[envelope.seq] += 1
+            out.extend(unpack_record(rec.payload) for rec in records)
             pos = records[-1].end
-        return seqs
+        return out
     finally:
         ring.close()
+
+
+def ring_seqs(node: Node, device: str) -> Counter[int]:
+    return Counter(r.seq for r in ring_records(node) if r.device_id == device)
 
 
 def test_every_message_is_acked_exactly_once_across_worker_kills_and_a_front_restart(front: Node) -> None:
