@@ -18,6 +18,7 @@
   in per-device order, each ``(device, seq)`` at most once per connection.
 * A client more than ``NODE_FANOUT_QUEUE`` messages behind is closed with code 1013
   (try again later); it never holds up the SUB socket or the other clients.
+* A stream ends with code 1008 when the ``exp`` of the token that opened it passes.
 * The live stream is best effort: no replay of what the SUB high-water mark or a
   disconnection lost.  The store is the durable path (see ``docs/fanout.md``).
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Final
 
+import jwt
 import zmq
 import zmq.asyncio
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -59,6 +61,7 @@ log = logging.getLogger("node.fanout")
 STREAM_PATH: Final = "/v1/stream"
 MAX_DEVICES: Final = 1024  # device parameters per connection
 CLOSE_TOO_SLOW: Final = 1013  # "try again later"
+CLOSE_TOKEN_EXPIRED: Final = 1008  # "policy violation": the token's exp has passed
 CLOSE_GOING_AWAY: Final = 1001
 MAX_BATCH: Final = 256  # SUB messages handled per wake-up (also bounded by half a client queue)
 CLOSE_TIMEOUT: Final = 30.0  # seconds a close frame may wait behind a full socket
@@ -131,6 +134,7 @@ class Client:
         self.queue: collections.deque[str] = collections.deque()
         self.overflowed = False
         self.stopping = False
+        self.expired = False
         self._wake = asyncio.Event()
 
     def offer(self, text: str) -> bool:
@@ -148,6 +152,10 @@ class Client:
 
     def stop(self) -> None:
         self.stopping = True
+        self._wake.set()
+
+    def expire(self) -> None:
+        self.expired = True
         self._wake.set()
 
     async def wait(self) -> None:
@@ -345,6 +353,9 @@ async def _send_loop(websocket: WebSocket, client: Client) -> None:
         if client.stopping:
             await asyncio.wait_for(websocket.close(CLOSE_GOING_AWAY, "server shutting down"), CLOSE_TIMEOUT)
             return
+        if client.expired:
+            await asyncio.wait_for(websocket.close(CLOSE_TOKEN_EXPIRED, "token expired"), CLOSE_TIMEOUT)
+            return
 
 
 async def _drain_incoming(websocket: WebSocket) -> None:
@@ -382,6 +393,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             try:
                 token = token_from_request(websocket.headers, websocket.query_params)
                 allowed = verify_client_token(secret, token)
+                expires_at = _expiry(token)
             except AuthError as exc:
                 raise StreamRefused(exc.status, exc.reason, "unauthorized" if exc.status == 401 else "forbidden")
             selection = select_devices(websocket.query_params.getlist("device"), allowed)
@@ -395,7 +407,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
         try:
             await websocket.accept()
             with FANOUT_CLIENTS.track_inprogress():
-                await _serve(websocket, client)
+                await _serve(websocket, client, expires_at)
         except WebSocketDisconnect:
             pass
         finally:
@@ -410,14 +422,25 @@ def create_app(settings: Settings, secret: str) -> Starlette:
     )
 
 
-async def _serve(websocket: WebSocket, client: Client) -> None:
+def _expiry(token: str | None) -> float | None:
+    """The ``exp`` of a token :func:`verify_client_token` already accepted (unix s), if any."""
+    exp = jwt.decode(token or "", options={"verify_signature": False}).get("exp")
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+async def _serve(websocket: WebSocket, client: Client, expires_at: float | None) -> None:
     what = "every device" if client.selection.everything else f"{len(client.selection.devices)} device(s)"
     log.info("client app %s follows %s", _peer(websocket), what)
     sender = asyncio.ensure_future(_send_loop(websocket, client))
     receiver = asyncio.ensure_future(_drain_incoming(websocket))
+    timer = None
+    if expires_at is not None:  # the stream lasts no longer than the token that opened it
+        timer = asyncio.get_running_loop().call_later(max(0.0, expires_at - time.time()), client.expire)
     try:
         await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        if timer is not None:
+            timer.cancel()
         for task in (sender, receiver):
             task.cancel()
         for result in await asyncio.gather(sender, receiver, return_exceptions=True):

@@ -8,7 +8,7 @@ import time
 import jwt
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from node import wire
 from node.auth import issue_device_token
@@ -280,3 +280,19 @@ def test_metrics_parse_and_count_streamed_messages_and_clients(fanout: FanoutNod
     assert fanout.metric("iotnode_fanout_clients") == clients_before
     names = {name for name, _ in fanout.metrics()}
     assert {"iotnode_fanout_slow_client_drops_total", "iotnode_fanout_duplicates_total"} <= names
+
+
+def test_stream_ends_with_1008_when_its_token_expires(fanout: FanoutNode) -> None:
+    device = unique("exp")
+
+    async def scenario() -> None:
+        async with fanout.connect([device], token=fanout.token([device], ttl=2)) as ws:
+            fanout.publisher.wait_subscribed(device)
+            fanout.publisher.publish(device, 1)
+            assert keys(await receive(ws, 1)) == [(device, 1)]
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "token expired")
+
+    run(scenario())
