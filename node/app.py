@@ -11,7 +11,7 @@ window room, reads a frame, and parses it; the *writer* sends what the committer
 and the parser left for the device (error replies and the coalesced ack), so a
 device that does not read its acks never blocks the committer or other devices.
 
-``create_app(settings=None, *, on_group=None, routes=())`` builds the app; uvicorn
+``create_app(settings=None, *, on_group=None, routes=(), commit_mode="auto")`` builds the app; uvicorn
 calls it as a factory in each worker process (``node.app:create_app``), and the
 lifespan opens the ring *in the worker*, after the fork/spawn.  ``on_group`` and
 ``routes`` are the seams for ``node.metrics`` (ack-latency observation, ``/metrics``).
@@ -120,7 +120,13 @@ def create_app(
     *,
     on_group: GroupCallback | None = None,
     routes: Sequence[BaseRoute] = (),
+    commit_mode: str = "auto",
 ) -> Starlette:
+    """Build the front.  ``commit_mode``: ``"auto"`` (inline on a pmem ring or with
+    durability "process", else the commit thread), ``"thread"`` or ``"inline"``
+    (for measurements)."""
+    if commit_mode not in ("auto", "thread", "inline"):
+        raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
     _install_log_filters()
     state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
@@ -129,10 +135,14 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         raise_nofile_limit()
         ring = _open_ring(settings)
-        # With libpmem on real pmem a persist is a few cache-line flushes: calling it
-        # inline beats a thread hop.  msync (and the mmap fallback) block for 100+ us:
-        # run them in the commit thread while the loop keeps reading.
-        threaded = getattr(ring, "backend", "msync") != "pmem"
+        # A thread hop costs ~45 us (measured: tests/front/measure_persist.py).  msync
+        # blocks 0.2-4 ms: run it in the commit thread while the loop keeps reading.
+        # libpmem on real pmem (cache-line flushes) and durability "process" (no
+        # persist, ~2 us per call) are cheaper inline.  See docs/front.md.
+        if commit_mode == "auto":
+            threaded = ring.backend != "pmem" and settings.durability == "power"
+        else:
+            threaded = commit_mode == "thread"
         committer = Committer(
             ring,
             max_pending_bytes=pending_bytes_limit(settings, ring.capacity),
@@ -146,7 +156,7 @@ def create_app(
         log.info(
             "ingress ring %s (backend %s, %s commit), window %d",
             settings.ring_path("ingress"),
-            getattr(ring, "backend", "?"),
+            ring.backend,
             "threaded" if threaded else "inline",
             settings.conn_window,
         )
