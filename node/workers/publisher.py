@@ -35,6 +35,7 @@ from node import wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES, watch_ring
 from node.record import RecordError, device_id_of
+from node.ring.errors import RingError, RingPositionError
 from node.workers.runtime import start
 
 log = logging.getLogger("node.publisher")
@@ -165,7 +166,7 @@ class Publisher:
         if count:
             try:
                 records = self.reader.read(start, max_records=count, max_bytes=FETCH_MAX_BYTES)
-            except ValueError as exc:  # RingPositionError: not a record boundary
+            except RingError as exc:  # not a record boundary, beyond the tail: a confused peer
                 log.warning("FETCH from %d (head %d): %s: answered with no records", fetch.start, head, exc)
                 ERRORS.labels(stage="publisher", reason="bad_fetch").inc()
                 records = []
@@ -209,7 +210,7 @@ class Publisher:
             return
         try:
             self.reader.pop(target)
-        except ValueError as exc:  # RingPositionError
+        except RingPositionError as exc:
             log.error("cannot pop to confirmed cursor %d: %s", target, exc)
             ERRORS.labels(stage="publisher", reason="bad_confirm").inc()
             return
@@ -254,7 +255,7 @@ def main() -> None:
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
-    from node.ring import Ring, RingError
+    from node.ring import Ring
 
     path = settings.ring_path("fanin")
     try:

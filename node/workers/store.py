@@ -66,8 +66,11 @@ class Store:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(settings.pub_endpoint)
         self.dealer = ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.SNDHWM, 1000)
-        self.dealer.setsockopt(zmq.RCVHWM, 1000)
+        # Queue nothing while the publisher is away (a FETCH is resent after its timeout
+        # anyway): no burst of stale FETCHes and megabyte answers when it returns.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self.dealer.setsockopt(zmq.SNDHWM, 100)
+        self.dealer.setsockopt(zmq.RCVHWM, 8)
         self.dealer.setsockopt(zmq.LINGER, 500)  # give the last CONFIRM a chance at exit
         self.dealer.connect(settings.replay_endpoint)
         self.poller = zmq.Poller()
