@@ -1,0 +1,215 @@
+"""Issue 4 end to end: a whole node under SIGKILLs keeps every acked message exactly once.
+
+A whole node (web with 2 workers, monitor, router, publisher, store) runs as real
+processes.  Dozens of simulated devices (the ``websockets`` client; half send
+MessagePack binary frames, half JSON text) send thousands of messages, paced,
+with a window of unacked messages, resending everything unacked after a
+reconnect.  Meanwhile a seeded random schedule SIGKILLs each process kind at
+least once (a web worker -- uvicorn starts a new one --, the whole web front, the
+monitor, router, publisher, store) and restarts what stopped.  At the end the SQLite store holds
+every message exactly once, with each device's seqs gapless and their data intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, WebSocketException
+
+from node.auth import issue_device_token
+from tests.support import Processes, iter_children, node_env, wait_for_port
+
+STAGES = ("monitor", "router", "publisher", "store")
+KINDS = ("web-worker", *STAGES)
+DEVICES = 40
+MESSAGES_PER_DEVICE = 120  # 4,800 messages per schedule
+WINDOW = 16  # unacked messages per device connection
+RUN_TIMEOUT = 45.0  # seconds for every device to be acked
+STORE_TIMEOUT = 45.0  # then for the store to hold everything
+
+
+@dataclass
+class DeviceStats:
+    acked: int = -1
+    connections: int = 0
+    resent: int = 0
+    errors: list[object] = field(default_factory=list)
+
+
+async def run_device(
+    url: str, token: str, device: str, binary: bool, rng: random.Random, stats: DeviceStats, deadline: float
+) -> None:
+    """Send seqs 0..N-1 paced; after any drop, reconnect and resend everything unacked."""
+    last = MESSAGES_PER_DEVICE - 1
+    sent_before = -1  # highest seq sent on an earlier connection
+    while stats.acked < last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{device}: acked through {stats.acked} of {last} when time ran out")
+        try:
+            async with connect(f"{url}?token={token}", open_timeout=5, ping_interval=None, close_timeout=1) as ws:
+                stats.connections += 1
+                nxt = stats.acked + 1
+                stats.resent += max(0, sent_before - nxt + 1)
+                while stats.acked < last:
+                    while nxt <= last and nxt - stats.acked <= WINDOW:
+                        body = {"seq": nxt, "data": {"device": device, "seq": nxt, "v": nxt * 0.5}}
+                        await ws.send(msgpack.packb(body) if binary else json.dumps(body))
+                        sent_before = max(sent_before, nxt)
+                        nxt += 1
+                        if nxt <= last:
+                            await asyncio.sleep(rng.uniform(0.01, 0.07))
+                    frame = await asyncio.wait_for(ws.recv(), timeout=10)
+                    reply = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
+                    if "ack" in reply:
+                        stats.acked = max(stats.acked, int(reply["ack"]))
+                    else:
+                        stats.errors.append(reply)
+        except (OSError, TimeoutError, InvalidHandshake, WebSocketException):
+            await asyncio.sleep(rng.uniform(0.05, 0.3))  # the front (worker) went away: back off, reconnect
+
+
+def is_worker(pid: int) -> bool:
+    """A uvicorn worker (spawned by multiprocessing), not its resource tracker."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def socket_count(pid: int) -> int:
+    count = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return count
+
+
+@dataclass
+class WholeNode:
+    processes: Processes
+    data_dir: Path
+    log_dir: Path
+    env: dict[str, str]
+    kills: list[str] = field(default_factory=list)
+
+    def start(self, name: str) -> None:
+        module = "node.workers.web" if name == "web" else f"node.workers.{name}"
+        self.processes.start(name, module, self.env, self.log_dir)
+
+    def kill(self, kind: str, rng: random.Random) -> None:
+        if kind == "web":
+            self.processes.kill("web", signal.SIGKILL)
+            self.start("web")
+        elif kind == "web-worker":
+            workers = sorted(w for w in iter_children(self.processes.procs["web"].pid) if is_worker(w))
+            if not workers:
+                return  # uvicorn is between workers: nothing to kill this time
+            # The busiest worker (most sockets): the kernel may have put every device on one.
+            os.kill(max(workers, key=lambda w: (socket_count(w), rng.random())), signal.SIGKILL)
+        else:
+            self.processes.kill(kind, signal.SIGKILL)
+            time.sleep(rng.uniform(0.0, 0.4))
+            self.start(kind)
+        self.kills.append(kind)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{self.processes.log(n)[-2500:]}" for n in self.processes.procs)
+
+
+def stored_rows(path: Path) -> list[tuple[str, int, str]]:
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT device_id, seq, data FROM messages").fetchall()
+    except sqlite3.OperationalError:  # the store has not created its table yet
+        return []
+    finally:
+        db.close()
+
+
+async def chaos(node: WholeNode, rng: random.Random, done: asyncio.Event) -> None:
+    """Each kind once in a seeded random order, then a few more random kills, while devices run."""
+    schedule = [*KINDS, "web"]  # "web": the whole front (parent and workers), then restarted
+    rng.shuffle(schedule)
+    schedule += [rng.choice(KINDS) for _ in range(2)]
+    await asyncio.sleep(rng.uniform(0.5, 1.0))
+    for kind in schedule:
+        if done.is_set():
+            break
+        await asyncio.to_thread(node.kill, kind, rng)
+        await asyncio.sleep(rng.uniform(0.3, 0.9))
+
+
+async def drive(node: WholeNode, seed: int) -> dict[str, DeviceStats]:
+    rng = random.Random(seed)
+    url = f"ws://127.0.0.1:{node.env['NODE_WEB_PORT']}/v1/ingest"
+    secret = node.env["NODE_JWT_SECRET"]
+    stats = {f"e2e-{seed}-{i}": DeviceStats() for i in range(DEVICES)}
+    deadline = time.monotonic() + RUN_TIMEOUT
+    done = asyncio.Event()
+    chaos_task = asyncio.create_task(chaos(node, random.Random(rng.random()), done))
+    devices = [
+        run_device(url, issue_device_token(secret, d), d, i % 2 == 0, random.Random(rng.random()), s, deadline)
+        for i, (d, s) in enumerate(stats.items())
+    ]
+    try:
+        await asyncio.gather(*devices)
+    finally:
+        done.set()
+        await chaos_task
+    return stats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [11, 23, 47])
+def test_sigkill_of_every_process_kind_keeps_every_acked_message_exactly_once(
+    seed: int, data_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    node = WholeNode(processes, data_dir, tmp_path, node_env(data_dir, NODE_WEB_WORKERS=2))
+    for stage in STAGES:
+        node.start(stage)
+    node.start("web")
+    wait_for_port(int(node.env["NODE_WEB_PORT"]), timeout=30)
+
+    stats = asyncio.run(drive(node, seed))
+
+    assert {*KINDS, "web"} <= set(node.kills), f"schedule killed only {node.kills}"
+    assert all(s.acked == MESSAGES_PER_DEVICE - 1 for s in stats.values())
+    errors = {d: s.errors for d, s in stats.items() if s.errors}
+    assert not errors, f"the node answered errors: {errors}"
+    assert sum(s.connections for s in stats.values()) > DEVICES, "no device was disconnected by the worker kill"
+
+    expected = {(d, seq) for d in stats for seq in range(MESSAGES_PER_DEVICE)}
+    store = data_dir / "store.sqlite3"
+    deadline = time.monotonic() + STORE_TIMEOUT
+    rows = stored_rows(store)
+    while len(rows) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        rows = stored_rows(store)
+    keys = [(d, s) for d, s, _ in rows]
+    missing = expected - set(keys)
+    assert not missing, f"{len(missing)} acked messages missing from the store, e.g. {sorted(missing)[:5]}\n{node.logs()}"
+    assert len(keys) == len(set(keys)) == len(expected), f"{len(keys)} rows for {len(expected)} messages"
+    for device, seq, data in rows:
+        assert json.loads(data) == {"device": device, "seq": seq, "v": seq * 0.5}
+    per_device: dict[str, list[int]] = {}
+    for device, seq in keys:
+        per_device.setdefault(device, []).append(seq)
+    assert all(sorted(s) == list(range(MESSAGES_PER_DEVICE)) for s in per_device.values())
