@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = runner.run(scn, target, Path(tmp) / "logs", progress)
         paths = report.save([result], f"{scn.name}-{result['target']['name']}", args.out, command)
         print(report.format_table(report.table_rows([result])))
+        for w in result["warnings"]:
+            print(f"warning: {w}")
         print(f"results: {paths[0]}\nreport:  {paths[1]}")
         return 0
     except proto.BenchError as exc:
@@ -142,6 +144,9 @@ def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
                 results.append({"target": {"name": name}, "skipped": f"failed: {str(exc)[:300]}"})
     paths = report.save(results, f"compare-{scn.name}", args.out, command)
     print(report.format_table(report.table_rows(results)))
+    for r in results:
+        for w in r.get("warnings", []):
+            print(f"warning: {r['target']['name']}: {w}")
     print(f"results: {paths[0]}\nreport:  {paths[1]}")
     return 0
 

@@ -63,12 +63,31 @@ def descendants(roots: list[int]) -> list[int]:
     return out
 
 
-def _label(pid: int) -> str:
+def role(pid: int, depth: int = 0) -> str:
+    """A stable name for what a process does: its ``-m module``, its program name, or
+    ``<parent role>/worker`` for a multiprocessing child (uvicorn's workers)."""
     cmd = cmdline(pid)
-    m = re.search(r"-m (\S+)", cmd)
+    if "multiprocessing" in cmd and depth < 5:
+        st = _stat(pid)
+        what = "resource_tracker" if "resource_tracker" in cmd else "worker"
+        return f"{role(st[1], depth + 1) if st else '?'}/{what}"
+    m = re.search(r"-m ([\w.]+)", cmd)
     if m:
-        return f"{m.group(1)}[{pid}]"
-    return f"{(cmd.split() or ['?'])[0].rsplit('/', 1)[-1]}[{pid}]"
+        return m.group(1)
+    return (cmd.split() or ["?"])[0].rsplit("/", 1)[-1]
+
+
+def _label(pid: int) -> str:
+    return f"{role(pid)}[{pid}]"
+
+
+def by_role(cpu: dict[str, float]) -> dict[str, float]:
+    """Sum per-process values (``role[pid]`` keys) per role."""
+    out: dict[str, float] = {}
+    for label, value in cpu.items():
+        r = label.rsplit("[", 1)[0]
+        out[r] = round(out.get(r, 0.0) + value, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 @dataclass

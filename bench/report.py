@@ -81,7 +81,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------------- SVG
 def _nines(p: float) -> float:
-    return 5.3 if p >= 100 else min(5.0, -math.log10(max(1e-5, 1 - p / 100)))
+    return 5.6 if p >= 100 else min(5.0, -math.log10(max(1e-5, 1 - p / 100)))
 
 
 def svg_chart(
@@ -168,11 +168,13 @@ def render_html(doc: dict[str, Any]) -> str:
     parts.append(svg_chart(p99t, "p99 ack latency per second", "seconds", "ms (log)", ylog=True))
     for r in results:
         parts.append(f"<h2>{html.escape(r['target']['name'])}</h2><p>{html.escape(r['target'].get('note', ''))}</p>")
-        cpu = r["target_procs"]["cpu_s"]
+        cpu = r["target_procs"].get("cpu_s_by_role") or r["target_procs"]["cpu_s"]
         if cpu:
             dur = r["scenario"]["duration"]
             rows = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{v}</td><td>{100 * v / dur:.0f}%</td></tr>" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
-            parts.append(f"<table><tr><th>process</th><th>CPU s</th><th>% of a core</th></tr>{rows}</table>")
+            parts.append(f"<p>Where the target's CPU went (summed per role):</p><table><tr><th>process</th><th>CPU s</th><th>% of a core</th></tr>{rows}</table>")
+        for w in r.get("warnings", []):
+            parts.append(f"<p style='color:#b00'>warning: {html.escape(w)}</p>")
         if r.get("drift"):
             parts.append(f"<p>Drift (first vs last fifth): <code>{html.escape(json.dumps(r['drift']))}</code></p>")
         if r.get("ring_depths"):

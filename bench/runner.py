@@ -375,13 +375,34 @@ def _merge(
         },
         "target_procs": {
             "cpu_s": node_cpu,
+            "cpu_s_by_role": procstat.by_role(node_cpu),
             "cpu_pct_of_one_core": round(100 * sum(node_cpu.values()) / scn.duration, 1) if node_cpu else None,
             "samples": node_samples,
         },
         "ring_depths": ring_depths,
     }
     result["drift"] = drift(result)
+    result["warnings"] = warnings(result)
     return result
+
+
+def warnings(result: dict[str, Any]) -> list[str]:
+    """Reasons not to trust a number: a saturated generator, lost messages, errors."""
+    out = []
+    busiest = 0.0
+    for s in result["generator"]["samples"][1:]:
+        for p in s["procs"].values():
+            busiest = max(busiest, p["cpu_pct"])
+    if busiest >= 85.0:
+        out.append(f"a load-generator process reached {busiest:.0f}% of a core: add --processes, the "
+                   "generator may be the bottleneck")
+    if result["unacked"]:
+        out.append(f"{result['unacked']} messages were still unacked {result['scenario']['drain']}s after the end")
+    if result["connections_open"] < result["scenario"]["connections"]:
+        out.append(f"only {result['connections_open']} of {result['scenario']['connections']} connections opened")
+    if result["errors"]:
+        out.append(f"{result['errors']} errors, e.g. {result['error_samples'][:2]}")
+    return out
 
 
 def drift(result: dict[str, Any]) -> dict[str, Any]:
