@@ -242,7 +242,7 @@ def test_malformed_published_messages_are_dropped_and_the_stream_goes_on(fanout:
         async with fanout.connect([device]) as ws:
             fanout.publisher.wait_subscribed(device)
             fanout.publisher.publish(device, 1, "ok")
-            fanout.publisher.publish_raw([topic, b"\xc1", b"x"])  # undecodable meta
+            fanout.publisher.publish_raw([topic, b"\xc1", b"x"])  # undecodable record (the meta is not read)
             fanout.publisher.publish_raw([topic, wire.encode_meta(RING_ID, 0, 1), b"\x93\x01"])  # bad envelope
             fanout.publisher.publish_raw([topic])  # wrong frame count
             other = pack_record("someone-else", 9, None, 1.0, None)
