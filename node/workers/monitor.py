@@ -330,7 +330,11 @@ def main() -> None:
             "forwarding ingress ring %s (%s, id %s, head %d, tail %d) to %s",
             path, ring.backend, ring.ring_id.hex(), ring.head, ring.tail, settings.router_connect_endpoint,
         )
-        monitor.run(stop)
+        try:
+            monitor.run(stop)
+        except RingError as exc:  # a damaged ring: a restart reopens (and recovers) it
+            log.error("ingress ring %s failed: %s", path, exc)
+            raise SystemExit(1) from None
         log.info("stopping: %d batches unacked stay in the ring (resent at next start)", len(monitor.window.flights))
         monitor.close()
         ring.close()

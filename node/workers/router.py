@@ -47,7 +47,11 @@ FULL_BACKOFF_MAX = 0.05
 
 
 class RouterError(Exception):
-    """The router cannot run (endpoint busy, ring unusable); ``main`` exits non-zero."""
+    """The router cannot run; ``main`` exits with ``status`` (2: configuration/endpoint, 1: ring failure)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # --------------------------------------------------------------------- dedup, no I/O
@@ -259,13 +263,16 @@ def main() -> None:
             ring.ring_id.hex(), ring.tail,
         )
         router = Router(settings, ring, sock)
-        router.run(stop)
+        try:
+            router.run(stop)
+        except RingError as exc:  # e.g. RingPersistError: nothing unpersisted was acked
+            raise RouterError(f"fan-in ring {settings.ring_path('fanin')} failed: {exc}", status=1) from None
         log.info("stopping: %d batches pending, %d source rings seen", len(router.pending), len(router.sources))
         sock.close(linger=500)  # let the last acks reach the monitors
         ring.close()
     except RouterError as exc:
         log.error("%s", exc)
-        raise SystemExit(2) from None
+        raise SystemExit(exc.status) from None
     finally:
         ctx.destroy(linger=0)
 

@@ -107,6 +107,7 @@ def test_full_fanin_ring_stops_ingress_draining_and_resumes_when_consumed(stages
     s.start("router")
     s.start("monitor")
 
+    wait_until(lambda: producer.ring.depth < 3000, 20, what="the monitor to start draining")
     depths: list[int] = []
 
     def stalled() -> bool:
