@@ -17,6 +17,15 @@ def test_batch_carries_start_and_base_for_resend_dedup() -> None:
     assert (batch.start, batch.base) == (64, 32)
 
 
+def test_batch_records_travel_in_one_frame_and_must_be_bin() -> None:
+    frames = wire.encode_batch(RING, [0, 64], 128, [b"a", b"b"])
+    assert len(frames) == 3
+    with pytest.raises(wire.WireError, match="array of bin"):
+        wire.decode_batch([*frames[:2], msgpack.packb(["a", "b"])])
+    with pytest.raises(wire.WireError, match="expected 3 frames"):
+        wire.decode_batch([*frames, b"extra"])
+
+
 def test_batch_with_base_after_start_is_refused() -> None:
     frames = wire.encode_batch(RING, [96], 160, [b"a"], start=96, base=128)
     with pytest.raises(wire.WireError, match="base <= start <= end"):
@@ -26,7 +35,7 @@ def test_batch_with_base_after_start_is_refused() -> None:
 def test_batch_with_mismatched_counts_is_refused() -> None:
     with pytest.raises(ValueError):
         wire.encode_batch(RING, [0], 64, [b"a", b"b"])
-    frames = [wire.BATCH, msgpack.packb({"ring": RING, "pos": [0, 1], "end": 9}), b"only-one"]
+    frames = [wire.BATCH, msgpack.packb({"ring": RING, "pos": [0, 1], "end": 9}), msgpack.packb([b"only-one"])]
     with pytest.raises(wire.WireError, match="2 positions for 1 records"):
         wire.decode_batch(frames)
 
