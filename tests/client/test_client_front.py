@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -17,7 +20,8 @@ from node.client import Backoff, ClientClosed, HandshakeRefused, MessageRejected
 from node.client import DeviceClient as _DeviceClient
 from node.record import Record, unpack_record
 from node.ring import Ring
-from tests.client.conftest import Node
+from tests.client.conftest import PIPELINE, Node
+from tests.support import wait_until
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 
@@ -82,14 +86,13 @@ def ring_seqs(node: Node, device: str) -> Counter[int]:
     return Counter(r.seq for r in ring_records(node) if r.device_id == device)
 
 
-def test_every_message_is_acked_exactly_once_across_worker_kills_and_a_front_restart(front: Node) -> None:
-    total = 3000
+def stream_through_disconnects(node: Node, device: str, total: int) -> tuple[list[int], Counter[int], DeviceClient]:
+    """Send ``total`` messages while the front's workers are SIGKILLed and then the
+    whole front is SIGKILLed and restarted; return (seqs, acks per seq, client)."""
     acks: Counter[int] = Counter()
 
     async def scenario() -> tuple[list[int], DeviceClient]:
-        client = await connect(
-            front.url, front.token("dev-1"), on_ack=lambda s: acks.update([s]), backoff=FAST, timeout=20
-        )
+        client = await connect(node.url, node.token(device), on_ack=lambda s: acks.update([s]), backoff=FAST, timeout=20)
         futures: list[asyncio.Future[int]] = []
 
         async def produce() -> None:
@@ -99,13 +102,13 @@ def test_every_message_is_acked_exactly_once_across_worker_kills_and_a_front_res
                     await asyncio.sleep(0.002)  # spread the stream so the kills land mid-way
 
         producer = asyncio.create_task(produce())
-        await eventually(lambda: client.acked >= 400, 20, "first acks")
-        killed = await asyncio.to_thread(front.kill_workers)  # uvicorn starts new workers
+        await eventually(lambda: client.acked >= total // 8, 20, "first acks")
+        killed = await asyncio.to_thread(node.kill_workers)  # uvicorn starts new workers
         assert killed >= 1
-        await eventually(lambda: client.connections >= 2 and client.acked >= 1200, 30, "reconnect after worker kill")
-        await asyncio.to_thread(front.kill_front)
+        await eventually(lambda: client.connections >= 2 and client.acked >= total // 3, 30, "reconnect")
+        await asyncio.to_thread(node.kill_front)
         await asyncio.sleep(0.2)
-        await asyncio.to_thread(front.start_front)
+        await asyncio.to_thread(node.start_front)
         await producer
         await client.flush(30)
         seqs = [f.result() for f in futures]
@@ -113,16 +116,44 @@ def test_every_message_is_acked_exactly_once_across_worker_kills_and_a_front_res
         return seqs, client
 
     seqs, client = run(scenario(), timeout=90)
+    print(f"{total} messages, {client.sent_frames} frames sent, {client.connections} connections")
     assert client.connections >= 3, "expected a reconnect after each forced disconnect"
+    assert client.sent_frames > total, "expected unacked messages in flight at a kill, resent after it"
     assert len(seqs) == total
     assert seqs == list(range(seqs[0], seqs[0] + total))  # consecutive, in send order
     assert acks == Counter(seqs), "every seq acked exactly once"
     assert client.acked == total and client.pending == 0 and client.rejected == 0
-    assert client.sent_frames >= total
+    return seqs, acks, client
+
+
+def test_every_message_is_acked_exactly_once_across_worker_kills_and_a_front_restart(front: Node) -> None:
+    seqs, _, _ = stream_through_disconnects(front, "dev-1", 3000)
     # Ack means durable: every acked seq is in the ingress ring (resends may repeat
     # a seq there; the store deduplicates on (device_id, seq)).
     front.kill_front()
     assert set(ring_seqs(front, "dev-1")) == set(seqs)
+
+
+def test_whole_node_stores_every_message_once_across_forced_disconnects(front_factory: Any) -> None:
+    node: Node = front_factory(stages=PIPELINE)
+    seqs, _, _ = stream_through_disconnects(node, "dev-s", 2000)
+    path = Path(node.env["NODE_DATA_DIR"]) / "store.sqlite3"
+
+    def rows() -> list[tuple[int, str]]:
+        if not path.exists():
+            return []
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT seq, data FROM messages WHERE device_id = 'dev-s' ORDER BY seq").fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            db.close()
+
+    wait_until(lambda: len(rows()) >= len(seqs), 60, what="every message in the store")
+    stored = rows()
+    assert [seq for seq, _ in stored] == seqs  # each once (and nothing else)
+    assert [json.loads(data)["i"] for _, data in stored] == list(range(len(seqs)))
 
 
 def test_clients_dropped_together_do_not_reconnect_in_lock_step(front: Node) -> None:
