@@ -40,6 +40,8 @@ ACK_TIMEOUT = 1.0
 ACK_TIMEOUT_MAX = 8.0
 POLL_MS = 200
 DOORBELL_WAIT = 0.5
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 6000
 FINISH_WAIT = 1.0  # on SIGTERM, how long to collect acks of the batches in flight
 
 
@@ -89,6 +91,8 @@ class Window:
             raise wire.WireError(f"ACK for ring {ack.ring.hex()}, expected {self.ring_id.hex()}")
         if ack.end > self.read_pos:
             raise wire.WireError(f"ACK up to {ack.end}, beyond what was sent ({self.read_pos})")
+        if ack.end > self.base and all(f.end != ack.end for f in self.flights):
+            raise wire.WireError(f"ACK up to {ack.end}: not the end of a batch in flight")
         count = 0
         while self.flights and self.flights[0].end <= ack.end:
             count += len(self.flights.popleft().records)
@@ -163,6 +167,10 @@ class Monitor:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.SNDHWM, 2 * WINDOW + 2)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
+        # ZMTP heartbeats: a router that vanished without closing (host down, half-open
+        # tcp://) drops the connection after HEARTBEAT_TIMEOUT, which triggers the resend.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.events = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.connected = False

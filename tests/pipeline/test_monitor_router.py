@@ -174,6 +174,18 @@ def test_second_router_on_a_live_ipc_endpoint_exits_2(stages: Callable[..., Stag
     assert processes.procs["router"].poll() is None  # the first one keeps its endpoint
 
 
+def test_second_monitor_on_the_same_ingress_ring_exits_2(stages: Callable[..., Stages], processes: Processes) -> None:
+    s = stages()
+    s.start("router")
+    s.start("monitor")
+    wait_until(lambda: "forwarding ingress ring" in processes.log("monitor"), 15, what="first monitor consuming")
+    s.env["NODE_METRICS_PORT_MONITOR"] = str(free_port())
+    s.start("monitor", "-2")
+    assert processes.procs["monitor-2"].wait(timeout=15) == 2
+    assert "already has a consumer" in processes.log("monitor-2")
+    assert processes.procs["monitor"].poll() is None
+
+
 def test_bad_endpoint_configuration_exits_2_naming_the_variable(stages: Callable[..., Stages], processes: Processes) -> None:
     s = stages(NODE_ROUTER_BIND="udp://127.0.0.1:1")
     s.start("router")

@@ -93,10 +93,13 @@ def test_window_pops_through_the_highest_ack_and_refuses_foreign_acks() -> None:
     assert window.base == 96 and len(window.flights) == 1
     assert window.ack(wire.Ack(SRC, 64)) == 0  # a stale duplicate ack
     assert window.base == 96
+    window.add([160], 192, [b"e"])
+    with pytest.raises(wire.WireError, match="not the end of a batch"):
+        window.ack(wire.Ack(SRC, 176))
     with pytest.raises(wire.WireError, match="beyond what was sent"):
         window.ack(wire.Ack(SRC, 4096))
     with pytest.raises(wire.WireError, match="expected"):
-        window.ack(wire.Ack(b"x" * 16, 160))
+        window.ack(wire.Ack(b"x" * 16, 192))
 
 
 def test_window_resends_carry_the_current_base() -> None:
