@@ -27,6 +27,7 @@ from node.workers.runtime import configure_logging
 log = logging.getLogger("node.workers.fanout")
 
 GRACE = 5  # seconds uvicorn waits for open streams at shutdown
+STALLED_PEER_MS = 60_000  # TCP_USER_TIMEOUT of client connections (see _listen)
 MAX_CLIENT_FRAME = 4096  # client apps have nothing to say; bigger frames are closed with 1009
 
 _TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s\"']+")
@@ -66,6 +67,10 @@ def _listen(settings: Settings) -> socket.socket:
             settings.host, settings.fanout_port, settings.host, settings.fanout_port, exc.strerror or exc,
         )
         raise SystemExit(2) from None
+    # Accepted connections inherit this: a client that leaves data unacknowledged (a
+    # zero window: it stopped reading) for this long is aborted by the kernel, so a
+    # stalled client closed with 1013 does not keep its socket buffers forever.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALLED_PEER_MS)
     sock.set_inheritable(True)
     return sock
 

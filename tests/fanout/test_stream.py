@@ -296,3 +296,20 @@ def test_stream_ends_with_1008_when_its_token_expires(fanout: FanoutNode) -> Non
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "token expired")
 
     run(scenario())
+
+
+def test_client_messages_are_ignored_and_an_oversized_one_closes_with_1009(fanout: FanoutNode) -> None:
+    device = unique("talk")
+
+    async def scenario() -> None:
+        async with fanout.connect([device]) as ws:
+            fanout.publisher.wait_subscribed(device)
+            await ws.send("hello")  # ignored: the stream goes on
+            fanout.publisher.publish(device, 1)
+            assert keys(await receive(ws, 1)) == [(device, 1)]
+            await ws.send("x" * 10_000)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+    run(scenario())
