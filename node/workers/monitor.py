@@ -145,7 +145,10 @@ class Doorbell:
                 continue
             if self._reader.wait(DOORBELL_WAIT):  # type: ignore[attr-defined]
                 self._armed.clear()
-                self._out.send(b"", zmq.NOBLOCK)
+                try:
+                    self._out.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # pokes already queued: the main loop will read anyway
 
     def close(self) -> None:
         self._stop.set()
