@@ -201,15 +201,6 @@ class Hub:
         else:
             self._topics[topic] = count
 
-    @property
-    def topics(self) -> dict[bytes, int]:
-        """Subscribed topics and how many clients hold each (for tests and logs)."""
-        return dict(self._topics)
-
-    @property
-    def clients(self) -> int:
-        return len(self._clients)
-
     def add(self, client: Client) -> None:
         self._clients.add(client)
         if client.selection.everything:
