@@ -271,7 +271,7 @@ static void write_pad(const iotring_ctx *c, uint64_t pos, uint64_t bytes) {
    Returns how many records were claimed (0: full) or -errno; [*start, *end) is the
    claimed range. */
 static int64_t claim(const iotring_ctx *c, const uint32_t *lens, uint32_t n, uint64_t *start_out,
-                     uint64_t *end_out) {
+                     uint64_t *end_out, int publish) {
     const uint64_t cap = c->cap, mask = cap - 1;
     int r = claim_lock(c);
     if (r) return r;
@@ -302,6 +302,7 @@ static int64_t claim(const iotring_ctx *c, const uint32_t *lens, uint32_t n, uin
         *R_TOKEN(h) = c->token;
         p += rsz;
     }
+    if (!publish) return 0;  /* test hook only: as if killed here, mutex held */
     __atomic_fetch_add(U64(c, D_APPENDED_OFFSET), k, __ATOMIC_RELAXED);
     STORE_REL(U64(c, D_TAIL_OFFSET), p);
     claim_unlock(c);
@@ -334,7 +335,7 @@ static void fill(const iotring_ctx *c, const uint8_t *src, const uint32_t *lens,
 int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                        uint64_t *first_pos) {
     uint64_t start = 0, end = 0;
-    int64_t k = claim(c, lens, n, &start, &end);
+    int64_t k = claim(c, lens, n, &start, &end, 1);
     if (k <= 0) return k;
     fill(c, (const uint8_t *)buf, lens, (uint32_t)k, start, 2);
     wake_consumer(c);
@@ -354,26 +355,8 @@ int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uin
 int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                                int stage, uint64_t *first_pos) {
     uint64_t start = 0, end = 0;
-    if (stage < 0) {
-        /* -1: die inside the claim section: mutex held, claimed headers written past the
-           tail, tail not published. */
-        int r = claim_lock(c);
-        if (r) return r;
-        uint64_t p = *U64(c, D_TAIL_OFFSET);
-        for (uint32_t i = 0; i < n && (p & (c->cap - 1)) + ALIGN_UP(D_RECORD_HEADER_LENGTH + lens[i]) <= c->cap; i++) {
-            uint8_t *h = REC(c, p);
-            *R_STATE(h) = D_STATE_CLAIMED;
-            *R_POS(h) = p;
-            *R_LEN(h) = lens[i];
-            *R_TYPE(h) = D_TYPE_DATA;
-            *R_PID(h) = c->pid;
-            *R_TOKEN(h) = c->token;
-            p += ALIGN_UP(D_RECORD_HEADER_LENGTH + lens[i]);
-        }
-        *first_pos = p;
-        return 0;
-    }
-    int64_t k = claim(c, lens, n, &start, &end);
+    if (stage < 0) return claim(c, lens, n, &start, &end, 0);  /* -1: dies holding the mutex */
+    int64_t k = claim(c, lens, n, &start, &end, 1);
     if (k <= 0) return k;
     fill(c, (const uint8_t *)buf, lens, (uint32_t)k, start, stage < 1 ? 0 : 1);
     *first_pos = start;
