@@ -80,3 +80,18 @@ def front_factory(data_dir: Path, processes: Processes) -> Iterator[object]:
 @pytest.fixture
 def front(front_factory: object) -> Node:
     return front_factory()  # type: ignore[operator,no-any-return]
+
+
+@pytest.fixture(scope="session")
+def shared_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One front for the tests that neither kill it nor reconfigure it (each uses
+    its own device ids): saves a uvicorn start per test."""
+    data_dir = tmp_path_factory.mktemp("shared-front") / "data"
+    data_dir.mkdir()
+    group = Processes()
+    try:
+        node = Node(group, data_dir, node_env(data_dir))
+        node.start_front()
+        yield node
+    finally:
+        group.stop_all()

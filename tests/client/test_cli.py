@@ -26,7 +26,8 @@ def summary_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return json.loads(result.stderr.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def test_cli_sends_every_stdin_line_and_prints_one_ack_per_line(front: Node) -> None:
+def test_cli_sends_every_stdin_line_and_prints_one_ack_per_line(shared_front: Node) -> None:
+    front = shared_front
     lines = "".join(json.dumps({"temp": 20 + i / 10}) + "\n" for i in range(50))
     result = cli(front, lines, "--token", front.token("cli-1"), "--print-acks")
     assert result.returncode == 0, result.stderr
@@ -38,7 +39,8 @@ def test_cli_sends_every_stdin_line_and_prints_one_ack_per_line(front: Node) -> 
     assert (summary["sent"], summary["acked"], summary["unacked"], summary["invalid_lines"]) == (50, 50, 0, 0)
 
 
-def test_cli_envelope_lines_json_frames_and_bad_lines_named_by_number(front: Node) -> None:
+def test_cli_envelope_lines_json_frames_and_bad_lines_named_by_number(shared_front: Node) -> None:
+    front = shared_front
     stdin = '{"data": {"t": 1}, "ts": 1700000000}\nnot json\n{"no_data": 1}\n{"data": [1, 2]}\n'
     result = cli(front, stdin, "--token", front.token("cli-2"), "--envelope", "--json")
     assert result.returncode == 1  # some lines were invalid
@@ -48,14 +50,16 @@ def test_cli_envelope_lines_json_frames_and_bad_lines_named_by_number(front: Nod
     assert (summary["sent"], summary["acked"], summary["invalid_lines"]) == (2, 2, 2)
 
 
-def test_cli_refused_token_exits_2_with_the_status(front: Node) -> None:
+def test_cli_refused_token_exits_2_with_the_status(shared_front: Node) -> None:
+    front = shared_front
     token = issue_device_token("some-other-secret-0123456789", "cli-3")
     result = cli(front, '{"a": 1}\n', "--token", token, timeout=30)
     assert result.returncode == 2
     assert "refused the connection" in result.stderr and "HTTP 401" in result.stderr
 
 
-def test_cli_device_option_signs_a_token_with_the_local_node_secret(front: Node) -> None:
+def test_cli_device_option_signs_a_token_with_the_local_node_secret(shared_front: Node) -> None:
+    front = shared_front
     env = client_env() | {"NODE_JWT_SECRET": front.secret}
     result = subprocess.run(
         [sys.executable, "-m", "node.client", "--url", front.url, "--device", "cli-4"],
@@ -65,13 +69,15 @@ def test_cli_device_option_signs_a_token_with_the_local_node_secret(front: Node)
     assert summary_of(result)["acked"] == 1
 
 
-def test_cli_without_any_token_source_exits_with_a_clear_message(front: Node) -> None:
+def test_cli_without_any_token_source_exits_with_a_clear_message(shared_front: Node) -> None:
+    front = shared_front
     result = cli(front, "", timeout=30)
     assert result.returncode != 0
     assert "give --token, --token-file, or --device" in result.stderr
 
 
-def test_cli_bad_option_value_exits_2_naming_it(front: Node) -> None:
+def test_cli_bad_option_value_exits_2_naming_it(shared_front: Node) -> None:
+    front = shared_front
     result = cli(front, "", "--token", "x", "--window", "0", timeout=30)
     assert result.returncode == 2
     assert "window must be an integer >= 1, got 0" in result.stderr

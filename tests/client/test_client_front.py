@@ -183,7 +183,8 @@ def test_clients_dropped_together_do_not_reconnect_in_lock_step(front: Node) -> 
     assert max(buckets.values()) <= clients_n // 4, f"too many reconnects in one 100 ms slot: {buckets}"
 
 
-def test_refused_token_is_a_distinct_error_and_is_not_retried(front: Node) -> None:
+def test_refused_token_is_a_distinct_error_and_is_not_retried(shared_front: Node) -> None:
+    front = shared_front
     async def scenario() -> None:
         bad = issue_device_token("another-secret-0123456789", "dev-x")
         client = DeviceClient(front.url, bad, backoff=FAST)
@@ -204,7 +205,8 @@ def test_refused_token_is_a_distinct_error_and_is_not_retried(front: Node) -> No
     run(scenario())
 
 
-def test_refusal_after_start_without_wait_fails_every_pending_future(front: Node) -> None:
+def test_refusal_after_start_without_wait_fails_every_pending_future(shared_front: Node) -> None:
+    front = shared_front
     async def scenario() -> None:
         client = DeviceClient(front.url, "not-a-jwt", backoff=FAST)
         await client.start(wait=False)
@@ -243,7 +245,8 @@ def test_message_over_the_node_frame_limit_is_closed_1009_and_named(front_factor
     run(scenario())
 
 
-def test_message_over_the_known_limit_is_refused_locally_without_using_a_seq(front: Node) -> None:
+def test_message_over_the_known_limit_is_refused_locally_without_using_a_seq(shared_front: Node) -> None:
+    front = shared_front
     async def scenario() -> None:
         client = await connect(front.url, front.token("dev-l"), max_message_bytes=512, timeout=20)
         seq = client.next_seq
@@ -281,7 +284,8 @@ def test_node_error_reply_fails_that_message_with_the_reason_and_it_is_not_resen
     run(scenario())
 
 
-def test_data_the_node_would_refuse_raises_before_sending(front: Node) -> None:
+def test_data_the_node_would_refuse_raises_before_sending(shared_front: Node) -> None:
+    front = shared_front
     async def scenario() -> None:
         client = await connect(front.url, front.token("dev-p"), timeout=20)
         seq = client.next_seq
@@ -297,7 +301,8 @@ def test_data_the_node_would_refuse_raises_before_sending(front: Node) -> None:
     run(scenario())
 
 
-def test_json_text_frames_are_acked_like_binary(front: Node) -> None:
+def test_json_text_frames_are_acked_like_binary(shared_front: Node) -> None:
+    front = shared_front
     async def scenario() -> None:
         client = await connect(front.url, front.token("dev-j"), binary=False, timeout=20)
         futs = await client.send_many([({"t": 21.5, "unit": "°C"}, 1700000000.5), ([1, 2, 3], None)])
