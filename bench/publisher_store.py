@@ -87,6 +87,11 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=5)
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_empty(ring: Ring, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while ring.depth:
@@ -107,7 +112,7 @@ def fill(ring: Ring, records: list[bytes], timeout: float) -> None:
             time.sleep(0.001)
 
 
-def catch_up(records: list[bytes], root: Path, durability: str) -> float:
+def catch_up(records: list[bytes], root: Path, durability: str) -> tuple[float, float, float]:
     data = root / "catchup"
     data.mkdir()
     env = env_for(data, durability)
@@ -120,18 +125,23 @@ def catch_up(records: list[bytes], root: Path, durability: str) -> float:
             time.sleep(0.02)
         ring = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability="process")
         fill(ring, records, 60)
+        time.sleep(1.0)  # the publisher publishes them to nobody meanwhile
+        pub_cpu = cpu_seconds(pub.pid)
         started = time.perf_counter()
         store = start("store", env, root / "catchup.log")
         wait_empty(ring, 300)
         elapsed = time.perf_counter() - started
+        pub_cpu = cpu_seconds(pub.pid) - pub_cpu
+        store_cpu = cpu_seconds(store.pid)
         stop([store])
         ring.close()
     finally:
         stop([pub])
-    return len(records) / elapsed
+    n = len(records)
+    return n / elapsed, pub_cpu / n * 1e6, store_cpu / n * 1e6
 
 
-def live(records: list[bytes], root: Path, durability: str) -> float:
+def live(records: list[bytes], root: Path, durability: str) -> tuple[float, float, float]:
     data = root / "live"
     data.mkdir()
     env = env_for(data, durability)
@@ -144,14 +154,17 @@ def live(records: list[bytes], root: Path, durability: str) -> float:
             time.sleep(0.02)
         ring = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability="process")
         time.sleep(1.0)  # let the store connect and learn the ring
+        before = [cpu_seconds(p.pid) for p in procs]
         started = time.perf_counter()
         fill(ring, records, 300)
         wait_empty(ring, 300)
         elapsed = time.perf_counter() - started
+        used = [cpu_seconds(p.pid) - b for p, b in zip(procs, before)]
         ring.close()
     finally:
         stop(procs)
-    return len(records) / elapsed
+    n = len(records)
+    return n / elapsed, used[0] / n * 1e6, used[1] / n * 1e6
 
 
 def main() -> None:
@@ -163,12 +176,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ps-") as tmp:
         root = Path(tmp)
         base = baseline(records, root / "baseline.sqlite3", args.durability)
-        cu = catch_up(records, root, args.durability)
-        lv = live(records, root, args.durability)
+        cu, cu_pub, cu_store = catch_up(records, root, args.durability)
+        lv, lv_pub, lv_store = live(records, root, args.durability)
     print(f"records={args.records} durability={args.durability} ({os.cpu_count()} CPUs)")
-    print(f"baseline  in-process decode + SqliteSink.write: {base:10.0f} rec/s")
-    print(f"catch-up  publisher + store, ring pre-filled:    {cu:10.0f} rec/s  ({cu / base:.2f} x baseline)")
-    print(f"live      publisher + store, appending meanwhile: {lv:10.0f} rec/s  ({lv / base:.2f} x baseline)")
+    print(f"baseline  in-process decode + SqliteSink.write:  {base:8.0f} rec/s  ({1e6 / base:5.1f} us/rec)")
+    print(
+        f"catch-up  publisher + store, ring pre-filled:     {cu:8.0f} rec/s  ({cu / base:.2f} x baseline)"
+        f"  CPU us/rec: store {cu_store:.1f} (FETCH path), publisher replay {cu_pub:.1f}"
+    )
+    print(
+        f"live      publisher + store, appending meanwhile: {lv:8.0f} rec/s  ({lv / base:.2f} x baseline)"
+        f"  CPU us/rec: publisher {lv_pub:.1f}, store {lv_store:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -108,14 +108,15 @@ class Store:
             self.confirm()
         self.start_fetch()
 
-    def start_fetch(self) -> None:
+    def start_fetch(self, start: int | None = None) -> None:
+        """FETCH from ``start`` (default: ``expect``; 0 = the head when unknown)."""
         self.fetching = True
-        self.fetch_from = self.expect
+        self.fetch_from = self.expect if start is None else start
         self.fetch_sent_at = time.monotonic()
         if self.ring is None:
             frames = wire.encode_fetch(b"", 0, 0)  # probe: the answer tells the ring id
         else:
-            frames = wire.encode_fetch(self.ring, 0 if self.expect is None else self.expect, FETCH_MAX)
+            frames = wire.encode_fetch(self.ring, self.fetch_from or 0, FETCH_MAX)
         try:
             self.dealer.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
@@ -165,14 +166,18 @@ class Store:
             ERRORS.labels(stage="store", reason="released_gap").inc()
             self.expect = reply.start
             self.dirty = True
+        caught_up = not reply.items or reply.next >= reply.tail
+        if not caught_up:
+            # Ask for the next part before decoding this one: the publisher reads it
+            # while the store decodes and commits (reply.start == expect, so the
+            # items below bring expect to reply.next).
+            self.start_fetch(reply.next)
         for item in reply.items:
             if item.end <= self.expect:
                 continue
             self.take(item.pos, item.end, item.record)
-        if not reply.items or reply.next >= reply.tail:
-            self.fetching = False  # caught up: back to the live stream
-        else:
-            self.start_fetch()
+        if caught_up:
+            self.fetching = False  # back to the live stream
 
     def take(self, pos: int, end: int, payload: bytes) -> None:
         self.expect = end
