@@ -86,10 +86,19 @@ class RedactTokens(logging.Filter):
         return True
 
 
-def _install_log_filters() -> None:
+def _install_logging(level: str) -> None:
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, RedactTokens) for f in logger.filters):
         logger.addFilter(RedactTokens())
+    # Our own loggers ("iotnode.*", "node.ring") print like uvicorn's, at NODE_LOG_LEVEL.
+    for name in ("iotnode", "node"):
+        ours = logging.getLogger(name)
+        ours.setLevel(level.upper())
+        if not ours.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+            ours.addHandler(handler)
+            ours.propagate = False
 
 
 def raise_nofile_limit() -> int:
@@ -128,7 +137,7 @@ def create_app(
     if commit_mode not in ("auto", "thread", "inline"):
         raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
-    _install_log_filters()
+    _install_logging(settings.log_level)
     state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
 
     @asynccontextmanager

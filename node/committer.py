@@ -91,6 +91,8 @@ class FrontStats:
     refused: Counter[int] = field(default_factory=Counter)  # refused handshakes by HTTP status
     open_connections: int = 0
     pending_bytes: int = 0  # queued or persisting right now
+    append_seconds: float = 0.0  # total wall time of append_batch calls (persist included)
+    append_max_seconds: float = 0.0  # the slowest one
 
 
 class Conn:
@@ -235,6 +237,13 @@ class Committer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        st = self.stats
+        log.info(
+            "committer: %d records acked in %d groups (%.1f per group); append_batch %.3f s total, %.1f ms max;"
+            " ring full %d times",
+            st.acked, st.groups, st.acked / max(st.groups, 1), st.append_seconds, st.append_max_seconds * 1e3,
+            st.ring_full,
+        )
 
     # ------------------------------------------------------------- connections
     def connect(self, device_id: str) -> Conn:
@@ -288,6 +297,7 @@ class Committer:
                 continue
             group = self._take()
             payloads = [e.payload for e in group]
+            t0 = time.perf_counter()
             try:
                 if self._executor is not None:
                     n = await loop.run_in_executor(self._executor, self._append_blocking, payloads)
@@ -300,6 +310,10 @@ class Committer:
                 log.exception("committer: append_batch failed for %d records", len(group))
                 self._fail(group)
                 continue
+            elapsed = time.perf_counter() - t0
+            self.stats.append_seconds += elapsed
+            if elapsed > self.stats.append_max_seconds:
+                self.stats.append_max_seconds = elapsed
             if n < len(group):
                 queue.extendleft(reversed(group[n:]))  # keep receipt order
             if n:
