@@ -48,10 +48,22 @@ class DeviceStats:
 
 
 async def run_device(
-    url: str, token: str, device: str, binary: bool, rng: random.Random, stats: DeviceStats, deadline: float
+    url: str,
+    token: str,
+    device: str,
+    binary: bool,
+    rng: random.Random,
+    stats: DeviceStats,
+    deadline: float,
+    every_kind_killed: asyncio.Event,
 ) -> None:
-    """Send seqs 0..N-1 paced; after any drop, reconnect and resend everything unacked."""
+    """Send seqs 0..N-1 paced; after any drop, reconnect and resend everything unacked.
+
+    The last tenth waits until every process kind has been killed once, so that no
+    schedule ends before its kills, whatever the machine's speed.
+    """
     last = MESSAGES_PER_DEVICE - 1
+    hold = MESSAGES_PER_DEVICE * 9 // 10
     sent_before = -1  # highest seq sent on an earlier connection
     while stats.acked < last:
         if time.monotonic() > deadline:
@@ -62,13 +74,16 @@ async def run_device(
                 nxt = stats.acked + 1
                 stats.resent += max(0, sent_before - nxt + 1)
                 while stats.acked < last:
-                    while nxt <= last and nxt - stats.acked <= WINDOW:
+                    if nxt == hold and not every_kind_killed.is_set():
+                        left = deadline - time.monotonic()
+                        await asyncio.wait_for(every_kind_killed.wait(), timeout=max(0.1, left))
+                    while nxt <= last and nxt - stats.acked <= WINDOW and (nxt < hold or every_kind_killed.is_set()):
                         body = {"seq": nxt, "data": {"device": device, "seq": nxt, "v": nxt * 0.5}}
                         await ws.send(msgpack.packb(body) if binary else json.dumps(body))
                         sent_before = max(sent_before, nxt)
                         nxt += 1
                         if nxt <= last:
-                            await asyncio.sleep(rng.uniform(0.01, 0.07))
+                            await asyncio.sleep(rng.uniform(0.02, 0.08))
                     frame = await asyncio.wait_for(ws.recv(), timeout=10)
                     reply = msgpack.unpackb(frame) if isinstance(frame, bytes) else json.loads(frame)
                     if "ack" in reply:
@@ -144,17 +159,19 @@ def stored_rows(path: Path) -> list[tuple[str, int, str]]:
         db.close()
 
 
-async def chaos(node: WholeNode, rng: random.Random, done: asyncio.Event) -> None:
+async def chaos(node: WholeNode, rng: random.Random, every_kind_killed: asyncio.Event, done: asyncio.Event) -> None:
     """Each kind once in a seeded random order, then a few more random kills, while devices run."""
-    schedule = [*KINDS, "web"]  # "web": the whole front (parent and workers), then restarted
-    rng.shuffle(schedule)
-    schedule += [rng.choice(KINDS) for _ in range(2)]
+    mandatory = [*KINDS, "web"]  # "web": the whole front (parent and workers), then restarted
+    rng.shuffle(mandatory)
+    extra = [rng.choice(KINDS) for _ in range(2)]
     await asyncio.sleep(rng.uniform(0.5, 1.0))
-    for kind in schedule:
-        if done.is_set():
+    for i, kind in enumerate(mandatory + extra):
+        if i >= len(mandatory) and done.is_set():
             break
         await asyncio.to_thread(node.kill, kind, rng)
-        await asyncio.sleep(rng.uniform(0.3, 0.9))
+        if i == len(mandatory) - 1:
+            every_kind_killed.set()
+        await asyncio.sleep(rng.uniform(0.2, 0.7))
 
 
 async def drive(node: WholeNode, seed: int) -> dict[str, DeviceStats]:
@@ -164,11 +181,15 @@ async def drive(node: WholeNode, seed: int) -> dict[str, DeviceStats]:
     stats = {f"e2e-{seed}-{i}": DeviceStats() for i in range(DEVICES)}
     deadline = time.monotonic() + RUN_TIMEOUT
     done = asyncio.Event()
-    chaos_task = asyncio.create_task(chaos(node, random.Random(rng.random()), done))
+    every_kind_killed = asyncio.Event()
+    chaos_task = asyncio.create_task(chaos(node, random.Random(rng.random()), every_kind_killed, done))
     devices = [
-        run_device(url, issue_device_token(secret, d), d, i % 2 == 0, random.Random(rng.random()), s, deadline)
+        run_device(
+            url, issue_device_token(secret, d), d, i % 2 == 0, random.Random(rng.random()), s, deadline,
+            every_kind_killed,
+        )
         for i, (d, s) in enumerate(stats.items())
-    ]
+    ]  # fmt: skip
     try:
         await asyncio.gather(*devices)
     finally:
