@@ -50,8 +50,27 @@ def unpack_record(payload: bytes) -> Record:
     return Record(device_id, seq, ts, received_at, data)
 
 
+_FIXARRAY_5 = 0x95
+_FIXSTR_MIN, _FIXSTR_MAX, _STR8 = 0xA0, 0xBF, 0xD9
+
+
 def device_id_of(payload: bytes) -> str:
     """The device id of an envelope without decoding its ``data`` (the publisher's topic)."""
+    # Fast path (once per published record): fixarray of 5, then a fixstr or str8 id --
+    # what pack_record writes for ids below 256 bytes.  Anything else: the Unpacker.
+    if len(payload) > 2 and payload[0] == _FIXARRAY_5:
+        kind = payload[1]
+        if _FIXSTR_MIN <= kind <= _FIXSTR_MAX:
+            start, length = 2, kind & 0x1F
+        elif kind == _STR8:
+            start, length = 3, payload[2]
+        else:
+            start, length = 0, 0
+        if start and start + length <= len(payload):
+            try:
+                return payload[start : start + length].decode()
+            except UnicodeDecodeError:
+                raise RecordError(f"device id is not UTF-8 ({length} bytes)") from None
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(payload)
     try:
