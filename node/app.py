@@ -216,8 +216,8 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
         while True:
             if not committer.has_room(conn):
                 await committer.wait_room(conn)
-                if conn.failed:
-                    break
+            if conn.failed:
+                break  # the writer closes with 1011; the device resends
             message = await receive()
             t_received = perf_counter()
             if message["type"] != "websocket.receive":

@@ -277,7 +277,10 @@ class Committer:
 
     def submit(self, conn: Conn, seq: int, binary: bool, payload: bytes, t_received: float) -> None:
         """Queue one accepted record for the next group (never blocks: the reader
-        called :meth:`wait_room` before reading the frame)."""
+        called :meth:`wait_room` before reading the frame).  Ignored for a failed
+        connection: it is being closed with 1011 and its device resends."""
+        if conn.failed:
+            return
         self._queue.append(_Entry(conn, seq, binary, payload, t_received))
         conn._handed(seq)
         self.stats.received += 1

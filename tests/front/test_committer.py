@@ -209,3 +209,24 @@ def test_inline_mode_acks_too(ring: Ring) -> None:
         return acks
 
     assert asyncio.run(go()) == [Ack(7, False)]
+
+
+def test_append_failure_fails_its_connections_without_acks(tmp_path: Path) -> None:
+    """A broken ring (here: closed under the committer) is not a full ring: nothing
+    is acked, the connections of the group fail (the front closes them with 1011)."""
+    ring = Ring.open(tmp_path / "broken.ring", capacity=1 << 20)
+
+    async def go() -> tuple[list, bool, bool, int]:
+        committer = Committer(ring, max_pending_bytes=1 << 20, window=8)
+        bad, other = committer.connect("bad"), committer.connect("other")
+        ring.close()
+        committer.submit(bad, 1, True, payload("bad", 1), 0.0)
+        await committer.start()
+        frames = await asyncio.wait_for(bad.outgoing(), 10)
+        await asyncio.wait_for(committer.wait_room(bad), 10)  # returns: failed
+        committer.submit(bad, 2, True, payload("bad", 2), 0.0)  # ignored
+        await committer.stop()
+        return frames, bad.failed, other.failed, committer.stats.pending_bytes
+
+    frames, bad_failed, other_failed, pending = asyncio.run(go())
+    assert frames == [] and bad_failed and not other_failed and pending == 0
