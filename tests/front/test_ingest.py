@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import struct
 import time
 import warnings
 
@@ -226,3 +229,31 @@ def test_resending_an_acked_seq_on_a_new_connection_is_acked_again(front: Front)
         return out
 
     assert run(go()) == [{"ack": 10}, {"ack": 10}]
+
+
+def test_oversize_frame_is_refused_from_its_header_before_the_payload(front: Front) -> None:
+    """Only a frame header announcing 10 MiB is sent: the node answers 1009 at once."""
+
+    async def go() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1:{front.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {front.token('header-dev')}\r\n\r\n"
+            ).encode()
+        )
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert status.startswith(b"HTTP/1.1 101")
+        # FIN + binary opcode, MASK bit + 127 (64-bit length), length, mask -- no payload.
+        writer.write(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 10 << 20) + os.urandom(4))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readexactly(2), 10)
+        assert head[0] == 0x88  # FIN + close
+        body = await asyncio.wait_for(reader.readexactly(head[1] & 0x7F), 10)
+        writer.close()
+        return struct.unpack("!H", body[:2])[0], body[2:]
+
+    code, reason = run(go())
+    assert code == 1009 and b"exceeds limit" in reason
