@@ -395,3 +395,18 @@ def test_repeated_sigkills_of_both_stages_still_store_every_record_exactly_once(
     pipeline.wait_stored(10000, timeout=60)
     pipeline.assert_exactly(10000)
     wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
+
+
+def test_records_across_several_ring_wraps_with_padding_are_stored_exactly_once(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    pipeline = make(data_dir, processes, request, NODE_FANIN_RING_BYTES=1 << 20)
+    pipeline.start("publisher")
+    pipeline.start("store")
+    n = 30000  # about 3 MiB of records through a 1 MiB ring
+    pipeline.append(0, n, timeout=60)
+    pipeline.wait_stored(n, timeout=60)
+    pipeline.assert_exactly(n)
+    assert pipeline.ring.head > 2 * pipeline.ring.capacity  # wrapped at least twice
+    wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
+    assert "gap in the live stream" not in processes.log("store")  # padding is not a gap
