@@ -4,8 +4,9 @@
 
 Starts ``python -m node.workers.web`` with NODE_WEB_WORKERS=2 on a free loopback
 port, opens CONNECTIONS device WebSockets at once (default 2000), counts the
-sockets each worker holds (/proc/PID/fd, minus its idle count), closes them, and
-repeats ROUNDS times (default 3).  Not collected by pytest.
+sockets each worker holds (/proc/PID/fd, minus its idle count) and the workers'
+RSS growth per connection (over the idle RSS; later rounds reuse freed memory),
+closes them, and repeats ROUNDS times (default 3).  Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ def sockets(pid: int) -> int:
     return count
 
 
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def workers(parent: int) -> list[int]:
     return [p for p in iter_children(parent) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-async def burst(url: str, n: int, pids: list[int], idle: dict[int, int]) -> dict[int, int]:
+async def burst(url: str, n: int, pids: list[int], idle: dict[int, int]) -> tuple[dict[int, int], int]:
     token = issue_device_token(SECRET, "spread")
     conns = await asyncio.gather(
         *(websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=60,
@@ -50,8 +58,9 @@ async def burst(url: str, n: int, pids: list[int], idle: dict[int, int]) -> dict
     )
     await asyncio.sleep(0.5)
     counts = {pid: sockets(pid) - idle[pid] for pid in pids}
+    memory = sum(rss(pid) for pid in pids)
     await asyncio.gather(*(c.close() for c in conns))
-    return counts
+    return counts, memory
 
 
 def main() -> None:
@@ -68,11 +77,13 @@ def main() -> None:
         time.sleep(2)
         pids = workers(proc.pid)
         idle = {pid: sockets(pid) for pid in pids}
+        idle_rss = sum(rss(pid) for pid in pids)
         url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
         for r in range(rounds):
-            counts = asyncio.run(burst(url, n, pids, idle))
+            counts, memory = asyncio.run(burst(url, n, pids, idle))
             shares = ", ".join(f"{c} ({100 * c / n:.0f}%)" for c in counts.values())
-            print(f"round {r + 1}: {n} connections -> workers: {shares}")
+            per_conn = (memory - idle_rss) / n / 1024
+            print(f"round {r + 1}: {n} connections -> workers: {shares}; RSS of workers +{per_conn:.1f} KiB/connection")
             time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
