@@ -8,6 +8,7 @@ report (re-render a results JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="no-op, iotnode, redis and mosquitto, same load, one table")
     p.add_argument("--scenario", choices=("c10k", "max"), default="c10k")
     p.add_argument("--targets", default=",".join(targets.NAMES), help="comma-separated subset, in order")
+    p.add_argument("--rounds", type=int, default=3, help="each target is loaded once per round, in turn (3)")
     _scenario_args(p)
     p = sub.add_parser("report", help="re-render the HTML report of a results JSON")
     p.add_argument("json", type=Path)
@@ -125,23 +127,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
+    """Start every target at once, then run ``--rounds`` rounds, each target once per
+    round in turn, so that slow drifts of a shared machine hit all of them alike.
+    Each target is reported by its median round; ratios are taken within a round."""
     scn = _scenario(args.scenario, args)
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     for n in names:
         if n not in targets.NAMES:
             raise proto.BenchError(f"--targets: unknown target {n!r}, expected some of {', '.join(targets.NAMES)}")
-    results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp:
+    if args.rounds < 1:
+        raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
+    rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp, contextlib.ExitStack() as stack:
+        running: dict[str, runner.Target] = {}
         for name in names:
             try:
-                with targets.start(name, Path(tmp) / name, args.workers) as target:
-                    results.append(runner.run(scn, target, Path(tmp) / "logs" / name, progress))
+                running[name] = stack.enter_context(targets.start(name, Path(tmp) / name, args.workers))
             except targets.Skip as exc:
                 print(f"skipped: {exc}", file=sys.stderr)
-                results.append({"target": {"name": name}, "skipped": str(exc)})
+                skipped[name] = str(exc)
             except proto.BenchError as exc:
-                print(f"failed: {name}: {exc}", file=sys.stderr)
-                results.append({"target": {"name": name}, "skipped": f"failed: {str(exc)[:300]}"})
+                print(f"failed to start {name}: {exc}", file=sys.stderr)
+                skipped[name] = f"failed to start: {str(exc)[:300]}"
+        for k in range(args.rounds):
+            for name, target in running.items():
+                if name in skipped:
+                    continue
+                if progress:
+                    print(f"--- round {k + 1}/{args.rounds}: {name}", file=progress)
+                try:
+                    rounds[name].append(runner.run(scn, target, Path(tmp) / "logs" / f"{name}-{k}", progress))
+                except proto.BenchError as exc:
+                    print(f"failed: {name}: {exc}", file=sys.stderr)
+                    skipped[name] = f"failed: {str(exc)[:300]}"
+    results = combine_rounds(names, rounds, skipped)
     paths = report.save(results, f"compare-{scn.name}", args.out, command)
     print(report.format_table(report.table_rows(results)))
     for r in results:
@@ -149,6 +169,26 @@ def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
             print(f"warning: {r['target']['name']}: {w}")
     print(f"results: {paths[0]}\nreport:  {paths[1]}")
     return 0
+
+
+def combine_rounds(names: list[str], rounds: dict[str, list[dict[str, Any]]], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """One result per target (its median round by throughput) with every round's
+    throughput and p99, and per-round ratios to the no-op baseline."""
+    results: list[dict[str, Any]] = []
+    base = rounds.get("noop", []) if "noop" not in skipped else []
+    for name in names:
+        if name in skipped or not rounds.get(name):
+            results.append({"target": {"name": name}, "skipped": skipped.get(name, "no result")})
+            continue
+        rs = rounds[name]
+        ordered = sorted(rs, key=lambda r: r["acked_msg_s"])
+        chosen = dict(ordered[(len(ordered) - 1) // 2])
+        chosen["rounds"] = [{"acked_msg_s": r["acked_msg_s"], "p99_ms": r["latency_ms"].get("p99")} for r in rs]
+        if base and len(base) == len(rs):
+            chosen["thr_vs_noop_rounds"] = [round(r["acked_msg_s"] / b["acked_msg_s"], 3) if b["acked_msg_s"] else None
+                                            for r, b in zip(rs, base)]
+        results.append(chosen)
+    return results
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ def _role_clients(url: str, clients: int, records: int) -> None:
         conns = [await connect(url, compression=None, max_queue=None, open_timeout=30).__aenter__() for _ in range(clients)]
         print("ready", flush=True)
         done: list[float] = []
+        cpu0 = time.process_time()
         await asyncio.gather(*(one(ws, done) for ws in conns))
-        print(json.dumps({"last": max(done), "got": records * clients}), flush=True)
+        cpu = time.process_time() - cpu0
+        print(json.dumps({"last": max(done), "got": records * clients, "cpu": cpu}), flush=True)
         for ws in conns:
             await ws.close()
 
@@ -218,6 +220,7 @@ def run_fanout(data_dir: Path, records: int, clients: int, payload: int) -> dict
         "frames_per_s": records * clients / elapsed,
         "cpu_us_per_record": cpu / records * 1e6,
         "cpu_us_per_frame": cpu / (records * clients) * 1e6,
+        "client_cpu_us_per_frame": res["cpu"] / (records * clients) * 1e6,
     }
 
 
@@ -245,7 +248,8 @@ def main() -> None:
             print(
                 f"fanout    {k:>3} client(s)          {r['records_per_s']:>10,.0f} records/s "
                 f"{r['frames_per_s']:>10,.0f} frames/s  ratio {r['records_per_s'] / base:5.2f}  "
-                f"fanout CPU {r['cpu_us_per_record']:6.1f} us/record {r['cpu_us_per_frame']:6.1f} us/frame"
+                f"fanout CPU {r['cpu_us_per_record']:6.1f} us/record {r['cpu_us_per_frame']:6.1f} us/frame  "
+                f"(clients' CPU {r['client_cpu_us_per_frame']:5.1f} us/frame)"
             )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

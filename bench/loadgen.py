@@ -148,7 +148,7 @@ class Conn(WSListener):
             else:
                 gen.error(f"{self.device_id}: {reply.error} (seq {reply.seq})")
                 if reply.seq is not None:
-                    self.resolve(reply.seq, count=False)
+                    self.reject(reply.seq)
         elif mt == WSMsgType.CLOSE:
             code = frame.get_close_code()
             if not gen.ending:
@@ -222,7 +222,18 @@ class Conn(WSListener):
             self._write(seq, backlog.popleft())
             room -= 1
 
-    def resolve(self, ack: int, count: bool = True, mqtt: bool = False) -> None:
+    def reject(self, seq: int) -> None:
+        """The target refused message ``seq``: it will never be acked; stop waiting for it."""
+        for k, (s, _) in enumerate(self.inflight):
+            if s == seq:
+                del self.inflight[k]
+                break
+            if s > seq:
+                break
+        if self.backlog:
+            self.pump()
+
+    def resolve(self, ack: int, mqtt: bool = False) -> None:
         now = time.monotonic()
         inflight = self.inflight
         gen = self.gen
@@ -239,9 +250,8 @@ class Conn(WSListener):
         else:
             while inflight and inflight[0][0] <= ack:
                 seq, sched = inflight.popleft()
-                if count:
-                    lat.record_us(int((now - sched) * 1e6))
-                    n += 1
+                lat.record_us(int((now - sched) * 1e6))
+                n += 1
         gen.acked += n
         if n:
             gen.ack_frames += 1

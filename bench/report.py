@@ -54,6 +54,10 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "target_cpu_pct": r["target_procs"]["cpu_pct_of_one_core"],
             "gen_cpu_pct": r["generator"]["cpu_pct_of_one_core"],
         }
+        if r.get("thr_vs_noop_rounds") and len(r["thr_vs_noop_rounds"]) > 1:
+            per = sorted(x for x in r["thr_vs_noop_rounds"] if x is not None)
+            if per:
+                row["thr_vs_noop_by_round"] = f"{per[(len(per) - 1) // 2]} ({per[0]}–{per[-1]})"
         if base is not None and base["acked_msg_s"]:
             row["thr_vs_noop"] = round(r["acked_msg_s"] / base["acked_msg_s"], 3)
             bp99 = base["latency_ms"].get("p99") or 0
@@ -67,7 +71,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["target", "acked_msg_s", "thr_vs_noop", "p50_ms", "p99_ms", "p99.9_ms", "max_ms", "p99_vs_noop",
+    cols = ["target", "acked_msg_s", "thr_vs_noop", "thr_vs_noop_by_round", "p50_ms", "p99_ms", "p99.9_ms", "max_ms", "p99_vs_noop",
             "iotnode_thr_vs_this", "iotnode_p99_vs_this", "errors", "unacked", "open", "target_cpu_pct", "gen_cpu_pct"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:

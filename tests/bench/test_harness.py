@@ -132,3 +132,44 @@ def test_redis_front_acks_after_xadd(workdir: Path) -> None:
     assert r["sent"] > 0 and r["acked"] == r["sent"], r
     aof = list((workdir / "redis" / "redis").rglob("*.aof*"))
     assert aof and sum(p.stat().st_size for p in aof if p.is_file()) > 0, "XADDs reached the append-only file"
+
+
+def test_cli_against_a_running_endpoint_writes_json_and_an_html_report(noop: Target, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from bench.runner import REPO
+
+    secret_dir = tmp_path / "node-data"
+    secret_dir.mkdir()
+    (secret_dir / "jwt_secret").write_text(targets.SECRET)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "c10k", "--url", noop.url, "--data-dir", str(secret_dir), "-n", "3", "-r", "20",
+           "-d", "1", "-p", "1", "--ramp", "100", "-q", "--out", str(out), "--pid", str(noop.pids[0])]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "| url |" in done.stdout
+    (json_path,) = out.glob("*-c10k-url.json")
+    doc = json.loads(json_path.read_text())
+    r = doc["results"][0]
+    assert r["sent"] == r["acked"] == 60 and doc["command"].startswith("python -m bench c10k --url")
+    assert r["target_procs"]["cpu_s_by_role"], "the --pid tree was sampled"
+    html = json_path.with_suffix(".html").read_text()
+    assert html.count("<svg") >= 3 and "Ack latency by percentile" in html
+    again = subprocess.run([sys.executable, "-m", "bench", "report", str(json_path)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert again.returncode == 0 and again.stdout.strip().endswith(".html")
+
+
+def test_cli_refuses_a_target_off_loopback_with_the_url(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from bench.runner import REPO
+
+    cmd = [sys.executable, "-m", "bench", "c10k", "--url", "ws://192.0.2.1:8000/v1/ingest", "--secret", "x" * 32, "-q",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "192.0.2.1" in done.stderr
