@@ -164,9 +164,11 @@ class Backoff:
 class _Entry:
     __slots__ = ("frame", "size", "future")
 
-    def __init__(self, frame: bytes | str, future: asyncio.Future[int]) -> None:
+    def __init__(self, frame: bytes | str, future: asyncio.Future[int], size: int | None = None) -> None:
         self.frame = frame
-        self.size = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
+        if size is None:
+            size = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
+        self.size = size
         self.future = future
 
 
@@ -353,7 +355,16 @@ class DeviceClient:
         limit (nothing queued, no seq used), :class:`HandshakeRefused` /
         :class:`ClientClosed` when the client cannot send any more.
         """
-        return (await self.send_many([(data, ts)]))[0]
+        if len(self._pending) >= self.max_pending or self._fatal is not None or self._closing or self._runner is None:
+            return (await self.send_many([(data, ts)]))[0]  # waits for room, or raises
+        seq = self._next_seq
+        frame, size = self._encode(seq, data, ts)
+        if self._outbox is not None:
+            self._outbox.add(((seq, frame),))
+        self._next_seq = seq + 1
+        future = self._add_entry(seq, frame, asyncio.get_running_loop().create_future(), size)
+        self._notify()
+        return future
 
     async def send_many(self, messages: Iterable[tuple[Any, float | int | None]]) -> list[asyncio.Future[int]]:
         """Queue ``(data, ts)`` pairs in order, committing the outbox once per
@@ -374,10 +385,7 @@ class DeviceClient:
             failure: Exception | None = None
             for data, ts in chunk:
                 try:
-                    frame = encode_message(seq, data, ts, self.binary)
-                    size = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
-                    if size > self.max_message_bytes:
-                        raise MessageTooLarge(size, self.max_message_bytes)
+                    frame, _ = self._encode(seq, data, ts)
                 except (ProtocolError, MessageTooLarge) as exc:
                     failure = exc
                     break
@@ -410,9 +418,18 @@ class DeviceClient:
         if self._runner is None:
             raise RuntimeError("start() the client (or use connect()) before sending")
 
-    def _add_entry(self, seq: int, frame: bytes | str, future: asyncio.Future[int]) -> asyncio.Future[int]:
+    def _encode(self, seq: int, data: Any, ts: float | int | None) -> tuple[bytes | str, int]:
+        frame = encode_message(seq, data, ts, self.binary)
+        size = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8"))
+        if size > self.max_message_bytes:
+            raise MessageTooLarge(size, self.max_message_bytes)
+        return frame, size
+
+    def _add_entry(
+        self, seq: int, frame: bytes | str, future: asyncio.Future[int], size: int | None = None
+    ) -> asyncio.Future[int]:
         future.add_done_callback(_consume)
-        self._pending[seq] = _Entry(frame, future)
+        self._pending[seq] = _Entry(frame, future, size)
         self._unsent.append(seq)
         return future
 
