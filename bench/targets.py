@@ -6,7 +6,7 @@
 ``mosquitto`` Mosquitto with a WebSocket listener and persistence, MQTT QoS 1
 
 Every target gets a private temporary directory and free ports, and is checked to
-listen on loopback only (``ss -ltnp``) before any load is sent.
+listen on loopback only (their listening sockets, read from /proc) before any load is sent.
 """
 
 from __future__ import annotations
@@ -60,19 +60,55 @@ def _tail(log: Path) -> str:
         return ""
 
 
+def _socket_inodes(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def _hex_addr(hexaddr: str) -> str:
+    ip, port = hexaddr.split(":")
+    raw = bytes.fromhex(ip)
+    if len(raw) == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, raw[::-1])}:{int(port, 16)}"
+    # /proc/net/tcp6 stores four host-order 32-bit words
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return f"[{socket.inet_ntop(socket.AF_INET6, words)}]:{int(port, 16)}"
+
+
 def listening_addresses(pids: list[int]) -> list[str]:
-    """``addr:port`` of every listening TCP socket of these processes (and their children)."""
-    tree = set(procstat.descendants(pids))
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10, check=False).stdout
+    """``addr:port`` of every listening TCP socket of these processes and their
+    children, read from /proc (what ``ss -ltnp`` shows), e.g. ``127.0.0.1:8000``."""
+    inodes: set[int] = set()
+    for pid in procstat.descendants(pids):
+        inodes |= _socket_inodes(pid)
     found = []
-    for line in out.splitlines():
-        if any(f"pid={pid}," in line for pid in tree):
-            found.append(line.split()[3])
-    return found
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[9]) in inodes:  # 0A: LISTEN
+                found.append(_hex_addr(f[1]))
+    return sorted(set(found))
 
 
 def check_loopback_only(name: str, pids: list[int]) -> list[str]:
     addrs = listening_addresses(pids)
+    if not addrs:
+        raise BenchError(f"{name}: no listening socket found for processes {pids}")
     public = [a for a in addrs if not a.startswith(("127.", "[::1]:", "[::ffff:127."))]
     if public:
         raise BenchError(f"{name} listens beyond loopback: {public}; refusing to load it")

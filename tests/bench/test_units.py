@@ -117,3 +117,25 @@ def test_table_reports_ratios_to_noop_and_iotnode_against_each_peer() -> None:
     assert by["iotnode"]["thr_vs_noop"] == 0.5 and by["iotnode"]["p99_vs_noop"] == 4.0
     assert by["redis"]["iotnode_thr_vs_this"] == 2.0 and by["redis"]["iotnode_p99_vs_this"] == 0.5
     assert by["mosquitto"]["skipped"] == "not installed"
+
+
+def test_listening_addresses_are_decoded_from_proc_net_tcp_and_tcp6() -> None:
+    from bench.targets import _hex_addr
+
+    assert _hex_addr("0100007F:1F90") == "127.0.0.1:8080"
+    assert _hex_addr("00000000:0050") == "0.0.0.0:80"
+    assert _hex_addr("0000000000000000FFFF00000100007F:1F90") == "[::ffff:127.0.0.1]:8080"
+    assert _hex_addr("00000000000000000000000001000000:0050") == "[::1]:80"
+
+
+def test_a_test_servers_own_listening_socket_is_found_on_loopback() -> None:
+    import os
+    import socket
+
+    from bench.targets import check_loopback_only
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert f"127.0.0.1:{port}" in check_loopback_only("self", [os.getpid()])
