@@ -60,7 +60,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
 from node.errors import NodeError
-from node.outbox import Outbox
+from node.outbox import Outbox, OutboxError
 from node.protocol import Ack, ProtocolError, decode_reply, encode_message
 
 __all__ = [
@@ -198,7 +198,7 @@ class DeviceClient:
     def __init__(
         self,
         url: str,
-        token: str,
+        token: str | Callable[[], str],
         *,
         binary: bool = True,
         window: int = 256,
@@ -220,8 +220,8 @@ class DeviceClient:
             parse_uri(url)
         except InvalidURI:
             raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}") from None
-        if not token or not isinstance(token, str):
-            raise ValueError("expected a non-empty token string")
+        if not callable(token) and (not token or not isinstance(token, str)):
+            raise ValueError("expected a non-empty token string, or a callable returning one")
         for name, value, low in (("window", window, 1), ("max_pending", max_pending, 1), ("max_message_bytes", max_message_bytes, 16)):
             if type(value) is not int or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -287,6 +287,7 @@ class DeviceClient:
         else:
             self._next_seq = self._first_seq if self._first_seq is not None else _clock_seq()
         self._runner = asyncio.create_task(self._run(), name=f"iotnode-client {self.url}")
+        self._runner.add_done_callback(self._runner_done)
         if not wait:
             return
         try:
@@ -353,7 +354,8 @@ class DeviceClient:
         Waits while ``max_pending`` messages are unacked.  Raises ``ProtocolError``
         for data the node would refuse and :class:`MessageTooLarge` over the frame
         limit (nothing queued, no seq used), :class:`HandshakeRefused` /
-        :class:`ClientClosed` when the client cannot send any more.
+        :class:`ClientClosed` when the client cannot send any more,
+        :class:`node.outbox.OutboxError` when the outbox cannot store it.
         """
         if len(self._pending) >= self.max_pending or self._fatal is not None or self._closing or self._runner is None:
             return (await self.send_many([(data, ts)]))[0]  # waits for room, or raises
@@ -454,7 +456,7 @@ class DeviceClient:
             try:
                 ws = await ws_connect(
                     self.url,
-                    additional_headers={"Authorization": f"Bearer {self._token}"},
+                    additional_headers={"Authorization": f"Bearer {self._current_token()}"},
                     compression=None,
                     open_timeout=self._open_timeout,
                     ping_interval=self._ping_interval,
@@ -569,13 +571,16 @@ class DeviceClient:
             return
         self._conn_acked = True
         if self._outbox is not None:
-            self._outbox.remove_through(done[-1][0])
+            try:
+                self._outbox.remove_through(done[-1][0])
+            except OutboxError as exc:  # they stay on disk: resent next start, deduplicated by the node
+                log.error("%s", exc)
         self.acked += len(done)
         for seq, entry in done:
             if not entry.future.done():
                 entry.future.set_result(seq)
             if self._on_ack is not None:
-                self._on_ack(seq)
+                self._callback(self._on_ack, seq)
         self._notify()
 
     def _on_error_frame(self, seq: int | None, reason: str) -> None:
@@ -586,9 +591,10 @@ class DeviceClient:
         self._drop(seq, MessageRejected(seq, reason))
 
     def _on_too_big(self) -> None:
-        # The node closed 1009: the culprit is the largest message sent on that
-        # connection and not acked.  Refuse it and never send anything that large
-        # again; the rest is resent on the next connection.
+        # The node closed 1009: one frame sent on that connection was over its limit,
+        # and the node never acked it.  The largest unacked frame sent on it is at
+        # least as large as that one, so it is over the limit too: refuse it, never
+        # send anything that large again, and resend the rest on the next connection.
         sent = [(self._pending[s].size, s) for s in self._inflight if s in self._pending]
         if not sent:
             log.warning("the node closed 1009 but no sent message is unacked")
@@ -601,14 +607,34 @@ class DeviceClient:
         """A message that will not be resent: remove it everywhere, fail its future."""
         entry = self._pending.pop(seq)
         if self._outbox is not None:
-            self._outbox.remove(seq)
+            try:
+                self._outbox.remove(seq)
+            except OutboxError as exc:
+                log.error("%s", exc)
         self.rejected += 1
         log.warning("%s", error)
         if not entry.future.done():
             entry.future.set_exception(error)
         if self._on_error is not None:
-            self._on_error(error)
+            self._callback(self._on_error, error)
         self._notify()
+
+    def _current_token(self) -> str:
+        return self._token() if callable(self._token) else self._token
+
+    @staticmethod
+    def _callback(fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            fn(arg)
+        except Exception:  # the caller's bug must not stop the connection
+            log.exception("on_ack/on_error callback raised")
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("the client stopped on an unexpected error", exc_info=exc)
+        self._fail(ClientError(f"the client stopped on an unexpected error: {type(exc).__name__}: {exc}"))
 
     def _fail(self, error: ClientError) -> None:
         log.error("%s", error)
@@ -617,11 +643,11 @@ class DeviceClient:
             if not entry.future.done():
                 entry.future.set_exception(error)
         if self._on_error is not None:
-            self._on_error(error)
+            self._callback(self._on_error, error)
         self._notify()
 
 
-async def connect(url: str, token: str, *, wait: bool = True, timeout: float | None = None, **options: Any) -> DeviceClient:
+async def connect(url: str, token: str | Callable[[], str], *, wait: bool = True, timeout: float | None = None, **options: Any) -> DeviceClient:
     """Create a :class:`DeviceClient` and start it (see :meth:`DeviceClient.start`)."""
     client = DeviceClient(url, token, **options)
     await client.start(wait=wait, timeout=timeout)

@@ -124,7 +124,10 @@ class Outbox:
         if not rows:
             return
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox {str(self.path)!r}: cannot store messages: {exc}") from None
         try:
             top = self.next_seq - 1
             for seq, _ in rows:
@@ -134,18 +137,26 @@ class Outbox:
             db.executemany("INSERT INTO outbox (seq, frame) VALUES (?, ?)", rows)
             db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (top + 1,))
             db.execute("COMMIT")
+        except sqlite3.Error as exc:  # disk full, I/O error
+            db.execute("ROLLBACK")
+            raise OutboxError(f"outbox {str(self.path)!r}: cannot store messages: {exc}") from None
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
     def remove_through(self, n: int) -> int:
         """Delete every message with ``seq <= n`` (a cumulative ack); returns how many."""
-        cur = self._db.execute("DELETE FROM outbox WHERE seq <= ?", (n,))
-        return cur.rowcount
+        try:
+            return self._db.execute("DELETE FROM outbox WHERE seq <= ?", (n,)).rowcount
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox {str(self.path)!r}: cannot remove acked messages: {exc}") from None
 
     def remove(self, seq: int) -> None:
         """Delete one message (refused by the node: it must not be resent)."""
-        self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        try:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox {str(self.path)!r}: cannot remove seq {seq}: {exc}") from None
 
     def close(self) -> None:
         self._db.close()

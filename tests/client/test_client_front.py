@@ -344,3 +344,36 @@ def test_send_waits_when_max_pending_messages_are_unacked(front: Node) -> None:
         await client.close()
 
     run(scenario())
+
+
+def test_token_callable_is_asked_again_for_every_reconnect(front: Node) -> None:
+    calls: list[float] = []
+
+    def token() -> str:
+        calls.append(time.monotonic())
+        return front.token("dev-t")
+
+    async def scenario() -> None:
+        client = await connect(front.url, token, backoff=FAST, timeout=20)
+        assert await (await client.send(1)) >= 0
+        await asyncio.to_thread(front.kill_front)
+        await asyncio.to_thread(front.start_front)
+        assert await asyncio.wait_for(await client.send(2), 20) >= 0
+        assert client.connections == 2 and len(calls) >= 2
+        await client.close()
+
+    run(scenario())
+
+
+def test_a_callback_that_raises_does_not_stop_the_client(shared_front: Node) -> None:
+    def on_ack(seq: int) -> None:
+        raise RuntimeError(f"application bug on {seq}")
+
+    async def scenario() -> None:
+        client = await connect(shared_front.url, shared_front.token("dev-cb"), on_ack=on_ack, timeout=20)
+        futures = [await client.send(i) for i in range(50)]
+        await client.flush(20)
+        assert all(f.result() >= 0 for f in futures) and client.acked == 50
+        await client.close()
+
+    run(scenario())
