@@ -85,7 +85,7 @@ async def measure(url: str, secret: str, n: int, outbox_n: int, work: Path, roun
     best: dict[str, float] = {}  # case -> best messages/s over the rounds (interleaved)
     for r in range(rounds):
         tok = issue_device_token(secret, f"bench-base-{r}")
-        best["baseline"] = max(best.get("baseline", 0.0), n / await baseline(url, tok, n, 1))
+        best["baseline"] = max(best.get("baseline", 0.0), n / await asyncio.wait_for(baseline(url, tok, n, 1), 300))
         for k, (name, count, with_outbox, sync, batch) in enumerate(cases):
             outbox = work / f"o{r}-{k}.sqlite3" if with_outbox else None
             tok = issue_device_token(secret, f"bench-{r}-{k}")

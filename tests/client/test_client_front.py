@@ -18,6 +18,7 @@ import pytest
 from node.auth import issue_device_token
 from node.client import Backoff, ClientClosed, HandshakeRefused, MessageRejected, MessageTooLarge
 from node.client import DeviceClient as _DeviceClient
+from node.outbox import Outbox
 from node.record import Record, unpack_record
 from node.ring import Ring
 from tests.client.conftest import PIPELINE, Node
@@ -260,13 +261,16 @@ def test_message_over_the_known_limit_is_refused_locally_without_using_a_seq(sha
     run(scenario())
 
 
-def test_node_error_reply_fails_that_message_with_the_reason_and_it_is_not_resent(front_factory: Any) -> None:
+def test_node_error_reply_fails_that_message_with_the_reason_and_it_is_not_resent(
+    front_factory: Any, tmp_path: Path
+) -> None:
     # A 1 MiB ingress ring takes records up to 256 KiB - 32: a 300 KB message passes
     # the 2 MiB frame limit and is refused by the node with an error reply.
     node: Node = front_factory(NODE_MAX_MESSAGE_BYTES=2 << 20, NODE_INGRESS_RING_BYTES=1 << 20)
 
     async def scenario() -> None:
-        client = await connect(node.url, node.token("dev-e"), max_message_bytes=2 << 20, timeout=20)
+        outbox = tmp_path / "outbox.sqlite3"
+        client = await connect(node.url, node.token("dev-e"), max_message_bytes=2 << 20, outbox=outbox, timeout=20)
         ok1 = await client.send({"n": 1})
         bad_seq = client.next_seq
         bad = await client.send({"blob": "z" * 300_000})
@@ -280,6 +284,8 @@ def test_node_error_reply_fails_that_message_with_the_reason_and_it_is_not_resen
         assert (ok1.result(), ok2.result()) == (bad_seq - 1, bad_seq + 1)
         assert client.sent_frames == 3 and client.rejected == 1 and client.connections == 1
         await client.close()
+        with Outbox(outbox) as box:  # the refused message is gone: a restart will not resend it
+            assert len(box) == 0 and box.next_seq == bad_seq + 2
 
     run(scenario())
 
