@@ -47,6 +47,7 @@ import json
 import logging
 import random
 import sys
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -692,10 +693,27 @@ def _parse_line(line: str, number: int, envelope: bool) -> tuple[Any, float | in
 
 
 async def _stdin_lines() -> Any:
-    # Read in a thread: a blocking read must not stop the loop from taking acks.
+    """Lines of stdin, read by a daemon thread (a blocking read must not stop the
+    loop from taking acks, nor keep the process alive after Ctrl-C), through a
+    bounded queue."""
     loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1024)
+
+    def reader() -> None:
+        try:
+            for line in sys.stdin:
+                asyncio.run_coroutine_threadsafe(queue.put(line), loop).result()
+        except (RuntimeError, ValueError, OSError):  # loop closed, stdin closed
+            return
+        finally:
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(""), loop)
+            except RuntimeError:
+                pass
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
     while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
+        line = await queue.get()
         if not line:
             return
         yield line
