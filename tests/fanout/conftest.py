@@ -46,6 +46,9 @@ class Publisher:
         self.sock = self.ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, 1_000_000)  # the test never drops on its side
         self.sock.setsockopt(zmq.LINGER, 0)
+        # Report every subscribe, also one for a topic a dead, not yet reaped
+        # connection still holds (a SIGKILLed fanout reconnecting).
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.sock.bind(endpoint)
         self.events: list[bytes] = []  # subscription messages seen: b"\x01topic" / b"\x00topic"
         self.pos = 0

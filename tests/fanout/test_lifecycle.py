@@ -13,7 +13,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fanout.conftest import SECRET, TIMEOUT, FanoutNode, receive, unique
-from tests.support import REPO, Processes, node_env
+from node import wire
+from tests.support import REPO, Processes, node_env, wait_for_port
 
 
 def run_fanout(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -94,6 +95,36 @@ def test_query_token_never_reaches_the_log(private_dir: Path) -> None:
         assert "token=<redacted>" in log
         assert token not in log and token.split(".")[2] not in log
         assert "without completing handshake" not in log
+    finally:
+        node.close()
+        processes.stop_all()
+
+
+def test_sigkilled_fanout_restarts_on_the_same_port_and_streams_again(private_dir: Path) -> None:
+    processes = Processes()
+    node = FanoutNode(processes, private_dir)
+    device = unique("again")
+    try:
+        async def first() -> None:
+            async with node.connect([device]) as ws:
+                node.publisher.wait_subscribed(device)
+                node.publisher.publish(device, 1)
+                await receive(ws, 1)
+                processes.kill(node.name, signal.SIGKILL)
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), TIMEOUT)
+
+        asyncio.run(first())
+        node.proc = processes.start(node.name, "node.workers.fanout", node.env, private_dir)
+        wait_for_port(node.port)
+
+        async def second() -> None:
+            async with node.connect([device]) as ws:
+                node.publisher.wait_event(b"\x01" + wire.device_topic(device), after=len(node.publisher.events))
+                node.publisher.publish(device, 2)
+                assert [f["seq"] for f in await receive(ws, 1)] == [2]
+
+        asyncio.run(second())
     finally:
         node.close()
         processes.stop_all()
