@@ -286,12 +286,12 @@ def test_stream_ends_with_1008_when_its_token_expires(fanout: FanoutNode) -> Non
     device = unique("exp")
 
     async def scenario() -> None:
-        async with fanout.connect([device], token=fanout.token([device], ttl=2)) as ws:
+        async with fanout.connect([device], token=fanout.token([device], ttl=3)) as ws:
             fanout.publisher.wait_subscribed(device)
             fanout.publisher.publish(device, 1)
             assert keys(await receive(ws, 1)) == [(device, 1)]
             with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 5)
+                await asyncio.wait_for(ws.recv(), 6)
         assert closed.value.rcvd is not None
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "token expired")
 
