@@ -390,7 +390,8 @@ def create_app(settings: Settings, secret: str) -> Starlette:
                 allowed = verify_client_token(secret, token)
                 expires_at = _expiry(token)
             except AuthError as exc:
-                raise StreamRefused(exc.status, exc.reason, "unauthorized" if exc.status == 401 else "forbidden")
+                reason = "unauthorized" if exc.status == 401 else "forbidden"
+                raise StreamRefused(exc.status, exc.reason, reason) from None
             selection = select_devices(websocket.query_params.getlist("device"), allowed)
         except StreamRefused as exc:
             ERRORS.labels(stage="fanout", reason=exc.metric_reason).inc()
@@ -398,7 +399,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             return
         hub = hub_holder[0]
         client = Client(selection, settings.fanout_queue)
-        hub.add(client)  # subscribe before accepting: nothing published after the upgrade is missed for that reason
+        hub.add(client)  # subscribe before accepting: the subscription's trip to the publisher overlaps the upgrade
         try:
             await websocket.accept()
             with FANOUT_CLIENTS.track_inprogress():
