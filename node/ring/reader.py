@@ -152,6 +152,8 @@ class Reader:
         self._cursor = pos
         if pos > self._scanned:
             self._scanned = pos
+        if not out and pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
+            self._pop(pos, 0)  # only padding (or settled claims) before pos: release it
         return out
 
     # ------------------------------------------------------------------ pop
@@ -166,12 +168,17 @@ class Reader:
         n = lib.iotring_count(self._ctx, head, to_pos)
         if n < 0:
             raise RingPositionError(f"pop to {to_pos}: not a record boundary after head {head}")
-        rc = lib.iotring_pop(self._ctx, to_pos, n)
-        if rc:
-            raise RingPersistError(-rc, f"{self.ring.path}: persisting the head failed: {os.strerror(-rc)}")
+        if self._cursor > to_pos and lib.iotring_count(self._ctx, to_pos, self._cursor) == 0:
+            to_pos = self._cursor  # release the padding that follows too
+        self._pop(to_pos, n)
         if self._cursor < to_pos:
             self._cursor = to_pos
         return int(n)
+
+    def _pop(self, to_pos: int, n: int) -> None:
+        rc = lib.iotring_pop(self._ctx, to_pos, n)
+        if rc:
+            raise RingPersistError(-rc, f"{self.ring.path}: persisting the head failed: {os.strerror(-rc)}")
 
     # ------------------------------------------------------------------ wait
     def wait(self, timeout: float) -> bool:
@@ -206,6 +213,14 @@ class Reader:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd < 0
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock_fd", -1) >= 0:
+            self.close()
 
     def __enter__(self) -> "Reader":
         return self

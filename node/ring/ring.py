@@ -147,7 +147,7 @@ class Ring:
         finally:
             os.close(lock_fd)  # releases the opener lock
         self._closed = False
-        self._readers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._reader: Any = None
         self._out_first = ffi.new("uint64_t *")
         _open_rings.add(self)
         log.info(
@@ -302,12 +302,16 @@ class Ring:
 
     # ------------------------------------------------------------------ consumer
     def reader(self) -> "Any":
-        """The single consumer of this ring (:class:`~node.ring.reader.Reader`); ConsumerBusy if taken."""
+        """The single consumer of this ring (:class:`~node.ring.reader.Reader`).
+
+        Calling it again on the same Ring returns the same reader while it is open;
+        another Ring object (in this or another process) gets ConsumerBusy."""
         from node.ring.reader import Reader
 
-        reader = Reader(self)
-        self._readers.add(reader)
-        return reader
+        if self._reader is not None and not self._reader.closed:
+            return self._reader  # one consumer per ring: the same reader again
+        self._reader = Reader(self)
+        return self._reader
 
     # ------------------------------------------------------------------ lifecycle
     def _release(self) -> None:
@@ -321,8 +325,9 @@ class Ring:
     def close(self) -> None:
         if self._closed:
             return
-        for reader in list(self._readers):
-            reader.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self._closed = True
         _open_rings.discard(self)
         self._release()
@@ -330,6 +335,10 @@ class Ring:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
 
     def __enter__(self) -> "Ring":
         return self

@@ -6,7 +6,8 @@ producer PATH BACKEND PRODUCER_ID REPORT SEED DIE_RATE
     probability DIE_RATE per append it instead stops inside the append (test hook)
     and SIGKILLs itself.
 consumer PATH BACKEND LOG
-    reads, logs every record as "pos producer counter" to LOG, then pops; forever.
+    reads, logs every record as "pos producer counter" to LOG, then pops; forever
+    (pausing now and then, so the ring fills up).
 claimer PATH BACKEND STAGE READY
     claims one record and stops as if killed mid-append (STAGE 0: header only,
     1: payload + checksum without commit), touches READY, then sleeps.
@@ -64,6 +65,7 @@ def producer(path: str, backend: str, producer_id: int, report: str, seed: int, 
 def consumer(path: str, backend: str, log: str) -> None:
     ring = Ring.open(path, capacity=1 << 16, backend=backend)
     reader = ring.reader()
+    rng = random.Random(os.getpid())
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -76,6 +78,8 @@ def consumer(path: str, backend: str, log: str) -> None:
             p, c = parse_payload(r.payload)
             lines.append(b"%d %d %d\n" % (r.pos, p, c))
         os.write(fd, b"".join(lines))
+        if rng.random() < 0.05:
+            time.sleep(0.03)  # fall behind now and then: the ring fills, producers see "full"
         reader.pop(recs[-1].end)
 
 

@@ -165,7 +165,7 @@ def test_whole_node_killed_recovers_acked_unpopped_records(tmp_path: Path, backe
     deliveries: dict[int, tuple[int, int]] = {}
     next_id = 0
     recovered_records = 0
-    for round_no in range(6):
+    for round_no in range(4):
         log = tmp_path / f"consumer-{round_no}.log"
         workers.procs.clear()
         for _ in range(3):
@@ -202,7 +202,7 @@ def test_whole_node_killed_recovers_acked_unpopped_records(tmp_path: Path, backe
                 reader.pop(recs[-1].end)
             assert ring.depth == 0
     checked = check_deliveries(deliveries, reports)
-    assert checked > 500 and recovered_records > 0
+    assert checked > 300 and recovered_records > 0
 
 
 @pytest.mark.parametrize("stage", [0, 1])
