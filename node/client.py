@@ -256,6 +256,7 @@ class DeviceClient:
         self._closing = False
         self._closed = False
         self._conn_acked = False
+        self._connecting = False  # inside the handshake (close() may cancel it)
 
         # Counters, for callers and tests.
         self.sent_frames = 0  # frames written, resends included
@@ -316,8 +317,11 @@ class DeviceClient:
         ws = self._ws
         if ws is not None:
             await ws.close()
-        if self._runner is not None:
-            await self._runner
+        runner = self._runner
+        if runner is not None:
+            if self._connecting:  # do not wait out a handshake with an unreachable node
+                runner.cancel()
+            await asyncio.wait({runner})
         self._closed = True
         error = self._fatal
         for seq, entry in self._pending.items():
@@ -453,29 +457,10 @@ class DeviceClient:
     async def _run(self) -> None:
         attempt = 0
         while not self._closing:
-            self.attempts += 1
-            try:
-                ws = await ws_connect(
-                    self.url,
-                    additional_headers={"Authorization": f"Bearer {self._current_token()}"},
-                    compression=None,
-                    open_timeout=self._open_timeout,
-                    ping_interval=self._ping_interval,
-                    ping_timeout=self._ping_timeout,
-                    max_size=1 << 16,  # replies are tiny
-                    proxy=None,
-                )
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                if status in _REFUSED_STATUSES:
-                    self._fail(HandshakeRefused(status, self.url))
-                    return
-                log.warning("connect to %s: HTTP %d, retrying", self.url, status)
-            except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
-                log.info("connect to %s failed (%s), retrying", self.url, exc or type(exc).__name__)
-            except Exception as exc:  # websockets' InvalidHandshake family, bad responses
-                log.warning("connect to %s failed (%s: %s), retrying", self.url, type(exc).__name__, exc)
-            else:
+            ws = await self._open()
+            if self._fatal is not None:
+                return
+            if ws is not None:
                 started = time.monotonic()
                 await self._serve(ws)
                 if self._conn_acked or time.monotonic() - started >= _STABLE_AFTER:
@@ -488,6 +473,35 @@ class DeviceClient:
                 await asyncio.wait_for(self._wait_for(lambda: self._closing), delay)
             except TimeoutError:
                 pass
+
+    async def _open(self) -> ClientConnection | None:
+        """One handshake: the connection, or None to retry (refusal: fatal, no retry)."""
+        self.attempts += 1
+        self._connecting = True
+        try:
+            return await ws_connect(
+                self.url,
+                additional_headers={"Authorization": f"Bearer {self._current_token()}"},
+                compression=None,
+                open_timeout=self._open_timeout,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_timeout,
+                max_size=1 << 16,  # replies are tiny
+                proxy=None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in _REFUSED_STATUSES:
+                self._fail(HandshakeRefused(status, self.url))
+            else:
+                log.warning("connect to %s: HTTP %d, retrying", self.url, status)
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            log.info("connect to %s failed (%s), retrying", self.url, exc or type(exc).__name__)
+        except Exception as exc:  # websockets' InvalidHandshake family, bad responses
+            log.warning("connect to %s failed (%s: %s), retrying", self.url, type(exc).__name__, exc)
+        finally:
+            self._connecting = False
+        return None
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Run one connection: resend everything unacked in order, then keep going."""

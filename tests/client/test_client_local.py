@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
@@ -102,3 +103,24 @@ def test_offline_client_keeps_messages_in_its_outbox_and_continues_the_seq(tmp_p
 
     with pytest.raises(OutboxError, match="belongs to device 'dev-1', not 'dev-2'"):
         asyncio.run(other_device())
+
+
+def test_close_does_not_wait_out_a_handshake_that_hangs() -> None:
+    # A loopback listener that never answers: the TCP connect succeeds, the
+    # WebSocket handshake would wait for open_timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"ws://127.0.0.1:{silent.getsockname()[1]}/v1/ingest"
+
+        async def scenario() -> float:
+            client = await connect(url, "t", wait=False, open_timeout=30)
+            fut = await client.send(1)
+            await asyncio.sleep(0.3)
+            assert client.attempts == 1 and client.connections == 0
+            started = time.monotonic()
+            await client.close(flush=False)
+            assert isinstance(fut.exception(), ClientClosed)
+            return time.monotonic() - started
+
+        assert asyncio.run(asyncio.wait_for(scenario(), 20)) < 2.0
