@@ -80,6 +80,11 @@ class Window:
         self.read_pos = end
         return flight
 
+    def skip_to(self, head: int) -> None:
+        """The ring released padding past our read position (only when nothing is in flight)."""
+        if not self.flights and head > self.read_pos:
+            self.read_pos = self.base = head
+
     def frames(self, flight: Flight) -> list[bytes]:
         return wire.encode_batch(
             self.ring_id, flight.positions, flight.end, flight.records, start=flight.start, base=self.base
@@ -201,6 +206,9 @@ class Monitor:
     def fill(self) -> bool:
         """Read and send new batches while the window has room; True if the ring ran dry."""
         while not self.window.full:
+            # The ring may move its head past padding that follows the last popped
+            # record; reading below the head would be refused.
+            self.window.skip_to(self.ring.head)  # type: ignore[attr-defined]
             records = self.reader.read(  # type: ignore[attr-defined]
                 self.window.read_pos, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES
             )

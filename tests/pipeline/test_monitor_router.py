@@ -150,6 +150,22 @@ def test_full_fanin_ring_stops_ingress_draining_and_resumes_when_consumed(stages
     wait_until(lambda: producer.ring.depth == 0, 10, what="ingress ring drained after consuming")
 
 
+def test_ingress_ring_wrapping_many_times_with_padding_loses_nothing(stages: Callable[..., Stages]) -> None:
+    # ~800-byte records do not divide 1 MiB: every wrap leaves padding, sometimes right
+    # after the last acked record (the ring may release it and move its head past it).
+    ingress_bytes = 1 << 20
+    s = stages(NODE_INGRESS_RING_BYTES=ingress_bytes)
+    producer = IngressProducer(s.ingress_path, capacity=ingress_bytes, pad=700)
+    consumer = FaninConsumer(s.fanin_path)
+    s.start("router")
+    s.start("monitor")
+    for burst in range(45):  # ~3.5 laps of the ingress ring
+        producer.append(97)
+        consumer.until_distinct(len(producer.sent), timeout=15)
+    assert producer.ring.head > 3 * ingress_bytes
+    assert check_delivery(producer.sent, consumer.got) == 0, s.logs()
+
+
 def test_two_monitors_feed_one_router_over_tcp(stages: Callable[..., Stages], tmp_path: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     a = stages(tmp_path / "node-a", NODE_ROUTER_BIND=endpoint)

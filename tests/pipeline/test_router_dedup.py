@@ -111,3 +111,15 @@ def test_window_resends_carry_the_current_base() -> None:
     assert first not in window.flights
     resent = wire.decode_batch(window.frames(second))
     assert (resent.start, resent.base) == (32, 32)
+
+
+def test_window_follows_a_head_moved_past_padding_only_when_nothing_is_in_flight() -> None:
+    window = Window(SRC, base=0)
+    window.add([0], 32, [b"a"])
+    window.skip_to(96)
+    assert (window.read_pos, window.base) == (32, 0)  # a batch in flight: untouched
+    window.ack(wire.Ack(SRC, 32))
+    window.skip_to(96)  # padding [32, 96) released by the ring
+    assert (window.read_pos, window.base) == (96, 96)
+    flight = window.add([96], 128, [b"b"])
+    assert wire.decode_batch(window.frames(flight))[4:] == (96, 96)
