@@ -524,12 +524,7 @@ class DeviceClient:
         finally:
             self._ws = None
             sender.cancel()
-            try:
-                await sender
-            except (asyncio.CancelledError, ConnectionClosed):
-                pass
-            except Exception:  # pragma: no cover - a bug in the sender
-                log.exception("send loop failed")
+            await asyncio.wait({sender})
             if ws.close_code == CLOSE_TOO_BIG:
                 self._on_too_big()
             self._notify()
@@ -542,6 +537,15 @@ class DeviceClient:
             )
 
     async def _send_loop(self, ws: ClientConnection) -> None:
+        try:
+            await self._send_frames(ws)
+        except ConnectionClosed:
+            pass  # the reader sees the close too
+        except Exception:  # a bug: end this connection so that the next one resends
+            log.exception("send loop failed; reconnecting")
+            await ws.close(code=1011)
+
+    async def _send_frames(self, ws: ClientConnection) -> None:
         while True:
             await self._wait_for(lambda: bool(self._unsent) and len(self._inflight) < self.window)
             frames: list[bytes | str] = []
