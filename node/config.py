@@ -153,6 +153,10 @@ class Settings:
 
     log_level: str = "info"
 
+    # Metrics: "off" skips the web front's per-group observations (ack latency,
+    # persist batch, counters sync) and the stages' /metrics servers (docs/metrics.md).
+    metrics: bool = True
+
     # ------------------------------------------------------------------ derived
     @property
     def data_path(self) -> Path:
@@ -233,6 +237,7 @@ class Settings:
             "log_level",
             _parse_choice(("critical", "error", "warning", "info", "debug")),
         )
+        take("NODE_METRICS", "metrics", lambda n, r: _parse_choice(("on", "off"))(n, r) == "on")
         settings = cls(**values)  # type: ignore[arg-type]
         settings._check_derived()
         return settings
