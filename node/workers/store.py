@@ -51,6 +51,11 @@ IDLE_POLL = 0.2           # s: longest block in poll (bounds SIGTERM latency)
 DRAIN_BUDGET = 4 * MAX_BATCH  # messages handled per loop step before committing / polling
 
 
+# Plain ints: pyzmq's recv_multipart asks RCVMORE after every frame (~2 us each).
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+
+
 def ring_name(ring_id: bytes | None) -> str:
     return "-" if ring_id is None else ring_id.hex()
 
@@ -229,28 +234,58 @@ class Store:
             pass  # the publisher is away; confirmed again within CONFIRM_INTERVAL
 
     # ------------------------------------------------------------------ loop
-    def drain(self) -> None:
-        """Handle what is already queued, up to a batch; commit when the batch is due."""
+    def recv_reply(self) -> list[bytes]:
+        return self.dealer.recv_multipart(_NOBLOCK)
+
+    def recv_published(self) -> list[bytes]:
+        """One message of the live stream, read by its known shape.
+
+        Only the publisher writes to this stream: a record is 3 frames, a heartbeat
+        2 (its topic cannot be a device topic, which ends in NUL).  RCVMORE is asked
+        once, after the last expected frame, to drop anything longer whole.
+        """
+        recv = self.sub.recv
+        first = recv(_NOBLOCK)  # zmq.Again when nothing is queued
+        frames = [first, recv(_NOBLOCK)] if first == wire.HEARTBEAT_TOPIC else [first, recv(_NOBLOCK), recv(_NOBLOCK)]
+        if self.sub.get(_RCVMORE):
+            extra = 0
+            while self.sub.get(_RCVMORE):
+                recv(_NOBLOCK)
+                extra += 1
+            raise wire.WireError(f"live stream: {len(frames) + extra} frames after topic {first[:32]!r}")
+        return frames
+
+    def drain(self, ready: set[zmq.Socket[bytes]]) -> None:
+        """Handle what is queued on the ``ready`` sockets, up to a batch; commit when due.
+
+        A socket is tried again only while it has messages: a ``zmq.Again`` costs an
+        exception (several us), so the idle one is not asked once per message.
+        """
+        active = [
+            (recv, handler)
+            for sock, recv, handler in (
+                (self.dealer, self.recv_reply, self.on_reply),
+                (self.sub, self.recv_published, self.on_published),
+            )
+            if sock in ready
+        ]
         handled = 0
-        while handled < DRAIN_BUDGET and len(self.pending) < MAX_BATCH:
-            progressed = False
-            for sock, handler in ((self.dealer, self.on_reply), (self.sub, self.on_published)):
+        while active and handled < DRAIN_BUDGET and len(self.pending) < MAX_BATCH:
+            for entry in tuple(active):
+                recv, handler = entry
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
-                progressed = True
-                handled += 1
-                try:
+                    frames = recv()
+                    handled += 1
                     handler(frames)
+                except zmq.Again:
+                    active.remove(entry)
                 except wire.WireError as exc:
                     log.warning("dropped a malformed message: %s", exc)
                     ERRORS.labels(stage="store", reason="wire").inc()
-            if not progressed:
-                break
-        now = time.monotonic()
         if self.dirty and (
-            len(self.pending) >= MAX_BATCH or handled < DRAIN_BUDGET or now - self.pending_since >= MAX_DELAY
+            not active  # nothing more queued: commit now rather than wait
+            or len(self.pending) >= MAX_BATCH
+            or time.monotonic() - self.pending_since >= MAX_DELAY
         ):
             self.commit()
 
@@ -265,8 +300,9 @@ class Store:
         timeout = IDLE_POLL
         if self.dirty:
             timeout = max(0.0, min(timeout, self.pending_since + MAX_DELAY - now))
-        if self.poller.poll(int(timeout * 1000)):
-            self.drain()
+        events = self.poller.poll(int(timeout * 1000))
+        if events:
+            self.drain({sock for sock, _ in events})
         elif self.dirty:
             self.commit()
 
