@@ -93,6 +93,8 @@ class FrontStats:
     pending_bytes: int = 0  # queued or persisting right now
     append_seconds: float = 0.0  # total wall time of append_batch calls (persist included)
     append_max_seconds: float = 0.0  # the slowest one
+    paused: int = 0  # times a connection's reader waited for room (back-pressure)
+    paused_seconds: float = 0.0  # total time readers spent waiting for room
 
 
 class Conn:
@@ -265,15 +267,21 @@ class Committer:
     async def wait_room(self, conn: Conn) -> None:
         """Return when ``conn`` may read its next frame (window and pending bytes),
         or when it failed (check ``conn.failed``)."""
+        t0 = 0.0  # only the slow path (a real wait) is timed, for the back-pressure metrics
         while not conn.failed:
             if not conn.has_room():
+                t0 = t0 or time.perf_counter()
                 conn._room.clear()
                 await conn._room.wait()
             elif self.stats.pending_bytes >= self._max_pending:
+                t0 = t0 or time.perf_counter()
                 self._room.clear()
                 await self._room.wait()
             else:
-                return
+                break
+        if t0:
+            self.stats.paused += 1
+            self.stats.paused_seconds += time.perf_counter() - t0
 
     def submit(self, conn: Conn, seq: int, binary: bool, payload: bytes, t_received: float) -> None:
         """Queue one accepted record for the next group (never blocks: the reader
