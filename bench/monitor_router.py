@@ -11,6 +11,10 @@
 * live: router + monitor running, the bench appends as fast as it can (the web
   front's role) while consuming the fan-in ring; time until the last one arrived.
 
+* latency: router + monitor running, one record appended every millisecond for
+  2 s; time from append to arrival in the fan-in ring (p50/p99/max), i.e. what the
+  two stages add to a message's way to the store when the node is not loaded.
+
 Prints records/s and the ratios to the baseline measured in the same run.  Real
 processes and ipc:// sockets in a temporary data dir; every wait is bounded.
 """
@@ -161,6 +165,58 @@ def stages_run(records: list[bytes], d: Path, durability: str, live: bool) -> fl
         fanin.close()
 
 
+def latency(d: Path, durability: str, count: int = 2000) -> list[float]:
+    data = d / "latency"
+    data.mkdir()
+    env = env_for(data, durability)
+    ingress = Ring.open(data / "ingress.ring", capacity=RING_BYTES, durability=durability)
+    fanin = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability=durability)
+    procs = [start("router", env, d / "router.log"), start("monitor", env, d / "monitor.log")]
+    sent: list[float] = []
+
+    def feed() -> None:
+        t0 = time.perf_counter()
+        for i in range(count):
+            delay = t0 + i * 0.001 - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            sent.append(time.perf_counter())
+            while not ingress.append(pack_record("lat", i, None, 0.0, i)):
+                time.sleep(0.001)
+
+    try:
+        time.sleep(1.5)  # both stages up and connected
+        feeder = threading.Thread(target=feed, daemon=True)
+        reader = fanin.reader()
+        pos = fanin.head
+        arrived: list[float] = []
+        feeder.start()
+        deadline = time.monotonic() + TIMEOUT
+        while len(arrived) < count and time.monotonic() < deadline:
+            batch = reader.read(pos, max_records=4096)
+            if not batch:
+                reader.wait(0.05)
+                continue
+            now = time.perf_counter()
+            arrived.extend(now for _ in batch)
+            pos = batch[-1].end
+            reader.pop(pos)
+        feeder.join(timeout=TIMEOUT)
+        reader.close()
+        return sorted(a - s for a, s in zip(arrived, sent))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        ingress.close()
+        fanin.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000)
@@ -172,10 +228,14 @@ def main() -> None:
         base = baseline(records, d, args.durability)
         catchup = stages_run(records, d, args.durability, live=False)
         live = stages_run(records, d, args.durability, live=True)
+        lat = latency(d, args.durability)
     print(f"records={args.records} durability={args.durability} (payload ~{len(records[0])} bytes)")
     print(f"baseline ring->ring copy, one process : {base:12,.0f} records/s")
     print(f"monitor + router, catch-up            : {catchup:12,.0f} records/s  ({catchup / base:.2f}x baseline)")
     print(f"monitor + router, live                : {live:12,.0f} records/s  ({live / base:.2f}x baseline)")
+    if lat:
+        p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+        print(f"ingress -> fan-in latency at 1000/s   : p50 {p50 * 1e3:.2f} ms  p99 {p99 * 1e3:.2f} ms  max {lat[-1] * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
