@@ -199,7 +199,11 @@ async def drive(node: WholeNode, seed: int) -> dict[str, DeviceStats]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [11, 23, 47])
+# More schedules for a soak run: IOTNODE_E2E_SEEDS=1,2,3,4,5,6,7,8 python -m pytest tests/pipeline/test_e2e_crash.py
+SEEDS = [int(x) for x in os.environ.get("IOTNODE_E2E_SEEDS", "11,23,47").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_of_every_process_kind_keeps_every_acked_message_exactly_once(
     seed: int, data_dir: Path, tmp_path: Path, processes: Processes
 ) -> None:
@@ -234,3 +238,5 @@ def test_sigkill_of_every_process_kind_keeps_every_acked_message_exactly_once(
     for device, seq in keys:
         per_device.setdefault(device, []).append(seq)
     assert all(sorted(s) == list(range(MESSAGES_PER_DEVICE)) for s in per_device.values())
+    crashed = [name for name in node.processes.logs if "Traceback" in node.processes.log(name)]
+    assert not crashed, f"unhandled exceptions in {crashed}\n{node.logs()}"
