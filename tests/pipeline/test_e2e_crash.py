@@ -198,11 +198,11 @@ async def drive(node: WholeNode, seed: int) -> dict[str, DeviceStats]:
     return stats
 
 
-@pytest.mark.slow
 # More schedules for a soak run: IOTNODE_E2E_SEEDS=1,2,3,4,5,6,7,8 python -m pytest tests/pipeline/test_e2e_crash.py
 SEEDS = [int(x) for x in os.environ.get("IOTNODE_E2E_SEEDS", "11,23,47").split(",")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_of_every_process_kind_keeps_every_acked_message_exactly_once(
     seed: int, data_dir: Path, tmp_path: Path, processes: Processes
