@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from node.ring.errors import RingError
+
 
 def _stat_fields(pid: int) -> list[str] | None:
     try:
@@ -30,9 +32,16 @@ def start_time(pid: int) -> int | None:
 
 
 def identity() -> tuple[int, int]:
-    """(pid, start-time token) of the calling process."""
+    """(pid, start-time token) of the calling process.
+
+    Without a readable ``/proc/self/stat`` liveness cannot be decided, and a live
+    producer's claim could be settled as dead: refuse to run instead.
+    """
     pid = os.getpid()
-    return pid, start_time(pid) or 0
+    token = start_time(pid)
+    if token is None:
+        raise RingError(f"/proc/{pid}/stat is not readable: the ring needs /proc to tell live producers from dead")
+    return pid, token
 
 
 def is_alive(pid: int, token: int) -> bool:

@@ -8,6 +8,9 @@ producer PATH BACKEND PRODUCER_ID REPORT SEED DIE_RATE
 consumer PATH BACKEND LOG
     reads, logs every record as "pos producer counter" to LOG, then pops; forever
     (pausing now and then, so the ring fills up).
+reader_stalls PATH BACKEND LOG
+    reads every record, pops the first half, writes the positions of the rest to
+    LOG, then hangs (to be killed between read and pop).
 claimer PATH BACKEND STAGE READY
     claims one record and stops as if killed mid-append (STAGE 0: header only,
     1: payload + checksum without commit), touches READY, then sleeps.
@@ -83,6 +86,17 @@ def consumer(path: str, backend: str, log: str) -> None:
         reader.pop(recs[-1].end)
 
 
+def reader_stalls(path: str, backend: str, log: str) -> None:
+    """Reads everything, logs it, pops the first half, then hangs before the next pop."""
+    ring = Ring.open(path, capacity=1 << 16, backend=backend)
+    reader = ring.reader()
+    recs = reader.read(ring.head, max_records=1000)
+    reader.pop(recs[len(recs) // 2 - 1].end)
+    with open(log, "w") as fh:
+        fh.write(" ".join(str(r.pos) for r in recs[len(recs) // 2 :]))
+    time.sleep(60)
+
+
 def claimer(path: str, backend: str, stage: int, ready: str) -> None:
     ring = Ring.open(path, capacity=1 << 16, backend=backend)
     assert ring._append_partial([make_payload(99, 0)], stage) == 1
@@ -96,6 +110,8 @@ if __name__ == "__main__":
         producer(args[0], args[1], int(args[2]), args[3], int(args[4]), float(args[5]))
     elif role == "consumer":
         consumer(args[0], args[1], args[2])
+    elif role == "reader_stalls":
+        reader_stalls(args[0], args[1], args[2])
     elif role == "claimer":
         claimer(args[0], args[1], int(args[2]), args[3])
     else:

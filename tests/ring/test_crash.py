@@ -249,3 +249,23 @@ def test_claim_of_producer_dead_before_reopen_is_settled_by_recovery(tmp_path: P
         got = [parse_payload(r.payload) for r in ring.reader().read()]
         assert got == [(99, 0), (1, 0)]  # the stage-0 claim became padding
         assert ring.depth == 2
+
+
+def test_consumer_killed_between_read_and_pop_gets_the_records_again(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "reader.ring"
+    with Ring.open(path, capacity=CAP, backend=backend) as ring:
+        assert ring.append_batch([make_payload(5, i) for i in range(10)]) == 10
+    workers = Workers(tmp_path, path, backend)
+    log = tmp_path / "unpopped"
+    try:
+        proc = workers.start("reader_stalls", log)
+        wait_until(lambda: log.exists() and log.read_text(), 15, what="the reader")
+        workers.kill(proc)
+    finally:
+        workers.kill_all()
+    unpopped = [int(p) for p in log.read_text().split()]
+    with Ring.open(path, capacity=CAP, backend=backend) as ring:
+        recs = ring.reader().read()
+        assert [r.pos for r in recs] == unpopped
+        assert [parse_payload(r.payload) for r in recs] == [(5, i) for i in range(5, 10)]
+        assert ring.depth == 5
