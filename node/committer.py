@@ -108,6 +108,7 @@ class Conn:
         "_last_seq",
         "_max_durable",
         "_ack",
+        "_ack_max",
         "_ack_binary",
         "_replies",
         "_wake",
@@ -124,6 +125,7 @@ class Conn:
         self._last_seq = -1
         self._max_durable = -1
         self._ack: int | None = None  # ack waiting for the writer (coalesced)
+        self._ack_max = -1  # highest ack handed to the writer so far
         self._ack_binary = True
         self._replies: deque[bytes | str] = deque()
         self._wake = asyncio.Event()  # the writer has something to send
@@ -172,7 +174,8 @@ class Conn:
         n = self._max_durable
         if not self._monotonic and inflight:
             n = min(n, min(inflight) - 1)
-        if n >= 0:
+        if n >= 0 and n >= self._ack_max:  # acks never go down (a lower one is true but confusing)
+            self._ack_max = n
             self._ack = n
             self._ack_binary = binary
             self._wake.set()

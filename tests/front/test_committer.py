@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.committer import Committer, Conn
 from node.protocol import Ack, decode_reply
@@ -230,3 +233,53 @@ def test_append_failure_fails_its_connections_without_acks(tmp_path: Path) -> No
 
     frames, bad_failed, other_failed, pending = asyncio.run(go())
     assert frames == [] and bad_failed and not other_failed and pending == 0
+
+
+@given(
+    ops=st.lists(
+        st.one_of(st.tuples(st.just("send"), st.integers(0, 30)), st.tuples(st.just("persist"), st.integers(1, 12))),
+        min_size=1,
+        max_size=60,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_an_ack_never_claims_a_pending_message_whatever_the_seq_order(ops: list[tuple[str, int]]) -> None:
+    """Any seq order on one connection, sends interleaved with persists of any
+    prefix (as a ring that takes only part of each group would): every ack N leaves
+    no pending message with seq <= N, acks never decrease, and once everything is
+    durable the last ack is the largest seq sent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ring = Ring.open(Path(tmp) / "prop.ring", capacity=1 << 20, durability="process")
+        try:
+            committer = Committer(ring, max_pending_bytes=1 << 30, window=1 << 20)
+            conn = committer.connect("p")
+            sent: list[int] = []
+            done, acks = 0, []
+
+            def persist(k: int) -> None:
+                nonlocal done
+                group = committer._take()
+                k = min(k, len(group))
+                assert ring.append_batch([e.payload for e in group[:k]]) == k
+                committer._queue.extendleft(reversed(group[k:]))
+                if k:
+                    committer._complete(group[:k])
+                done += k
+                if conn._ack is not None:
+                    n = conn._ack
+                    assert all(seq > n for seq in sent[done:]), (n, sent[done:])
+                    acks.append(n)
+                    conn._ack = None
+
+            for op, value in ops:
+                if op == "send":
+                    sent.append(value)
+                    committer.submit(conn, value, True, payload("p", value, 1), 0.0)
+                else:
+                    persist(value)
+            persist(len(sent))
+            assert acks == sorted(acks)
+            if sent:
+                assert acks and acks[-1] == max(sent)
+        finally:
+            ring.close()
