@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import proto, report, runner, targets
+from bench.loadgen import raise_nofile_limit
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "c10k": {"mode": "rate", "connections": 10_000, "rate": 1.0, "window": 1000, "duration": 30.0, "ramp": 2000.0},
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     command = "python -m bench " + shlex.join(argv)
+    # Targets the harness starts (redis-server, mosquitto) inherit this process's limit.
+    raise_nofile_limit(1 << 20)
     try:
         if args.command == "report":
             doc = json.loads(args.json.read_text())

@@ -146,3 +146,43 @@ def scrape_ring_depths(urls: list[str], timeout: float = 1.0) -> dict[str, float
         for name, ring, value in _METRIC.findall(text):
             depths[ring] = max(depths.get(ring, 0.0), float(value))
     return depths
+
+
+_BUCKET = re.compile(r'^iotnode_ack_latency_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+
+
+def scrape_ack_latency(urls: list[str], timeout: float = 1.0) -> dict[str, float]:
+    """The node's own ``iotnode_ack_latency_seconds`` buckets (message received → ack
+    sent), cumulative counts by ``le``, summed over the URLs that answer."""
+    out: dict[str, float] = {}
+    for url in urls:
+        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if not host.startswith("127.") and host != "localhost":
+            raise ValueError(f"metrics URL must be on loopback, got {url!r}")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+                text = resp.read().decode(errors="replace")
+        except OSError:
+            continue
+        for le, value in _BUCKET.findall(text):
+            out[le] = out.get(le, 0.0) + float(value)
+    return out
+
+
+def bucket_quantiles(before: dict[str, float], after: dict[str, float], qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, str]:
+    """Quantiles of the observations between two scrapes, as the bucket bound they fall
+    under (``"<= 0.005 s"``); Prometheus buckets give no finer answer."""
+    delta = sorted(
+        ((float("inf") if le == "+Inf" else float(le)), after[le] - before.get(le, 0.0)) for le in after
+    )
+    if not delta or delta[-1][1] <= 0:
+        return {}
+    total = delta[-1][1]
+    out = {}
+    for q in qs:
+        for bound, cum in delta:
+            if cum >= q * total:
+                out[f"p{q * 100:g}"] = f"<= {bound:g} s" if bound != float("inf") else f"> {delta[-2][0]:g} s"
+                break
+    out["count"] = str(int(total))
+    return out

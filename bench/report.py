@@ -177,6 +177,9 @@ def render_html(doc: dict[str, Any]) -> str:
             dur = r["scenario"]["duration"]
             rows = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{v}</td><td>{100 * v / dur:.0f}%</td></tr>" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
             parts.append(f"<p>Where the target's CPU went (summed per role):</p><table><tr><th>process</th><th>CPU s</th><th>% of a core</th></tr>{rows}</table>")
+        if r.get("target_ack_latency"):
+            parts.append("<p>The target's own ack latency (iotnode_ack_latency_seconds, received → ack sent): "
+                         f"<code>{html.escape(json.dumps(r['target_ack_latency']))}</code></p>")
         for w in r.get("warnings", []):
             parts.append(f"<p style='color:#b00'>warning: {html.escape(w)}</p>")
         if r.get("drift"):

@@ -232,6 +232,7 @@ def _drive(
             w.send({"go": time.time()})
         raise proto.BenchError(f"[{target.name}] no connection could be opened to {target.url}")
 
+    node_lat_before = procstat.scrape_ack_latency(target.metrics) if target.metrics else {}
     sampler = procstat.ProcSampler(list(target.pids))
     gen_sampler = procstat.ProcSampler([w.proc.pid for w in workers])
     sampler.sample(0.0)
@@ -288,7 +289,11 @@ def _drive(
         if time.monotonic() > deadline:
             raise proto.BenchError(f"[{target.name}] the run did not finish within {scn.duration + scn.drain + 60:.0f}s")
     node_samples.append(sampler.sample(time.monotonic() - t0))
-    return _merge(scn, target, connected, results, ticks, node_samples, gen_samples, sampler, gen_sampler, ring_depths, started)
+    result = _merge(scn, target, connected, results, ticks, node_samples, gen_samples, sampler, gen_sampler, ring_depths, started)
+    if target.metrics:
+        # The node's own view (received → ack sent): tells the node's time from the network's and ours.
+        result["target_ack_latency"] = procstat.bucket_quantiles(node_lat_before, procstat.scrape_ack_latency(target.metrics))
+    return result
 
 
 def _print_progress(out: TextIO, target: Target, scn: Scenario, ticks: dict[int, dict[str, Any]], node: list[dict[str, Any]], gen: list[dict[str, Any]]) -> None:

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     import uvicorn
 
+    from bench.loadgen import raise_nofile_limit
+
+    raise_nofile_limit(1 << 20)  # C10K: the workers inherit it, as iotnode's web does
     uvicorn.run(
         "bench.servers.front:app",
         host=args.host,

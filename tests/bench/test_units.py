@@ -139,3 +139,13 @@ def test_a_test_servers_own_listening_socket_is_found_on_loopback() -> None:
         s.listen()
         port = s.getsockname()[1]
         assert f"127.0.0.1:{port}" in check_loopback_only("self", [os.getpid()])
+
+
+def test_node_side_ack_latency_quantiles_come_from_bucket_deltas() -> None:
+    from bench.procstat import bucket_quantiles
+
+    before = {"0.001": 10.0, "0.01": 10.0, "0.1": 10.0, "+Inf": 10.0}
+    after = {"0.001": 60.0, "0.01": 100.0, "0.1": 109.0, "+Inf": 110.0}  # 100 new: 50 <=1ms, 40 <=10ms, 9, 1
+    q = bucket_quantiles(before, after)
+    assert q == {"p50": "<= 0.001 s", "p99": "<= 0.1 s", "count": "100"}
+    assert bucket_quantiles(after, after) == {}
