@@ -209,7 +209,8 @@ def create_app(
 ) -> Starlette:
     """Build the front.  ``commit_mode``: ``"auto"`` (inline on a pmem ring or with
     durability "process", else the commit thread), ``"thread"`` or ``"inline"``
-    (for measurements).  ``metrics``: serve ``/metrics`` (see :class:`WebMetrics`)."""
+    (for measurements).  ``metrics``: serve this module's minimal ``/metrics`` (see
+    :class:`WebMetrics`); ``node.webmetrics`` passes False and plugs in its own."""
     if commit_mode not in ("auto", "thread", "inline"):
         raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
@@ -256,9 +257,9 @@ def create_app(
             "threaded" if threaded else "inline",
             settings.conn_window,
         )
+        sync_task = asyncio.get_running_loop().create_task(web_metrics.run()) if web_metrics else None
         # Start-up objects never die: keep them out of every future full GC (at 10k
         # connections full collections otherwise pause the loop for 0.1-0.8 s).
-        sync_task = asyncio.get_running_loop().create_task(web_metrics.run()) if web_metrics else None
         gc.collect()
         gc.freeze()
         try:
