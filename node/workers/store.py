@@ -171,6 +171,13 @@ class Store:
             ERRORS.labels(stage="store", reason="released_gap").inc()
             self.expect = reply.start
             self.dirty = True
+        if not reply.items and reply.tail < self.expect:
+            log.error(
+                "store cursor %d is beyond the tail %d of fan-in ring %s (ring file replaced by an"
+                " older copy?): waiting for the ring to reach it",
+                self.expect, reply.tail, ring_name(self.ring),
+            )
+            ERRORS.labels(stage="store", reason="cursor_beyond_tail").inc()
         caught_up = not reply.items or reply.next >= reply.tail
         if not caught_up:
             # Ask for the next part before decoding this one: the publisher reads it
