@@ -153,8 +153,9 @@ class Settings:
 
     log_level: str = "info"
 
-    # Metrics: "off" skips the web front's per-group observations (ack latency,
-    # persist batch, counters sync) and the stages' /metrics servers (docs/metrics.md).
+    # Metrics: "off" skips the web front's per-group work (ack latency, persist batch
+    # sizes, counters sync); its /metrics then shows only CPU/RSS.  The stages count
+    # once per batch either way (docs/metrics.md).
     metrics: bool = True
 
     # ------------------------------------------------------------------ derived

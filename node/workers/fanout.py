@@ -22,6 +22,7 @@ from node.auth import load_secret
 from node.config import Settings, load_settings
 from node.errors import NodeError
 from node.fanout import create_app
+from node.metrics import register_process
 from node.workers.runtime import configure_logging
 
 log = logging.getLogger("node.workers.fanout")
@@ -87,6 +88,7 @@ def main() -> None:
         log.error("cannot load the JWT secret (NODE_JWT_SECRET, or %s): %s", settings.jwt_secret_path, exc)
         raise SystemExit(2) from None
     sock = _listen(settings)
+    register_process("fanout")  # iotnode_process_* on its /metrics
     config = uvicorn.Config(
         create_app(settings, secret),
         lifespan="on",

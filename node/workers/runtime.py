@@ -45,6 +45,7 @@ def start(name: str) -> tuple[Settings, threading.Event]:
     settings.data_path.mkdir(parents=True, exist_ok=True)
     port_attr = _METRICS_PORT.get(name)
     if port_attr is not None:
+        metrics.register_process(name)
         port = getattr(settings, port_attr)
         try:
             metrics.serve(port, settings.host)

@@ -17,7 +17,11 @@ header, access log off (it would also log ``?token=``).
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import socket
+import tempfile
 
 import uvicorn
 
@@ -73,7 +77,21 @@ def main() -> None:
     load_secret(settings)
     settings.data_path.mkdir(parents=True, exist_ok=True)
     _check_bind(settings)
-    uvicorn.run("node.app:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+    _multiprocess_metrics_dir()
+    # node.webmetrics wraps node.app:create_app with the metrics seams and /metrics.
+    uvicorn.run("node.webmetrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+
+
+def _multiprocess_metrics_dir() -> None:
+    """The Procfile sets and wipes PROMETHEUS_MULTIPROC_DIR; started another way, use
+    a private temporary directory (removed at exit) so the workers' metrics are still
+    aggregated.  Must run before anything imports prometheus_client (it reads the
+    variable at import)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="iotnode-metrics-web-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
 
 
 def _check_bind(settings: Settings) -> None:
