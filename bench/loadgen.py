@@ -129,6 +129,15 @@ class Conn(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         mt = frame.msg_type
         gen = self.gen
+        if mt == WSMsgType.CLOSE:
+            code = frame.get_close_code()
+            if not gen.ending:
+                gen.error(f"{self.device_id}: closed by server with code {int(code)}")
+            # picows leaves the closing handshake to us: answer, then drop the socket.
+            self.ready = False
+            transport.send_close(code)
+            transport.disconnect()
+            return
         if self.mqtt is not None:
             if mt != WSMsgType.BINARY and mt != WSMsgType.CONTINUATION:
                 return
@@ -149,10 +158,6 @@ class Conn(WSListener):
                 gen.error(f"{self.device_id}: {reply.error} (seq {reply.seq})")
                 if reply.seq is not None:
                     self.reject(reply.seq)
-        elif mt == WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            if not gen.ending:
-                gen.error(f"{self.device_id}: closed by server with code {int(code)}")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.ready = False

@@ -144,7 +144,8 @@ class _Group:
                     proc.wait(timeout=5)
 
 
-def front_argv(port: int, workers: int, sink: str = "noop", redis_port: int = 0, ack_delay_ms: float = 0.0, coalesce: bool = False) -> list[str]:
+def front_argv(port: int, workers: int, sink: str = "noop", redis_port: int = 0, ack_delay_ms: float = 0.0,
+               coalesce: bool = False, close_after: int = 0) -> list[str]:
     argv = [sys.executable, "-m", "bench.servers.front", "--port", str(port), "--workers", str(workers), "--secret", SECRET, "--sink", sink]
     if redis_port:
         argv += ["--redis-port", str(redis_port)]
@@ -152,6 +153,8 @@ def front_argv(port: int, workers: int, sink: str = "noop", redis_port: int = 0,
         argv += ["--ack-delay-ms", str(ack_delay_ms)]
     if coalesce:
         argv.append("--coalesce")
+    if close_after:
+        argv += ["--close-after", str(close_after)]
     return argv
 
 

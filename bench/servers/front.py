@@ -6,7 +6,8 @@ Starlette, websockets sans-I/O, no permessage-deflate) speaking device protocol 
                  when Redis has answered, i.e. after its fsync.
 
 Test knobs: ``--ack-delay-ms`` delays every ack (a deliberately slow server);
-``--coalesce`` sends one cumulative ack per read burst instead of one per message.
+``--coalesce`` sends one cumulative ack per read burst instead of one per message;
+``--close-after N`` closes each connection (code 1012) on its N-th message, unacked.
 
 Run: ``python -m bench.servers.front --port 8100 --workers 2 --secret S [--sink redis --redis-port P]``
 Options reach the uvicorn worker processes through ``BENCH_FRONT_*`` environment
@@ -42,6 +43,7 @@ class Options:
     ack_delay: float = 0.0
     coalesce: bool = False
     redis_port: int = 6379
+    close_after: int = 0  # close each connection (1012) when this many messages came, unacked
     stream: bytes = b"iot"
 
 
@@ -53,6 +55,7 @@ def _options() -> Options:
         ack_delay=float(env.get("BENCH_FRONT_ACK_DELAY_MS", "0")) / 1000.0,
         coalesce=env.get("BENCH_FRONT_COALESCE", "0") == "1",
         redis_port=int(env.get("BENCH_FRONT_REDIS_PORT", "6379")),
+        close_after=int(env.get("BENCH_FRONT_CLOSE_AFTER", "0")),
     )
 
 
@@ -152,6 +155,7 @@ async def ingest(ws: WebSocket) -> None:
     acker: _Acker | None = _Acker(ws) if (OPTS.ack_delay > 0 or OPTS.coalesce) else None
     loop = asyncio.get_running_loop()
     stream = OPTS.stream
+    received = 0
     try:
         while True:
             msg = await ws.receive()
@@ -168,6 +172,10 @@ async def ingest(ws: WebSocket) -> None:
                 await ws.send(_encode({"error": error, "seq": seq}, binary))
                 continue
             assert seq is not None
+            received += 1
+            if received == OPTS.close_after:
+                await ws.close(code=1012)  # "service restart": the device must resend
+                return
             if redis is not None:
                 body = raw if binary else raw.encode()  # type: ignore[union-attr]
                 await redis.command(b"XADD", stream, b"*", b"m", body)  # type: ignore[arg-type]
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--redis-port", type=int, default=6379)
     ap.add_argument("--ack-delay-ms", type=float, default=0.0)
     ap.add_argument("--coalesce", action="store_true")
+    ap.add_argument("--close-after", type=int, default=0, help="test knob: drop each connection after N messages")
     args = ap.parse_args(argv)
     if not args.host.startswith("127."):
         ap.error(f"--host must be a loopback address (127.x.x.x), got {args.host!r}")
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         BENCH_FRONT_ACK_DELAY_MS=str(args.ack_delay_ms),
         BENCH_FRONT_COALESCE="1" if args.coalesce else "0",
         BENCH_FRONT_REDIS_PORT=str(args.redis_port),
+        BENCH_FRONT_CLOSE_AFTER=str(args.close_after),
     )
     import uvicorn
 

@@ -95,6 +95,16 @@ def test_coalesced_acks_resolve_every_covered_message(coalescing: Target, workdi
     assert r["ack_frames"] < r["acked"] / 2, (r["ack_frames"], r["acked"])
 
 
+def test_a_dropped_connection_is_reopened_and_its_unacked_messages_resent(workdir: Path) -> None:
+    with targets.start("noop", workdir / "dropping", 1, close_after=25) as t:
+        r = _run(t, workdir, connections=2, rate=40.0, duration=1.0)
+    assert r["reconnects"] >= 2, r  # each connection dropped at least once
+    assert r["unacked"] == 0, r
+    assert r["acked"] == r["latency_ms"]["count"] >= 78  # 2 x 40/s x 1 s, every message acked once
+    assert r["sent"] >= r["acked"]  # resends are sent again
+    assert any("1012" in e for e in r["error_samples"]), r["error_samples"]
+
+
 def test_closed_loop_keeps_the_window_full_and_reports_throughput(noop: Target, workdir: Path) -> None:
     r = _run(noop, workdir, mode="max", connections=4, window=8, duration=1.5)
     assert r["acked_msg_s"] > 200, r["acked_msg_s"]
