@@ -4,6 +4,9 @@ when the consumer frees space everything is acked and nothing was dropped."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import struct
 from pathlib import Path
 
 import msgpack
@@ -79,3 +82,39 @@ def test_full_ring_stops_acks_then_reading_and_resumes_without_loss(
     assert sender_blocked, "the socket should stop accepting while the ring is full"
     assert acked[0] == total - 1
     assert seqs == list(range(total)), "every message reached the ring once, in order"
+
+
+def test_keepalive_ping_closes_a_silent_device(data_dir: Path, tmp_path: Path, processes: Processes) -> None:
+    """NODE_WS_PING_INTERVAL/_TIMEOUT reach uvicorn: a peer that never answers pings
+    gets pinged, then closed (1011, keepalive ping timeout)."""
+    front = start_front(data_dir, tmp_path, processes, NODE_WS_PING_INTERVAL="0.3", NODE_WS_PING_TIMEOUT="0.3")
+
+    async def go() -> tuple[list[int], int | None, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /v1/ingest HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {front.token('silent')}\r\n\r\n"
+            ).encode()
+        )
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        start = end = asyncio.get_running_loop().time()
+        opcodes: list[int] = []
+        close_code = None
+        for _ in range(20):  # read frames (never answering) until the close frame
+            head = await asyncio.wait_for(reader.readexactly(2), 10)
+            length = head[1] & 0x7F
+            body = await reader.readexactly(length)
+            opcodes.append(head[0] & 0x0F)
+            if head[0] & 0x0F == 0x8:
+                close_code = struct.unpack("!H", body[:2])[0]
+                end = asyncio.get_running_loop().time()
+                break
+        writer.close()
+        return opcodes, close_code, end - start
+
+    opcodes, close_code, elapsed = asyncio.run(asyncio.wait_for(go(), 30))
+    assert opcodes[0] == 0x9 and opcodes[-1] == 0x8, opcodes  # ping first, close last
+    assert close_code == 1011 and elapsed < 5
