@@ -45,6 +45,7 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
                    help="web worker processes of a target the harness starts (default: CPUs, like NODE_WEB_WORKERS)")
     t.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    t.add_argument("--keep", type=Path, help="keep targets' data and logs (and the generators' logs) in this directory")
 
 
 def _scenario(name: str, args: argparse.Namespace) -> runner.Scenario:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         scn = _scenario(args.command, args)
         if bool(args.target) == bool(args.url):
             ap.error("give exactly one of --target NAME (started by the harness) or --url URL")
-        with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp:
+        with _workdir(args.keep) as tmp:
             if args.target:
                 try:
                     with targets.start(args.target, Path(tmp) / args.target, args.workers) as target:
@@ -129,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+@contextlib.contextmanager
+def _workdir(keep: Path | None) -> Any:
+    """A private directory for targets and logs: temporary, or ``--keep DIR`` (kept)."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp:
+            yield tmp
+    else:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield str(keep)
+        print(f"kept: {keep}", file=sys.stderr)
+
+
 def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
     """Start every target at once, then run ``--rounds`` rounds, each target once per
     round in turn, so that slow drifts of a shared machine hit all of them alike.
@@ -142,7 +155,7 @@ def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
         raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
     rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     skipped: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="iotnode-bench-") as tmp, contextlib.ExitStack() as stack:
+    with _workdir(args.keep) as tmp, contextlib.ExitStack() as stack:
         running: dict[str, runner.Target] = {}
         for name in names:
             try:
