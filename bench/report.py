@@ -98,7 +98,7 @@ def svg_chart(
     width: int = 760,
     height: int = 340,
 ) -> str:
-    left, right, top, bottom = 70, 150, 30, 45
+    left, right, top, bottom = 70, 170, 30, 45
     pw, ph = width - left - right, height - top - bottom
     pts = [(x, y) for _, s in series for x, y in s if (y > 0 or not ylog)]
     if not pts:
@@ -145,7 +145,8 @@ def svg_chart(
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
         ly = top + 14 + 16 * i
         out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 30}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>')
-        out.append(f'<text x="{left + pw + 35}" y="{ly}">{html.escape(name)}</text>')
+        short = name if len(name) <= 22 else "…" + name[-21:]
+        out.append(f'<text x="{left + pw + 35}" y="{ly}">{html.escape(short)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -177,6 +178,21 @@ def render_html(doc: dict[str, Any]) -> str:
             dur = r["scenario"]["duration"]
             rows = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{v}</td><td>{100 * v / dur:.0f}%</td></tr>" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
             parts.append(f"<p>Where the target's CPU went (summed per role):</p><table><tr><th>process</th><th>CPU s</th><th>% of a core</th></tr>{rows}</table>")
+        samples = r["target_procs"].get("samples") or []
+        if len(samples) > 2:
+            rss: dict[str, list[tuple[float, float]]] = {}
+            for smp in samples:
+                per_role: dict[str, float] = {}
+                for label, p in smp["procs"].items():
+                    role = label.rsplit("[", 1)[0].replace("node.workers.", "").replace("bench.servers.", "")
+                    per_role[role] = per_role.get(role, 0.0) + p["rss_mb"]
+                for role, mb in per_role.items():
+                    rss.setdefault(role, []).append((smp["t"], round(mb, 1)))
+            top = sorted(rss.items(), key=lambda kv: -max(v for _, v in kv[1]))[:7]
+            parts.append(svg_chart(top, f"{r['target']['name']}: RSS per role (MB)", "seconds", "MB"))
+        gen = r["generator"]
+        parts.append(f"<p>Load generator: {gen['processes']} processes, {gen['cpu_s']} CPU-s "
+                     f"({gen['cpu_pct_of_one_core']}% of one core, {gen.get('cpu_us_per_msg')} µs per acked message).</p>")
         if r.get("target_ack_latency"):
             parts.append("<p>The target's own ack latency (iotnode_ack_latency_seconds, received → ack sent): "
                          f"<code>{html.escape(json.dumps(r['target_ack_latency']))}</code></p>")

@@ -376,6 +376,7 @@ def _merge(
             "processes": len(results),
             "cpu_s": round(cpu_s, 2),
             "cpu_pct_of_one_core": round(100 * cpu_s / scn.duration, 1),
+            "cpu_us_per_msg": round(1e6 * cpu_s / totals["acked"], 1) if totals["acked"] else None,
             "samples": gen_samples,
         },
         "target_procs": {
