@@ -67,6 +67,7 @@ uint64_t iotring_load64(const iotring_ctx *c, uint32_t offset);
 int iotring_persist(const iotring_ctx *c, uint64_t offset, uint64_t len);
 int iotring_msync(uintptr_t addr, uint64_t len);
 int iotring_mutex_size(void);
+void iotring_reset_waiters(const iotring_ctx *c);
 """
 
 CSRC = r"""
@@ -212,6 +213,12 @@ uint64_t iotring_load64(const iotring_ctx *c, uint32_t offset) {
 }
 
 int iotring_mutex_size(void) { return (int)sizeof(pthread_mutex_t); }
+
+/* A new consumer (holding the consumer lock) clears a count left by a consumer
+   killed inside iotring_wait, so producers stop issuing needless FUTEX_WAKEs. */
+void iotring_reset_waiters(const iotring_ctx *c) {
+    __atomic_store_n(U32(c, D_WAITERS_OFFSET), 0, __ATOMIC_SEQ_CST);
+}
 
 /* ------------------------------------------------------------------ claim mutex */
 int iotring_mutex_init(const iotring_ctx *c) {

@@ -57,6 +57,7 @@ class Reader:
             raise ConsumerBusy(self.lock_path) from None
         self._lock_fd = fd
         self._ctx = ring._ctx
+        lib.iotring_reset_waiters(self._ctx)  # a killed consumer may have left waiters > 0
         self._cap = ring.capacity
         self._nbuf = 0
         self._grow(256)

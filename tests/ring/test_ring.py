@@ -266,3 +266,19 @@ def test_max_bytes_limits_a_read_but_returns_at_least_one(ring_path: Path, backe
         assert [len(r.payload) for r in reader.read(ring.head, max_bytes=10)] == [100]
         assert len(reader.read(ring.head, max_bytes=250)) == 2
         assert len(reader.read(ring.head, max_records=1)) == 1
+
+
+def test_auto_backend_falls_back_to_mmap_where_libpmem_is_missing(
+    ring_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import node.ring.backend as backend_module
+    from node.ring import RingBackendError
+
+    # The state load_libpmem() leaves when dlopen("libpmem.so.1") fails.
+    monkeypatch.setattr(backend_module, "_libpmem", None)
+    monkeypatch.setattr(backend_module, "_libpmem_error", "libpmem.so.1: cannot open shared object file")
+    with Ring.open(ring_path, capacity=CAP) as ring:
+        assert ring.backend == "mmap"
+        assert ring.append(b"no pmem")
+    with pytest.raises(RingBackendError, match="libpmem.so.1"):
+        Ring.open(ring_path, capacity=CAP, backend="msync")
