@@ -149,3 +149,14 @@ def test_node_side_ack_latency_quantiles_come_from_bucket_deltas() -> None:
     q = bucket_quantiles(before, after)
     assert q == {"p50": "<= 0.001 s", "p99": "<= 0.1 s", "count": "100"}
     assert bucket_quantiles(after, after) == {}
+
+
+def test_soak_drift_compares_the_first_and_last_fifth_of_the_run() -> None:
+    from bench.runner import drift
+
+    timeline = [{"t": t, "p99_ms": 10.0 if t <= 4 else 50.0, "acked": 1000} for t in range(1, 21)]
+    samples = [{"t": t, "procs": {"web[1]": {"rss_mb": 100.0 + 5 * t, "cpu_pct": 1.0}}} for t in range(0, 21)]
+    d = drift({"timeline": timeline, "target_procs": {"samples": samples}})
+    assert d["p99_ms_first"] == 10.0 and d["p99_ms_last"] == 50.0
+    assert d["acked_s_first"] == d["acked_s_last"] == 1000
+    assert d["rss_mb_first"] == 105.0 and d["rss_mb_last"] == 200.0
