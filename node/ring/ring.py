@@ -101,8 +101,12 @@ class Ring:
             raise RingConfigError("durability", durability, f"expected one of {', '.join(DURABILITIES)}")
         if backend not in BACKENDS:
             raise RingConfigError("backend", backend, f"expected one of {', '.join(BACKENDS)}")
+        fspath = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(fspath))
+        if not os.path.isdir(parent):
+            raise RingConfigError("path", fspath, f"directory {parent} does not exist")
         ring = cls.__new__(cls)
-        ring._open(os.fspath(path), capacity, durability, backend)
+        ring._open(fspath, capacity, durability, backend)
         return ring
 
     # ------------------------------------------------------------------ open

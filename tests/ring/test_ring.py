@@ -282,3 +282,32 @@ def test_auto_backend_falls_back_to_mmap_where_libpmem_is_missing(
         assert ring.append(b"no pmem")
     with pytest.raises(RingBackendError, match="libpmem.so.1"):
         Ring.open(ring_path, capacity=CAP, backend="msync")
+
+
+def test_missing_directory_is_refused_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "x.ring"
+    with pytest.raises(RingConfigError) as exc:
+        Ring.open(path, capacity=CAP)
+    assert exc.value.name == "path" and str(path) in str(exc.value)
+
+
+def test_checksum_is_standard_crc32c() -> None:
+    from node.ring._native import lib
+
+    # The CRC32C check value (RFC 3720 / iSCSI): files stay readable on CPUs with and
+    # without SSE4.2, which use different code paths.
+    assert lib.iotring_crc32c(0, b"123456789", 9) == 0xE3069283
+    assert lib.iotring_crc32c(0, b"", 0) == 0
+    def reference(data: bytes) -> int:  # bitwise CRC32C (Castagnoli, reflected 0x82F63B78)
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        return crc ^ 0xFFFFFFFF
+
+    data = bytes(range(256)) * 5
+    for start, end in ((0, 1), (1, 8), (3, 70), (5, 1280)):
+        assert lib.iotring_crc32c(0, data[start:end], end - start) == reference(data[start:end])
+    whole = lib.iotring_crc32c(0, data, len(data))
+    assert lib.iotring_crc32c(lib.iotring_crc32c(0, data[:333], 333), data[333:], len(data) - 333) == whole
