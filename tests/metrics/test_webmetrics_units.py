@@ -1,0 +1,108 @@
+"""The web front's metric plumbing without a server: local buckets flushed into a
+histogram equal per-message observations; counters export deltas once; dead pids'
+live gauge files are removed; a zombie does not count as running."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+
+from node.committer import FrontStats
+from node.metrics import LATENCY_BUCKETS
+from node.procmetrics import ProcessStatsCollector, is_running, read_process
+from node.webmetrics import FrontMetrics, live_worker_pids
+from tests.support import wait_until
+
+
+def _buckets(registry: CollectorRegistry, name: str) -> dict[str, float]:
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name.startswith(name):
+                out[s.name + s.labels.get("le", "")] = s.value
+    return out
+
+
+def test_group_buckets_flushed_once_equal_observing_every_message() -> None:
+    rng = random.Random(5)
+    per_message, batched = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("lat_seconds", "x", buckets=LATENCY_BUCKETS, registry=per_message)
+    h2 = Histogram("lat_seconds", "x", buckets=LATENCY_BUCKETS, registry=batched)
+    metrics = FrontMetrics(FrontStats())
+    for _ in range(50):
+        now = 1000.0
+        # exact bucket bounds included: "le" means <=
+        delays = [rng.choice(LATENCY_BUCKETS) if rng.random() < 0.2 else rng.uniform(0, 6) for _ in range(40)]
+        metrics.on_group(now, [now - d for d in delays], 100)
+        for d in delays:
+            h1.observe(now - (now - d))
+    metrics.latency.flush(h2)
+    a, b = _buckets(per_message, "lat_seconds"), _buckets(batched, "lat_seconds")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key]), key
+    assert b["lat_seconds_count"] == 2000
+    assert metrics.latency.counts == [0] * (len(LATENCY_BUCKETS) + 1) and metrics.latency.sum == 0
+
+
+def test_flush_exports_each_count_once_as_deltas() -> None:
+    def get(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    stats = FrontStats()
+    metrics = FrontMetrics(stats)
+    before = (get("iotnode_messages_total", stage="received"), get("iotnode_messages_total", stage="acked"),
+              get("iotnode_errors_total", stage="web", reason="bad_seq"),
+              get("iotnode_errors_total", stage="web", reason="auth_403"))
+    stats.received, stats.acked, stats.open_connections = 7, 5, 3
+    stats.errors = Counter({"bad_seq": 2})
+    stats.refused = Counter({403: 1})
+    metrics.flush()
+    metrics.flush()  # nothing new: nothing added
+    stats.received, stats.acked = 9, 9
+    metrics.flush()
+    after = (get("iotnode_messages_total", stage="received"), get("iotnode_messages_total", stage="acked"),
+             get("iotnode_errors_total", stage="web", reason="bad_seq"),
+             get("iotnode_errors_total", stage="web", reason="auth_403"))
+    assert [x - y for x, y in zip(after, before)] == [9, 9, 2, 1]
+    assert get("iotnode_device_connections") == 3
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_zombie_or_gone_pid_is_not_running_and_has_no_process_sample() -> None:
+    zombie = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: not is_running(zombie.pid), 10, what="the child to exit (left unreaped)")
+        assert Path(f"/proc/{zombie.pid}").exists()  # still a zombie: its parent has not reaped it
+    finally:
+        zombie.wait()
+    gone = _dead_pid()
+    assert not is_running(gone) and read_process(gone) is None
+    assert is_running(os.getpid())
+    families = list(ProcessStatsCollector(lambda: [("me", os.getpid()), ("gone", gone)]).collect())
+    assert [(s.name, s.labels["process"]) for f in families for s in f.samples] == [
+        ("iotnode_process_cpu_seconds_total", "me"), ("iotnode_process_resident_memory_bytes", "me"),
+    ]
+
+
+def test_live_worker_pids_marks_dead_pids_and_keeps_live_ones(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    for pid in (os.getpid(), dead):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+    (tmp_path / f"counter_{dead}.db").write_bytes(b"")  # counters of a dead worker are kept
+    assert live_worker_pids(str(tmp_path)) == [os.getpid()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"gauge_livesum_{os.getpid()}.db", f"counter_{dead}.db"]
+    )
+    assert live_worker_pids(str(tmp_path)) == [os.getpid()]  # idempotent
