@@ -52,6 +52,7 @@ log = logging.getLogger("iotnode.front")
 
 INGEST_PATH = "/v1/ingest"
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TOO_BIG = 1009
 
 
 @dataclass
@@ -315,6 +316,8 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
             message = await receive()
             t_received = perf_counter()
             if message["type"] != "websocket.receive":
+                if message.get("code") == CLOSE_TOO_BIG:
+                    stats.errors["oversize"] += 1  # closed by the server from the frame header
                 break  # websocket.disconnect (including 1009 from the server itself)
             frame = message.get("bytes")
             if frame is None:

@@ -36,6 +36,7 @@ def stage_counts(node: Node) -> dict[str, float]:
         "batches": value(s["web"], "iotnode_persist_batches_total"),
         "bad_seq": value(s["web"], "iotnode_errors_total", stage="web", reason="bad_seq"),
         "auth_401": value(s["web"], "iotnode_errors_total", stage="web", reason="auth_401"),
+        "oversize": value(s["web"], "iotnode_errors_total", stage="web", reason="oversize"),
         "forwarded": value(s["monitor"], "iotnode_messages_total", stage="forwarded"),
         "routed": value(s["router"], "iotnode_messages_total", stage="routed"),
         "published": value(s["publisher"], "iotnode_messages_total", stage="published"),
@@ -68,6 +69,11 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
             async with node.connect("count-bad") as ws:
                 await ws.send('{"seq": -1, "data": 1}')
                 assert "error" in json.loads(await asyncio.wait_for(ws.recv(), 20))
+            async with node.connect("count-big") as ws:
+                await ws.send(b"x" * (int(node.env.get("NODE_MAX_MESSAGE_BYTES", 65536)) + 1))
+                with pytest.raises(websockets.ConnectionClosedError) as closed:
+                    await asyncio.wait_for(ws.recv(), 20)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
             with pytest.raises(websockets.InvalidStatus):
                 async with websockets.connect(node.ingest_url + "?token=not-a-jwt", open_timeout=20):
                     pass
@@ -83,7 +89,7 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
         counts.update(delta(stage_counts(node), before))
         return (
             counts["stored"] >= total and counts["acked"] >= total and counts["streamed"] >= per_device
-            and counts["auth_401"] >= 1 and counts["ingress_depth"] == 0 and counts["fanin_depth"] == 0
+            and counts["auth_401"] >= 1 and counts["oversize"] >= 1 and counts["ingress_depth"] == 0 and counts["fanin_depth"] == 0
             and counts["ack_latency_count"] >= total
         )
 
@@ -92,7 +98,7 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
                   "published", "stored"):
         assert counts[stage] == total, (stage, counts)
     assert counts["streamed"] == per_device, counts
-    assert counts["bad_seq"] == 1 and counts["auth_401"] == 1, counts
+    assert counts["bad_seq"] == 1 and counts["auth_401"] == 1 and counts["oversize"] == 1, counts
     assert 1 <= counts["batches"] <= total and counts["store_commits"] >= 1, counts
 
 
