@@ -151,7 +151,15 @@ def test_whole_node_stores_every_message_once_across_forced_disconnects(front_fa
         finally:
             db.close()
 
-    wait_until(lambda: len(rows()) >= len(seqs), 60, what="every message in the store")
+    try:
+        wait_until(lambda: len(rows()) >= len(seqs), 60, what="every message in the store")
+    except AssertionError:
+        have = {seq for seq, _ in rows()}
+        missing = sorted(set(seqs) - have)
+        raise AssertionError(
+            f"store holds {len(have)} of {len(seqs)}; missing {len(missing)}: "
+            f"{[m - seqs[0] for m in missing[:20]]} (offsets)\n{node.logs()}"
+        ) from None
     stored = rows()
     assert [seq for seq, _ in stored] == seqs  # each once (and nothing else)
     assert [json.loads(data)["i"] for _, data in stored] == list(range(len(seqs)))
