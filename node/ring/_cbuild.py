@@ -38,6 +38,7 @@ typedef struct {
     int persist_mode;      /* 0 none, 1 void fn(addr,len), 2 int fn(addr,len), 3 msync */
     uintptr_t persist_fn;
     uint64_t pagesize;
+    int cancel;            /* set by close(): waits in this process return */
 } iotring_ctx;
 
 typedef struct {
@@ -68,6 +69,7 @@ int iotring_persist(const iotring_ctx *c, uint64_t offset, uint64_t len);
 int iotring_msync(uintptr_t addr, uint64_t len);
 int iotring_mutex_size(void);
 void iotring_reset_waiters(const iotring_ctx *c);
+void iotring_wake_all(const iotring_ctx *c);
 """
 
 CSRC = r"""
@@ -94,6 +96,7 @@ typedef struct {
     int persist_mode;
     uintptr_t persist_fn;
     uint64_t pagesize;
+    int cancel;
 } iotring_ctx;
 
 typedef struct {
@@ -478,8 +481,9 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Block until probe() says 1 (or 2 with stop_on_claim), or the timeout.  The futex
-   word is bumped by producers after a commit when waiters > 0. */
+/* Block until probe() says 1 (or 2 with stop_on_claim), or the timeout (0), or
+   c->cancel (-ECANCELED).  The futex word is bumped by producers after a commit
+   when waiters > 0. */
 int iotring_wait(const iotring_ctx *c, uint64_t pos, int64_t timeout_ns, int stop_on_claim,
                  iotring_block *blk) {
     uint32_t *fw = U32(c, D_FUTEX_OFFSET);
@@ -488,6 +492,7 @@ int iotring_wait(const iotring_ctx *c, uint64_t pos, int64_t timeout_ns, int sto
     int r;
     __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
     for (;;) {
+        if (__atomic_load_n(&c->cancel, __ATOMIC_ACQUIRE)) { r = -ECANCELED; break; }
         uint32_t seq = __atomic_load_n(fw, __ATOMIC_SEQ_CST);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         r = probe(c, pos, blk);
@@ -504,6 +509,12 @@ int iotring_wait(const iotring_ctx *c, uint64_t pos, int64_t timeout_ns, int sto
     }
     __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
     return r;
+}
+
+/* Wake every waiter (close() after setting c->cancel). */
+void iotring_wake_all(const iotring_ctx *c) {
+    __atomic_fetch_add(U32(c, D_FUTEX_OFFSET), 1, __ATOMIC_SEQ_CST);
+    sys_futex(U32(c, D_FUTEX_OFFSET), FUTEX_WAKE, INT_MAX, NULL);
 }
 
 /* ------------------------------------------------------------------ recovery */

@@ -63,10 +63,12 @@ class Reader:
         self._grow(256)
         self._n = ffi.new("uint32_t *")
         self._next = ffi.new("uint64_t *")
-        self._blk = ffi.new("iotring_block *")
+        self._blk = ffi.new("iotring_block *")   # read() only
+        self._wblk = ffi.new("iotring_block *")  # wait() only: it may run in another thread
         self._cursor = ring.head      # where the last scan stopped (wait() watches here)
         self._scanned = self._cursor  # highest position up to which records were read
         self._liveness: dict[tuple[int, int], tuple[float, bool]] = {}
+        self._waiting = 0  # wait() calls in progress (a doorbell thread), see close()
         self.settled_dead = 0   # claims of dead producers delivered or padded
         self.skipped_corrupt = 0  # committed records whose checksum failed (never delivered)
 
@@ -128,13 +130,13 @@ class Reader:
                 nbytes += ln
             pos = self._next[0]
             if status == _SCAN_BLOCKED:
-                blk = self._blk
-                if len(out) < max_records and not self._alive(blk.pid, blk.token):
-                    delivered = lib.iotring_resolve(self._ctx, blk.pos, 0)
+                bpos, bpid, btoken = self._blk.pos, self._blk.pid, self._blk.token
+                if bpos == pos and len(out) < max_records and not self._alive(bpid, btoken):
+                    delivered = lib.iotring_resolve(self._ctx, bpos, 0)
                     self.settled_dead += 1
                     log.warning(
                         "ring %s: producer pid %d died holding a claim at %d; record %s",
-                        self.ring.path, blk.pid, blk.pos, "delivered (checksum valid)" if delivered else "dropped (torn)",
+                        self.ring.path, bpid, bpos, "delivered (checksum valid)" if delivered else "dropped (torn)",
                     )
                     continue
                 break
@@ -187,31 +189,52 @@ class Reader:
 
         Returns True when there is something for :meth:`read` (including a claim left
         by a dead producer, which read() settles), False on timeout.  No busy spin: a
-        futex in the ring header, woken by producers.
+        futex in the ring header, woken by producers.  May be called from one other
+        thread (a doorbell) while the owning thread reads and pops; wait() has its own
+        buffers.  read() and pop() themselves belong to one thread.
         """
         self._check()
+        self._waiting += 1
+        try:
+            return self._wait(timeout)
+        finally:
+            self._waiting -= 1
+
+    def _wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + max(0.0, timeout)
         for _ in range(1 + int(timeout / LIVENESS_INTERVAL) + 2):
             left = deadline - time.monotonic()
-            r = lib.iotring_wait(self._ctx, self._cursor, max(0, int(left * 1e9)), 1, self._blk)
+            if self._lock_fd < 0:
+                return False  # closed meanwhile
+            r = lib.iotring_wait(self._ctx, self._cursor, max(0, int(left * 1e9)), 1, self._wblk)
             if r == 1:
                 return True
-            if r == 0:
-                return False
+            if r <= 0:
+                return False  # timeout, or cancelled by close()
             # r == 2: a claim blocks the cursor.
-            if not self._alive(self._blk.pid, self._blk.token):
+            if not self._alive(self._wblk.pid, self._wblk.token):
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            r = lib.iotring_wait(self._ctx, self._cursor, int(min(left, LIVENESS_INTERVAL * 2) * 1e9), 0, self._blk)
+            r = lib.iotring_wait(self._ctx, self._cursor, int(min(left, LIVENESS_INTERVAL * 2) * 1e9), 0, self._wblk)
             if r == 1:
                 return True
+            if r < 0:
+                return False
         return False
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
+        """Release the consumer lock.  A wait() blocked in another thread returns False."""
         if self._lock_fd >= 0:
+            if self._waiting:
+                self._ctx.cancel = 1
+                lib.iotring_wake_all(self._ctx)
+                for _ in range(2000):  # bounded: a woken wait returns within microseconds
+                    if not self._waiting:
+                        break
+                    time.sleep(0.001)
             os.close(self._lock_fd)
             self._lock_fd = -1
 

@@ -311,3 +311,55 @@ def test_checksum_is_standard_crc32c() -> None:
         assert lib.iotring_crc32c(0, data[start:end], end - start) == reference(data[start:end])
     whole = lib.iotring_crc32c(0, data, len(data))
     assert lib.iotring_crc32c(lib.iotring_crc32c(0, data[:333], 333), data[333:], len(data) - 333) == whole
+
+
+def test_close_releases_a_wait_blocked_in_another_thread(ring_path: Path, backend: str) -> None:
+    ring = Ring.open(ring_path, capacity=CAP, backend=backend)
+    reader = ring.reader()
+    result: list[bool] = []
+    th = threading.Thread(target=lambda: result.append(reader.wait(30.0)))
+    th.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    ring.close()  # must not unmap under the waiting thread
+    th.join(5)
+    assert not th.is_alive() and result == [False]
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_doorbell_thread_wait_while_owner_reads_and_pops(ring_path: Path, backend: str) -> None:
+    # The monitor/publisher pattern: one thread blocks in wait(), the owner reads and pops.
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        reader = ring.reader()
+        rings = threading.Event()
+        stop = threading.Event()
+
+        def doorbell() -> None:
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                if reader.wait(0.01):
+                    rings.set()
+                    time.sleep(0.0005)
+
+        th = threading.Thread(target=doorbell)
+        th.start()
+        got = []
+        try:
+            for i in range(300):
+                while not ring.append(b"%d" % i):
+                    recs = reader.read()
+                    got += [int(r.payload) for r in recs]
+                    if recs:
+                        reader.pop(recs[-1].end)
+            for _ in range(1000):
+                recs = reader.read()
+                if not recs:
+                    break
+                got += [int(r.payload) for r in recs]
+                reader.pop(recs[-1].end)
+        finally:
+            stop.set()
+            th.join(5)
+        assert got == list(range(300))
+        assert rings.is_set()
