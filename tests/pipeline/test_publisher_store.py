@@ -41,6 +41,9 @@ class Pipeline:
         self._ring: Ring | None = None
 
     def start(self, name: str) -> None:
+        # A fresh metrics port at every (re)start: on this shared machine another suite
+        # may have taken the port a killed stage held.
+        self.env[f"NODE_METRICS_PORT_{name.upper()}"] = str(free_port())
         self.processes.start(name, f"node.workers.{name}", self.env, self.data_dir.parent)
 
     @property
@@ -76,7 +79,11 @@ class Pipeline:
         return len(self.rows())
 
     def wait_stored(self, n: int, timeout: float = 30.0) -> None:
-        wait_until(lambda: self.count() >= n, timeout, interval=0.05, what=f"{n} stored records (have {self.count()})")
+        try:
+            wait_until(lambda: self.count() >= n, timeout, interval=0.05, what=f"{n} stored records")
+        except AssertionError as exc:
+            logs = {name: self.processes.log(name)[-3000:] for name in ("publisher", "store")}
+            raise AssertionError(f"{exc} (have {self.count()}); logs: {logs}") from None
 
     def assert_exactly(self, n: int) -> None:
         rows = self.rows()
