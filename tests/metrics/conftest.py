@@ -139,13 +139,15 @@ class Node:
         os.killpg(self.processes.procs[name].pid, sig)
 
 
-def start_node(data_dir: Path, log_dir: Path, processes: Processes, **overrides: object) -> Node:
+def start_node(
+    data_dir: Path, log_dir: Path, processes: Processes, names: tuple[str, ...] = PROCESSES, **overrides: object
+) -> Node:
     env = node_env(data_dir, **overrides)
     # The Procfile says "python": make it this interpreter.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     commands = procfile()
-    for name in PROCESSES:
+    for name in names:
         log = log_dir / f"{name}.log"
         processes.logs[name] = log
         with open(log, "ab") as fh:
@@ -154,7 +156,7 @@ def start_node(data_dir: Path, log_dir: Path, processes: Processes, **overrides:
                 start_new_session=True,
             )
     node = Node(env, processes, log_dir)
-    for name in PROCESSES:
+    for name in names:
         try:
             wait_for_port(node.port(name), timeout=30)
         except AssertionError:
