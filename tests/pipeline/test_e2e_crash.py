@@ -28,7 +28,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
 from node.auth import issue_device_token
-from tests.support import Processes, iter_children, node_env, wait_for_port
+from tests.support import Processes, iter_children, node_env, wait_for_port, wait_until
 
 STAGES = ("monitor", "router", "publisher", "store")
 KINDS = ("web-worker", *STAGES)
@@ -132,11 +132,17 @@ class WholeNode:
             self.processes.kill("web", signal.SIGKILL)
             self.start("web")
         elif kind == "web-worker":
-            workers = sorted(w for w in iter_children(self.processes.procs["web"].pid) if is_worker(w))
-            if not workers:
-                return  # uvicorn is between workers: nothing to kill this time
+            def workers() -> list[int]:
+                return sorted(w for w in iter_children(self.processes.procs["web"].pid) if is_worker(w))
+
+            # After a restart of the whole front, uvicorn may not have spawned them yet.
+            wait_until(workers, 20, what="uvicorn worker processes")
             # The busiest worker (most sockets): the kernel may have put every device on one.
-            os.kill(max(workers, key=lambda w: (socket_count(w), rng.random())), signal.SIGKILL)
+            victim = max(workers(), key=lambda w: (socket_count(w), rng.random()))
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                return  # it exited on its own in between: not a kill of ours
         else:
             self.processes.kill(kind, signal.SIGKILL)
             time.sleep(rng.uniform(0.0, 0.4))
