@@ -111,6 +111,10 @@ class Reader:
             raise RingPositionError(f"read from {pos}: not a record boundary (positions are multiples of 32)")
         if max_records < 1:
             raise RingPositionError(f"max_records={max_records}: expected at least 1")
+        tail = self.ring.tail
+        if pos > tail:
+            raise RingPositionError(f"read from {pos}: beyond the ring tail {tail}")
+        start = pos
         self._grow(max_records)
         out: list[Record] = []
         view = self.ring._view
@@ -146,18 +150,25 @@ class Reader:
                 log.error("ring %s: committed record at %d fails its checksum; skipped", self.ring.path, pos)
                 continue
             if status == _SCAN_CORRUPT:
+                if not out and pos == start and pos != head and not self._is_boundary(pos):
+                    raise RingPositionError(f"read from {pos}: no record starts there")
                 if not out:
                     raise RingCorrupt(
                         f"{self.ring.path}: no valid record header at position {pos}"
                         f" (head {head}, tail {self.ring.tail}); reopen the ring to recover"
                     )
             break
-        self._cursor = pos
+        if pos > self._cursor:
+            self._cursor = pos  # only forward: a replay of older records does not re-arm wait()
         if pos > self._scanned:
             self._scanned = pos
         if not out and pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
             self._pop(pos, 0)  # only padding (or settled claims) before pos: release it
         return out
+
+    def _is_boundary(self, pos: int) -> bool:
+        """True if a record starts at ``pos`` (walking the headers from the head)."""
+        return lib.iotring_count(self._ctx, self.ring.head, pos) >= 0
 
     # ------------------------------------------------------------------ pop
     def pop(self, to_pos: int) -> int:

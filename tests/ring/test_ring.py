@@ -363,3 +363,26 @@ def test_doorbell_thread_wait_while_owner_reads_and_pops(ring_path: Path, backen
             th.join(5)
         assert got == list(range(300))
         assert rings.is_set()
+
+
+def test_read_from_inside_a_record_or_past_the_tail_is_a_position_error(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        ring.append_batch([b"a" * 200, b"b"])
+        reader = ring.reader()
+        first = reader.read(ring.head, max_records=1)[0]
+        with pytest.raises(RingPositionError, match="no record starts there"):
+            reader.read(first.pos + 64)  # aligned, but inside the first record
+        with pytest.raises(RingPositionError, match="beyond the ring tail"):
+            reader.read(ring.tail + 32)
+        assert reader.read(ring.tail) == []
+        assert [r.payload for r in reader.read(first.end)] == [b"b"]
+
+
+def test_replaying_older_records_does_not_rearm_wait(ring_path: Path, backend: str) -> None:
+    with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
+        ring.append_batch([b"1", b"2", b"3"])
+        reader = ring.reader()
+        assert len(reader.read(ring.head)) == 3
+        assert [r.payload for r in reader.read(ring.head, max_records=1)] == [b"1"]  # a replay
+        assert reader.wait(0.02) is False  # nothing new past what was read
+        assert reader.read() == []  # default start: after the furthest read
