@@ -56,7 +56,7 @@ int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uin
 int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                                int stage, uint64_t *first_pos);
 int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint64_t max_bytes, int verify,
-                 uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
+                 int first_free, uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
                  iotring_block *blk);
 int iotring_resolve(const iotring_ctx *c, uint64_t pos, int force_pad);
 int64_t iotring_count(const iotring_ctx *c, uint64_t from, uint64_t to);
@@ -382,7 +382,7 @@ int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint
 #define SCAN_BADCRC 4    /* a committed record at *out_next whose checksum fails */
 
 int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint64_t max_bytes, int verify,
-                 uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
+                 int first_free, uint64_t *out_pos, uint32_t *out_len, uint32_t *out_n, uint64_t *out_next,
                  iotring_block *blk) {
     const uint64_t cap = c->cap, mask = cap - 1;
     uint64_t tail = LOAD_ACQ(U64(c, D_TAIL_OFFSET));
@@ -404,7 +404,8 @@ int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint6
         if (state != D_STATE_COMMITTED || (pos & mask) + rsz > cap || pos + rsz > tail
             || (type != D_TYPE_DATA && type != D_TYPE_PAD)) { status = SCAN_CORRUPT; break; }
         if (type == D_TYPE_PAD) { pos += rsz; continue; }
-        if (n >= max_records || (n > 0 && bytes + len > max_bytes)) { status = SCAN_LIMIT; break; }
+        /* max_bytes may be exceeded only by the first record of a read (first_free) */
+        if (n >= max_records || ((n > 0 || !first_free) && bytes + len > max_bytes)) { status = SCAN_LIMIT; break; }
         if (verify && record_crc(c, h, 1) != *R_CRC(h)) { status = SCAN_BADCRC; break; }
         out_pos[n] = pos;
         out_len[n] = len;

@@ -123,7 +123,7 @@ class Reader:
         nbytes = 0
         for _ in range(_MAX_SETTLE):
             status = lib.iotring_scan(
-                self._ctx, pos, max_records - len(out), max(0, max_bytes - nbytes), 1,
+                self._ctx, pos, max_records - len(out), max(0, max_bytes - nbytes), 1, 0 if out else 1,
                 self._pos, self._len, self._n, self._next, self._blk,
             )
             for i in range(self._n[0]):
