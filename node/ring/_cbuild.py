@@ -14,12 +14,14 @@ import importlib.util
 import os
 import sys
 
-from cffi import FFI
+from types import ModuleType
+
+from cffi import FFI  # type: ignore[import-untyped]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _descriptor():  # type: ignore[no-untyped-def]
+def _descriptor() -> ModuleType:
     spec = importlib.util.spec_from_file_location("_iotring_descriptor", os.path.join(_HERE, "descriptor.py"))
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

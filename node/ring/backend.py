@@ -51,7 +51,7 @@ def load_libpmem() -> tuple[Any, Any] | None:
     """(ffi, lib) of libpmem, or None if it is not installed (the reason in :func:`libpmem_error`)."""
     global _libpmem, _libpmem_error
     if _libpmem is None and _libpmem_error is None:
-        import cffi
+        import cffi  # type: ignore[import-untyped]
 
         abi = cffi.FFI()
         abi.cdef(_PMEM_CDEF)

@@ -168,7 +168,7 @@ class Reader:
 
     def _is_boundary(self, pos: int) -> bool:
         """True if a record starts at ``pos`` (walking the headers from the head)."""
-        return lib.iotring_count(self._ctx, self.ring.head, pos) >= 0
+        return bool(lib.iotring_count(self._ctx, self.ring.head, pos) >= 0)
 
     # ------------------------------------------------------------------ pop
     def pop(self, to_pos: int) -> int:

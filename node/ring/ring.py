@@ -29,7 +29,7 @@ import weakref
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from node.ring import descriptor as D
 from node.ring._native import ffi, lib
@@ -44,6 +44,9 @@ from node.ring.errors import (
     RingVersionError,
 )
 from node.ring.liveness import identity
+
+if TYPE_CHECKING:
+    from node.ring.reader import Reader
 
 log = logging.getLogger("node.ring")
 
@@ -151,7 +154,7 @@ class Ring:
         finally:
             os.close(lock_fd)  # releases the opener lock
         self._closed = False
-        self._reader: Any = None
+        self._reader: Reader | None = None
         self._out_first = ffi.new("uint64_t *")
         _open_rings.add(self)
         log.info(
@@ -243,7 +246,7 @@ class Ring:
         rc = lib.iotring_append1(self._ctx, payload, n, self._out_first)
         if rc < 0:
             self._raise_persist(rc)
-        return rc == 1
+        return bool(rc == 1)
 
     def append_batch(self, payloads: Sequence[bytes]) -> int:
         """Append a prefix of ``payloads``; return how many (0 when full).  One persist."""
@@ -305,7 +308,7 @@ class Ring:
         return max(0, self._load(D.TAIL_OFFSET) - self._load(D.HEAD_OFFSET))
 
     # ------------------------------------------------------------------ consumer
-    def reader(self) -> "Any":
+    def reader(self) -> "Reader":
         """The single consumer of this ring (:class:`~node.ring.reader.Reader`).
 
         Calling it again on the same Ring returns the same reader while it is open;
