@@ -105,7 +105,13 @@ def watch_ring(name: str, ring: object) -> None:
 def register_process(name: str) -> None:
     """Export this single process's CPU and RSS as ``iotnode_process_*{process=name}``
     in the default registry (the web workers use :mod:`node.webmetrics` instead)."""
-    REGISTRY.register(ProcessStatsCollector(this_process(name)))
+    global _process_registered
+    if not _process_registered:
+        REGISTRY.register(ProcessStatsCollector(this_process(name)))
+        _process_registered = True
+
+
+_process_registered = False
 
 
 def serve(port: int, host: str) -> None:

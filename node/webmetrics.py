@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import glob
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -75,6 +76,9 @@ __all__ = ["FrontMetrics", "create_app", "render_metrics"]
 FLUSH_INTERVAL = 1.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+log = logging.getLogger("iotnode.metrics")
+_fallback_registered = False  # the single-registry fallback's CPU/RSS collector, once per process
 
 _LIVE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db$")
 
@@ -189,7 +193,10 @@ def live_worker_pids(path: str) -> list[int]:
         if is_running(pid):
             alive.append(pid)
         else:
-            multiprocess.mark_process_dead(pid, path)
+            try:
+                multiprocess.mark_process_dead(pid, path)
+            except FileNotFoundError:
+                pass  # another worker answering a scrape at the same time removed it first
     return alive
 
 
@@ -213,8 +220,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings if settings is not None else load_settings()
     path = os.environ.get(MULTIPROC_ENV) or None
     supervisor = _supervisor_pid()
-    if path is None:
+    global _fallback_registered
+    if path is None and not _fallback_registered:
         REGISTRY.register(ProcessStatsCollector(this_process("web")))
+        _fallback_registered = True
     WEB_WORKERS.set(1)
     metrics = FrontMetrics(FrontStats()) if settings.metrics else None
 
@@ -243,7 +252,10 @@ def _flush_periodically(app: Starlette, metrics: FrontMetrics) -> None:
     async def loop() -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            metrics.flush()
+            try:
+                metrics.flush()
+            except Exception:  # e.g. the multiprocess directory was removed: keep acking
+                log.exception("metrics: flush failed")
 
     @asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
