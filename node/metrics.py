@@ -62,6 +62,11 @@ PERSIST_BATCH_RECORDS = Histogram(
     "Web: records per group commit",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
 )
+PERSIST_DURATION = Histogram(
+    "iotnode_persist_duration_seconds",
+    "Web: one group commit, append_batch + persist (including waits for room in a full ring)",
+    buckets=LATENCY_BUCKETS,
+)
 RING_FULL = Counter(
     "iotnode_ring_full", "Web: append_batch calls that found the ingress ring full (back-pressure)"
 )

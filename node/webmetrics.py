@@ -4,8 +4,8 @@ Each uvicorn worker builds the device front (:func:`node.app.create_app`) with t
 metric seams plugged in:
 
 * ``on_group`` (:meth:`FrontMetrics.on_group`, called once per group commit in the
-  event loop): the ack latency of every message of the group and the group's size
-  go into plain local bucket arrays -- a ``bisect`` and an add per message, no lock
+  event loop): the ack latency of every message of the group, the group's size and
+  its persist time go into plain local bucket arrays -- a ``bisect`` and an add per message, no lock
   and no shared-memory write.  prometheus_client's ``Histogram.observe`` in
   multiprocess mode costs a locked mmap write per call; it is not used per message.
 * a flush, in the event loop every :data:`FLUSH_INTERVAL` seconds and just before
@@ -64,6 +64,7 @@ from node.metrics import (
     PERSIST_BATCH_RECORDS,
     PERSIST_BATCHES,
     PERSIST_BYTES,
+    PERSIST_DURATION,
     PERSIST_SECONDS,
     RING_FULL,
     WEB_PENDING_BYTES,
@@ -120,6 +121,8 @@ class FrontMetrics:
         self.stats = stats
         self.latency = _LocalHistogram(LATENCY_BUCKETS)
         self.batch = _LocalHistogram(BATCH_BUCKETS)
+        self.persist = _LocalHistogram(LATENCY_BUCKETS)
+        self._append_seen = 0.0  # FrontStats.append_seconds at the previous group
         self.persist_bytes = 0
         self._exported: dict[object, float] = {}
 
@@ -136,6 +139,12 @@ class FrontMetrics:
         n = len(receive_times)
         self.batch.counts[where(self.batch.bounds, n)] += 1
         self.batch.sum += n
+        # The committer adds this group's append_batch time just before calling us.
+        appended = self.stats.append_seconds
+        took = appended - self._append_seen
+        self._append_seen = appended
+        self.persist.counts[where(self.persist.bounds, took)] += 1
+        self.persist.sum += took
         self.persist_bytes += nbytes
 
     def _add(self, key: object, metric: Any, value: float) -> None:
@@ -150,6 +159,7 @@ class FrontMetrics:
         st = self.stats
         self.latency.flush(ACK_LATENCY)
         self.batch.flush(PERSIST_BATCH_RECORDS)
+        self.persist.flush(PERSIST_DURATION)
         if self.persist_bytes:
             PERSIST_BYTES.inc(self.persist_bytes)
             self.persist_bytes = 0

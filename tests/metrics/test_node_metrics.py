@@ -34,6 +34,9 @@ def stage_counts(node: Node) -> dict[str, float]:
         "ack_latency_count": value(s["web"], "iotnode_ack_latency_seconds_count"),
         "batch_records": value(s["web"], "iotnode_persist_batch_records_sum"),
         "batches": value(s["web"], "iotnode_persist_batches_total"),
+        "persist_durations": value(s["web"], "iotnode_persist_duration_seconds_count"),
+        "persist_seconds": value(s["web"], "iotnode_persist_seconds_total"),
+        "persist_duration_sum": value(s["web"], "iotnode_persist_duration_seconds_sum"),
         "bad_seq": value(s["web"], "iotnode_errors_total", stage="web", reason="bad_seq"),
         "auth_401": value(s["web"], "iotnode_errors_total", stage="web", reason="auth_401"),
         "oversize": value(s["web"], "iotnode_errors_total", stage="web", reason="oversize"),
@@ -100,6 +103,8 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
     assert counts["streamed"] == per_device, counts
     assert counts["bad_seq"] == 1 and counts["auth_401"] == 1 and counts["oversize"] == 1, counts
     assert 1 <= counts["batches"] <= total and counts["store_commits"] >= 1, counts
+    assert counts["persist_durations"] == counts["batches"], counts  # one persist time per group commit
+    assert counts["persist_duration_sum"] == pytest.approx(counts["persist_seconds"], rel=1e-6, abs=1e-9)
 
 
 def test_ring_gauges_rise_while_a_stage_is_stopped_and_return_to_zero(node: Node) -> None:

@@ -51,6 +51,21 @@ def test_group_buckets_flushed_once_equal_observing_every_message() -> None:
     assert metrics.latency.counts == [0] * (len(LATENCY_BUCKETS) + 1) and metrics.latency.sum == 0
 
 
+def test_each_group_gets_its_own_persist_time_from_the_committers_running_total() -> None:
+    stats = FrontStats()
+    metrics = FrontMetrics(stats)
+    for took in (0.0002, 0.003, 0.04):  # the committer adds the group's time, then calls on_group
+        stats.append_seconds += took
+        metrics.on_group(10.0, [9.9], 50)
+    registry = CollectorRegistry()
+    h = Histogram("persist_seconds", "x", buckets=LATENCY_BUCKETS, registry=registry)
+    metrics.persist.flush(h)
+    b = _buckets(registry, "persist_seconds")
+    assert b["persist_seconds_count"] == 3 and b["persist_seconds_sum"] == pytest.approx(0.0432)
+    assert b["persist_seconds_bucket0.00025"] == 1 and b["persist_seconds_bucket0.005"] == 2
+    assert b["persist_seconds_bucket0.05"] == 3
+
+
 def test_flush_exports_each_count_once_as_deltas() -> None:
     def get(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
