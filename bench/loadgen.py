@@ -82,6 +82,8 @@ class Gen:
         self.running = False
         self.ending = False
         self.conns: list[Conn] = []
+        self.lag = 0.0  # how late the pacing loop ran behind its schedule, max this interval (s)
+        self.max_lag = 0.0
 
     def error(self, what: str) -> None:
         self.errors += 1
@@ -357,9 +359,12 @@ async def _pace(gen: Gen, start: float, end: float, rate: float) -> None:
         t_ideal = start + j * tick
         if t_ideal >= end:
             return
-        delay = t_ideal - time.monotonic()
+        now = time.monotonic()
+        delay = t_ideal - now
         if delay > 0:
             await asyncio.sleep(delay)
+        elif -delay > gen.lag:
+            gen.lag = -delay
         if per:
             for c in slots[j % nslots]:
                 c.offer(t_ideal)
@@ -385,11 +390,14 @@ async def _report(gen: Gen, t_start: float, until: asyncio.Event) -> None:
             pass
         interval = gen.lat
         gen.lat = Histogram()
+        gen.max_lag = max(gen.max_lag, gen.lag)
         gen.total.merge(interval)
         _emit(
             {
                 "type": "tick",
+                "k": k,
                 "t": round(time.monotonic() - t_start, 3),
+                "lag_ms": round(gen.lag * 1000, 1),
                 "sent": gen.sent - last_sent,
                 "acked": gen.acked - last_acked,
                 "errors": gen.errors - last_err,
@@ -399,6 +407,7 @@ async def _report(gen: Gen, t_start: float, until: asyncio.Event) -> None:
             }
         )
         last_sent, last_acked, last_err = gen.sent, gen.acked, gen.errors
+        gen.lag = 0.0
 
 
 async def run(spec: dict[str, Any]) -> None:
@@ -482,6 +491,7 @@ async def run(spec: dict[str, Any]) -> None:
             "connect_failures": gen.connect_failures,
             "lat": gen.total.to_json(),
             "connect": gen.connect_hist.to_json(),
+            "max_lag_ms": round(max(gen.max_lag, gen.lag) * 1000, 1),
             "cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
             "maxrss_kb": ru1.ru_maxrss,
         }

@@ -274,8 +274,11 @@ def _drive(
                     raise proto.BenchError(f"load generator {k} exited early:\n{workers[k].stderr_tail()}")
                 done.add(k)
             elif msg.get("type") == "tick":
-                sec = max(1, round(msg["t"]))
-                agg = ticks.setdefault(sec, {"t": sec, "sent": 0, "acked": 0, "errors": 0, "open": 0, "backlog": 0, "n": 0, "lat": Histogram()})
+                # Keyed by the tick's index, not its (jittery) emission time.
+                sec = int(msg.get("k") or max(1, round(msg["t"])))
+                agg = ticks.setdefault(sec, {"t": sec, "sent": 0, "acked": 0, "errors": 0, "open": 0, "backlog": 0, "n": 0,
+                                             "lag_ms": 0.0, "lat": Histogram()})
+                agg["lag_ms"] = max(agg["lag_ms"], msg.get("lag_ms", 0.0))
                 for key in ("sent", "acked", "errors", "open", "backlog"):
                     agg[key] += msg[key]
                 agg["n"] += 1
@@ -307,7 +310,7 @@ def _print_progress(out: TextIO, target: Target, scn: Scenario, ticks: dict[int,
     print(
         f"[{target.name} {scn.name}] t={last['t']:>4}/{scn.duration:.0f}s open={last['open']:>6} "
         f"sent/s={last['sent']:>7} acked/s={last['acked']:>7} p99={p99:8.2f}ms backlog={last['backlog']:>6} "
-        f"err={last['errors']} target-cpu={node_cpu:5.0f}% gen-cpu={gen_cpu:5.0f}%",
+        f"err={last['errors']} lag={last['lag_ms']:.0f}ms target-cpu={node_cpu:5.0f}% gen-cpu={gen_cpu:5.0f}%",
         file=out,
         flush=True,
     )
@@ -330,6 +333,7 @@ def _merge(
     conn = Histogram()
     totals = {"sent": 0, "acked": 0, "ack_frames": 0, "unacked": 0, "in_flight_at_end": 0, "errors": 0, "reconnects": 0, "disconnects": 0, "connect_failures": 0}
     cpu_s = 0.0
+    max_lag = 0.0
     samples: list[str] = []
     for r in results.values():
         lat.merge(Histogram.from_json(r["lat"]))
@@ -337,6 +341,7 @@ def _merge(
         for key in totals:
             totals[key] += r[key]
         cpu_s += r["cpu_s"]
+        max_lag = max(max_lag, r.get("max_lag_ms", 0.0))
         samples.extend(r["error_samples"])
     timeline = []
     for sec in sorted(ticks):
@@ -352,6 +357,7 @@ def _merge(
                 "p50_ms": round(t["lat"].percentile_us(50) / 1000, 3),
                 "p99_ms": round(t["lat"].percentile_us(99) / 1000, 3),
                 "max_ms": round(t["lat"].max_us / 1000, 3),
+                "gen_lag_ms": t["lag_ms"],
             }
         )
     in_window = [t for t in timeline if t["t"] <= round(scn.duration)]
@@ -376,6 +382,7 @@ def _merge(
             "processes": len(results),
             "cpu_s": round(cpu_s, 2),
             "cpu_pct_of_one_core": round(100 * cpu_s / scn.duration, 1),
+            "max_lag_ms": max_lag,
             "cpu_us_per_msg": round(1e6 * cpu_s / totals["acked"], 1) if totals["acked"] else None,
             "samples": gen_samples,
         },
@@ -402,6 +409,10 @@ def warnings(result: dict[str, Any]) -> list[str]:
     if busiest >= 85.0:
         out.append(f"a load-generator process reached {busiest:.0f}% of a core: add --processes, the "
                    "generator may be the bottleneck")
+    lag = result["generator"].get("max_lag_ms", 0.0)
+    if lag >= 100.0:
+        out.append(f"the generator's pacing ran up to {lag:.0f} ms behind schedule (a busy or starved generator); "
+                   "those messages still count from their scheduled time, but the target saw them late")
     if result["unacked"]:
         out.append(f"{result['unacked']} messages were still unacked {result['scenario']['drain']}s after the end")
     if result["connections_open"] < result["scenario"]["connections"]:

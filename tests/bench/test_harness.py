@@ -121,6 +121,7 @@ def test_a_bad_token_is_refused_at_the_handshake_and_reported(noop: Target, work
 def test_generator_and_target_cpu_are_reported(noop: Target, workdir: Path) -> None:
     r = _run(noop, workdir, connections=20, rate=50.0)
     assert r["generator"]["cpu_s"] > 0
+    assert r["generator"]["max_lag_ms"] >= 0.0 and all("gen_lag_ms" in t for t in r["timeline"])
     assert r["target_procs"]["cpu_s"], "the target's processes were sampled"
     assert any(s["procs"] for s in r["target_procs"]["samples"])
 
