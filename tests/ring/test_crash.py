@@ -269,3 +269,22 @@ def test_consumer_killed_between_read_and_pop_gets_the_records_again(tmp_path: P
         assert [r.pos for r in recs] == unpopped
         assert [parse_payload(r.payload) for r in recs] == [(5, i) for i in range(5, 10)]
         assert ring.depth == 5
+
+
+def test_child_forked_after_open_claims_under_its_own_identity(tmp_path: Path, backend: str) -> None:
+    # The at-fork hook gives the child its own (pid, start time): a claim it leaves
+    # when it dies is settled, instead of waiting forever on the (alive) parent.
+    path = tmp_path / "fork.ring"
+    with Ring.open(path, capacity=CAP, backend=backend) as ring:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                ring._append_partial([make_payload(7, 0)], 0)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert ring.append(make_payload(7, 1))
+        reader = ring.reader()
+        assert reader.wait(2.0)
+        assert [parse_payload(r.payload) for r in reader.read()] == [(7, 1)]
+        assert reader.settled_dead == 1
