@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -698,8 +699,10 @@ def _parse_line(line: str, number: int, envelope: bool) -> tuple[Any, float | in
     """One stdin line -> (data, ts); raises ValueError naming the line."""
     try:
         value = json.loads(line)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ValueError(f"line {number}: not JSON ({exc.msg} at character {exc.pos})") from None
+    except ValueError as exc:  # e.g. an integer with too many digits
+        raise ValueError(f"line {number}: not usable JSON ({exc})") from None
     if not envelope:
         return value, None
     if type(value) is not dict or "data" not in value:
@@ -743,7 +746,7 @@ async def _cli(args: argparse.Namespace, token: str) -> int:
     invalid = 0
     sent = 0
 
-    def report(fut: asyncio.Future[int], number: int) -> None:
+    def report(fut: asyncio.Future[int], *, number: int) -> None:
         nonlocal rejected
         exc = fut.exception() if not fut.cancelled() else ClientClosed()
         if exc is None:
@@ -782,7 +785,7 @@ async def _cli(args: argparse.Namespace, token: str) -> int:
                 print(f"iotnode client: {exc if str(exc).startswith('line') else f'line {number}: {exc}'}", file=sys.stderr)
                 continue
             sent += 1
-            fut.add_done_callback(lambda f, n=number: report(f, n))
+            fut.add_done_callback(functools.partial(report, number=number))
         try:
             await client.flush(args.timeout)
         except TimeoutError:

@@ -38,7 +38,9 @@ class DeviceClient(_DeviceClient):
         _opened.append(self)
 
 
-async def connect(url: str, token: str, *, timeout: float | None = None, **options: Any) -> DeviceClient:
+async def connect(
+    url: str, token: str | Callable[[], str], *, timeout: float | None = None, **options: Any
+) -> DeviceClient:
     client = DeviceClient(url, token, **options)
     await client.start(timeout=timeout)
     return client
