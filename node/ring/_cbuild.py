@@ -41,6 +41,7 @@ typedef struct {
     uintptr_t persist_fn;
     uint64_t pagesize;
     int cancel;            /* set by close(): waits in this process return */
+    uint32_t max_record;   /* largest payload accepted */
 } iotring_ctx;
 
 typedef struct {
@@ -99,6 +100,7 @@ typedef struct {
     uintptr_t persist_fn;
     uint64_t pagesize;
     int cancel;
+    uint32_t max_record;   /* largest payload accepted */
 } iotring_ctx;
 
 typedef struct {
@@ -343,10 +345,14 @@ static void fill(const iotring_ctx *c, const uint8_t *src, const uint32_t *lens,
 }
 
 /* Appends a prefix of the batch: claim, write, commit, wake, ONE persist of the range.
-   Returns the number appended (0 when full) or -errno (records committed, not durable). */
+   Returns the number appended (0 when full), -errno (records committed, not durable),
+   or IOTRING_TOO_LARGE - i when lens[i] > max_record (nothing appended). */
+#define IOTRING_TOO_LARGE (-(int64_t)1 << 40)
 int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                        uint64_t *first_pos) {
     uint64_t start = 0, end = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (lens[i] > c->max_record) return IOTRING_TOO_LARGE - (int64_t)i;
     int64_t k = claim(c, lens, n, &start, &end, 1);
     if (k <= 0) return k;
     fill(c, (const uint8_t *)buf, lens, (uint32_t)k, start, 2);

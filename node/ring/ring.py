@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.ring")
 
 DURABILITIES = ("power", "process")
+_TOO_LARGE = -(1 << 40)  # iotring_append: _TOO_LARGE - index when lens[index] > max_record
 
 _open_rings: "weakref.WeakSet[Ring]" = weakref.WeakSet()
 
@@ -142,6 +143,7 @@ class Ring:
                 self._ctx.cap = self.capacity
                 self._ctx.seed = lib.iotring_crc32c(0, self.ring_id, len(self.ring_id))
                 self._ctx.pagesize = mmap.PAGESIZE
+                self._ctx.max_record = self.max_record
                 self._ctx.persist_mode = self._map.persist_mode
                 self._ctx.persist_fn = self._map.persist_fn
                 self._set_identity(*identity())
@@ -255,13 +257,17 @@ class Ring:
         count = len(payloads)
         if count == 0:
             return 0
-        lens = array("I", map(len, payloads))
-        if max(lens) > self.max_record:
-            index = next(i for i, n in enumerate(lens) if n > self.max_record)
-            raise RecordTooLarge(lens[index], self.max_record, index)
+        try:
+            lens = array("I", map(len, payloads))
+        except OverflowError:  # a payload of 4 GiB or more
+            index = next(i for i, p in enumerate(payloads) if len(p) > self.max_record)
+            raise RecordTooLarge(len(payloads[index]), self.max_record, index) from None
         buf = b"".join(payloads)
         rc = lib.iotring_append(self._ctx, buf, ffi.from_buffer("uint32_t[]", lens), count, self._out_first)
         if rc < 0:
+            if rc <= _TOO_LARGE:  # the C helper checks every length before claiming
+                index = _TOO_LARGE - rc
+                raise RecordTooLarge(lens[index], self.max_record, index)
             self._raise_persist(rc)
         return int(rc)
 
