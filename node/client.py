@@ -265,7 +265,9 @@ class DeviceClient:
         self.rejected = 0
         self.attempts = 0  # connection attempts (handshakes tried)
         self.connections = 0  # successful handshakes
-        self.connect_times: list[float] = []  # time.monotonic() of each handshake
+        # time.monotonic() of the last 100 attempts / successful handshakes
+        self.attempt_times: deque[float] = deque(maxlen=100)
+        self.connect_times: deque[float] = deque(maxlen=100)
 
     # -------------------------------------------------------------- lifecycle
     async def start(self, wait: bool = True, timeout: float | None = None) -> None:
@@ -478,6 +480,7 @@ class DeviceClient:
     async def _open(self) -> ClientConnection | None:
         """One handshake: the connection, or None to retry (refusal: fatal, no retry)."""
         self.attempts += 1
+        self.attempt_times.append(time.monotonic())
         self._connecting = True
         try:
             return await ws_connect(

@@ -41,8 +41,12 @@ class Node:
         return issue_device_token(self.secret, device)
 
     def start_front(self) -> None:
-        self.processes.start("web", "node.workers.web", self.env, self.log_dir)
-        wait_for_port(int(self.env["NODE_WEB_PORT"]), timeout=30)
+        proc = self.processes.start("web", "node.workers.web", self.env, self.log_dir)
+        try:
+            wait_for_port(int(self.env["NODE_WEB_PORT"]), timeout=30)
+        except AssertionError:
+            state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
+            raise AssertionError(f"the front did not listen within 30 s ({state}):\n{self.processes.log('web')[-3000:]}") from None
 
     def kill_front(self) -> None:
         """SIGKILL the whole front (parent and workers): every connection drops."""

@@ -171,27 +171,34 @@ def test_clients_dropped_together_do_not_reconnect_in_lock_step(front: Node) -> 
     clients_n = 40
     window = 2.0  # full jitter spreads the first retry over [0, 2] s
 
-    async def scenario() -> list[float]:
+    async def scenario() -> tuple[list[float], list[float]]:
         clients = [
             DeviceClient(front.url, front.token(f"fleet-{i}"), backoff=Backoff(initial=window, maximum=window))
             for i in range(clients_n)
         ]
         await asyncio.gather(*(c.start(timeout=20) for c in clients))
-        await asyncio.to_thread(front.kill_front)
+        await asyncio.to_thread(front.kill_front)  # every connection drops at once
         dropped = time.monotonic()
         await asyncio.to_thread(front.start_front)
         await eventually(lambda: all(c.connections >= 2 for c in clients), 30, "every client back")
-        back = [c.connect_times[1] - dropped for c in clients]
+        # What the client decides: when it first tries again.  What the node sees:
+        # when the handshakes complete (bunched a little by the workers' start-up).
+        retried = [min(t for t in c.attempt_times if t > dropped) - dropped for c in clients]
+        back = [c.connect_times[-1] - dropped for c in clients]
         await asyncio.gather(*(c.close() for c in clients))
-        return back
+        return retried, back
 
-    back = run(scenario(), timeout=60)
-    spread = max(back) - min(back)
-    buckets = Counter(int(t / 0.1) for t in back)  # reconnects per 100 ms
-    print(f"reconnect times after the drop: min {min(back):.2f}s max {max(back):.2f}s spread {spread:.2f}s, "
-          f"busiest 100 ms holds {max(buckets.values())}/{clients_n}")
-    assert spread > 0.5 * window, f"reconnects within {spread:.2f}s: lock-step"
-    assert max(buckets.values()) <= clients_n // 4, f"too many reconnects in one 100 ms slot: {buckets}"
+    retried, back = run(scenario(), timeout=60)
+    slots = Counter(int(t / 0.1) for t in retried)  # first retries per 100 ms
+    print(
+        f"first retry after the drop: {min(retried):.2f}..{max(retried):.2f}s, busiest 100 ms slot "
+        f"{max(slots.values())}/{clients_n}; back connected: {min(back):.2f}..{max(back):.2f}s"
+    )
+    assert max(retried) - min(retried) > 0.5 * window, f"first retries within {max(retried) - min(retried):.2f}s"
+    assert max(retried) <= window + 1.0  # attempt 0 waits at most the initial ceiling (+ a busy loop's lag)
+    # Uniform over 20 slots: ~2 per slot, 5-7 in the busiest; lock-step would put all 40 in one.
+    assert max(slots.values()) <= clients_n // 4, f"too many retries in one 100 ms slot: {sorted(slots.items())}"
+    assert max(back) - min(back) > 0.25 * window, "handshakes completed in lock-step"
 
 
 def test_refused_token_is_a_distinct_error_and_is_not_retried(shared_front: Node) -> None:
