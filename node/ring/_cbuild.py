@@ -56,6 +56,8 @@ int iotring_mutex_init(const iotring_ctx *c);
 int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                        uint64_t *first_pos);
 int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uint64_t *first_pos);
+int64_t iotring_append_packed(const iotring_ctx *c, const char *buf, uint64_t buf_len, const uint32_t *lens,
+                              uint32_t n, uint64_t *first_pos);
 int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                                int stage, uint64_t *first_pos);
 int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint64_t max_bytes, int verify,
@@ -365,6 +367,17 @@ int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *le
 
 int64_t iotring_append1(const iotring_ctx *c, const char *buf, uint32_t len, uint64_t *first_pos) {
     return iotring_append(c, buf, &len, 1, first_pos);
+}
+
+/* As iotring_append, for a caller-built buffer: IOTRING_BAD_LENGTHS unless the
+   lengths add up to buf_len exactly. */
+#define IOTRING_BAD_LENGTHS (-(int64_t)1 << 41)
+int64_t iotring_append_packed(const iotring_ctx *c, const char *buf, uint64_t buf_len, const uint32_t *lens,
+                              uint32_t n, uint64_t *first_pos) {
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n; i++) total += lens[i];
+    if (total != buf_len) return IOTRING_BAD_LENGTHS;
+    return iotring_append(c, buf, lens, n, first_pos);
 }
 
 /* TEST HOOK for crash tests: stop at `stage` as a producer killed there would leave

@@ -52,6 +52,7 @@ log = logging.getLogger("node.ring")
 
 DURABILITIES = ("power", "process")
 _TOO_LARGE = -(1 << 40)  # iotring_append: _TOO_LARGE - index when lens[index] > max_record
+_BAD_LENGTHS = -(1 << 41)  # iotring_append_packed: lengths do not add up to the buffer
 
 _open_rings: "weakref.WeakSet[Ring]" = weakref.WeakSet()
 
@@ -266,6 +267,31 @@ class Ring:
         rc = lib.iotring_append(self._ctx, buf, ffi.from_buffer("uint32_t[]", lens), count, self._out_first)
         if rc < 0:
             if rc <= _TOO_LARGE:  # the C helper checks every length before claiming
+                index = _TOO_LARGE - rc
+                raise RecordTooLarge(lens[index], self.max_record, index)
+            self._raise_persist(rc)
+        return int(rc)
+
+    def append_packed(self, buf: bytes, lens: array) -> int:  # type: ignore[type-arg]
+        """``append_batch`` for a caller that already holds the records back to back.
+
+        ``buf`` holds the payloads concatenated, ``lens`` (an ``array("I")``) their
+        lengths, which must add up to ``len(buf)``.  Saves building both per call.
+        """
+        if self._closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        if not isinstance(lens, array) or lens.typecode != "I":
+            raise RingConfigError("lens", type(lens).__name__, 'expected array("I") of payload lengths')
+        count = len(lens)
+        if count == 0:
+            return 0
+        rc = lib.iotring_append_packed(
+            self._ctx, buf, len(buf), ffi.from_buffer("uint32_t[]", lens), count, self._out_first
+        )
+        if rc < 0:
+            if rc == _BAD_LENGTHS:
+                raise RingConfigError("lens", f"sum {sum(lens)}", f"expected the lengths to add up to len(buf) = {len(buf)}")
+            if rc <= _TOO_LARGE:
                 index = _TOO_LARGE - rc
                 raise RecordTooLarge(lens[index], self.max_record, index)
             self._raise_persist(rc)

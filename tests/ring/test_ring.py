@@ -386,3 +386,23 @@ def test_replaying_older_records_does_not_rearm_wait(ring_path: Path, backend: s
         assert [r.payload for r in reader.read(ring.head, max_records=1)] == [b"1"]  # a replay
         assert reader.wait(0.02) is False  # nothing new past what was read
         assert reader.read() == []  # default start: after the furthest read
+
+
+def test_append_packed_appends_a_caller_built_buffer(ring_path: Path, backend: str) -> None:
+    from array import array
+
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        payloads = [b"a" * 10, b"", b"c" * 300]
+        assert ring.append_packed(b"".join(payloads), array("I", map(len, payloads))) == 3
+        assert [r.payload for r in ring.reader().read()] == payloads
+        with pytest.raises(RingConfigError, match="add up"):
+            ring.append_packed(b"abc", array("I", [1, 1]))
+        with pytest.raises(RingConfigError, match="array"):
+            ring.append_packed(b"ab", [1, 1])  # type: ignore[arg-type]
+        with pytest.raises(RecordTooLarge) as exc:
+            ring.append_packed(b"x" * 2000, array("I", [1000, 1000]))
+        assert exc.value.index == 0 and exc.value.size == 1000
+        big = array("I", [200] * 40)  # 40 records of 256 B do not fit: a prefix does
+        free = 4096 - ring.bytes_used
+        assert ring.append_packed(b"z" * 8000, big) == free // 256 == 14
+        assert ring.depth == 3 + 14
