@@ -78,7 +78,10 @@ def _parse_endpoint(name: str, raw: str) -> str:
         host, sep, port = value[len("tcp://") :].rpartition(":")
         if not sep or not host:
             raise ConfigError(name, raw, "expected tcp://HOST:PORT")
-        _parse_port(name, port)
+        try:
+            _parse_port(name, port)
+        except ConfigError as exc:
+            raise ConfigError(name, raw, f"port: {exc.reason}") from None
         return value
     raise ConfigError(name, raw, "expected an ipc:// or tcp:// endpoint")
 
