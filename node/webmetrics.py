@@ -15,8 +15,8 @@ metric seams plugged in:
 
 ``GET /metrics`` on ``NODE_WEB_PORT`` (any worker answers) merges every worker's
 files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client multiprocess mode; the
-Procfile sets and wipes the directory, and ``python -m node.workers.web`` creates a
-private temporary one when it is unset).  Before merging, a worker whose pid no
+Procfile sets and wipes the directory; ``python -m node.workers.web`` does the same
+with ``NODE_DATA_DIR/metrics-web`` when the variable is unset).  Before merging, a worker whose pid no
 longer runs (SIGKILLed, restarted by uvicorn) is marked dead with
 ``multiprocess.mark_process_dead`` so its ``livesum`` gauges (open connections,
 pending bytes) stop counting; its counters stay (counters never go down).  Per-

@@ -17,11 +17,9 @@ header, access log off (it would also log ``?token=``).
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import socket
-import tempfile
 
 import uvicorn
 
@@ -77,21 +75,22 @@ def main() -> None:
     load_secret(settings)
     settings.data_path.mkdir(parents=True, exist_ok=True)
     _check_bind(settings)
-    _multiprocess_metrics_dir()
+    _multiprocess_metrics_dir(settings)
     # node.webmetrics wraps node.app:create_app with the metrics seams and /metrics.
     uvicorn.run("node.webmetrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
 
 
-def _multiprocess_metrics_dir() -> None:
-    """The Procfile sets and wipes PROMETHEUS_MULTIPROC_DIR; started another way, use
-    a private temporary directory (removed at exit) so the workers' metrics are still
-    aggregated.  Must run before anything imports prometheus_client (it reads the
-    variable at import)."""
+def _multiprocess_metrics_dir(settings: Settings) -> None:
+    """The Procfile sets and wipes PROMETHEUS_MULTIPROC_DIR; started another way, do
+    the same here (``NODE_DATA_DIR/metrics-web``, wiped: nothing of a previous run
+    is summed in) so the workers' metrics are still aggregated.  Must run before
+    anything imports prometheus_client (it reads the variable at import)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
-    path = tempfile.mkdtemp(prefix="iotnode-metrics-web-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    atexit.register(shutil.rmtree, path, True)
+    path = settings.data_path / "metrics-web"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 def _check_bind(settings: Settings) -> None:

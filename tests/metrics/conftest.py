@@ -161,7 +161,11 @@ def start_node(
             wait_for_port(node.port(name), timeout=30)
         except AssertionError:
             raise AssertionError(f"{name} did not listen:\n{processes.log(name)}") from None
-    wait_until(lambda: len(node.web_workers()) == int(env["NODE_WEB_WORKERS"]), 20, what="web workers")
+    workers = int(env["NODE_WEB_WORKERS"])
+    if "web" in names:
+        wait_until(lambda: len(node.web_workers()) == workers, 20, what="web workers")
+        # a worker counts itself once its app is built (its pid exists a moment before)
+        node.wait_metric("web", lambda s: value(s, "iotnode_web_workers") == workers, 20, "web workers counted")
     return node
 
 

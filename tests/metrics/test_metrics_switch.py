@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.metrics.conftest import label_values, send_messages, start_node, value
-from tests.support import REPO, Processes, node_env
+from tests.metrics.conftest import Node, label_values, send_messages, start_node, value
+from tests.support import REPO, Processes, node_env, wait_for_port, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,3 +40,34 @@ def test_bad_metrics_switch_value_exits_2_naming_the_variable(tmp_path: Path) ->
                             capture_output=True, timeout=30)
     assert result.returncode == 2
     assert b"NODE_METRICS='sometimes'" in result.stderr and b"expected one of on, off" in result.stderr
+
+
+def test_web_started_without_multiproc_dir_still_sums_its_workers(
+    data_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    env = node_env(data_dir)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    stale = data_dir / "metrics-web"
+    stale.mkdir()
+    (stale / "counter_999999.db").write_bytes(b"stale")  # a previous run's file: wiped at start
+    processes.start("web", "node.workers.web", env, tmp_path)
+    node = Node(env, processes, tmp_path)
+    try:
+        wait_for_port(node.port("web"), timeout=30)
+        wait_until(lambda: len(node.web_workers()) == 2, 20, what="2 web workers")
+        devices = [f"nodir-{i}" for i in range(6)]
+        send_messages(node, devices, 10)
+        # (a worker counts itself once its app is built: the pid may exist a moment before)
+        s = node.wait_metric(
+            "web", lambda s: value(s, "iotnode_messages_total", stage="acked") >= 60
+            and value(s, "iotnode_web_workers") == 2
+        )
+        assert value(s, "iotnode_messages_total", stage="acked") == 60
+        assert value(s, "iotnode_ack_latency_seconds_count") == 60
+        assert value(s, "iotnode_web_workers") == 2
+        assert not (stale / "counter_999999.db").exists()
+        assert {p.name.rsplit("_", 1)[1] for p in stale.glob("gauge_livesum_*.db")} == {
+            f"{pid}.db" for pid in node.web_workers()
+        }
+    finally:
+        node.client.close()
