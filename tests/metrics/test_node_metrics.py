@@ -104,6 +104,12 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
     assert counts["bad_seq"] == 1 and counts["auth_401"] == 1 and counts["oversize"] == 1, counts
     assert 1 <= counts["batches"] <= total and counts["store_commits"] >= 1, counts
     assert counts["persist_durations"] == counts["batches"], counts  # one persist time per group commit
+    store = node.scrape("store")
+    assert 0 <= value(store, "iotnode_store_lag_seconds") < 60  # newest stored vs its received_at
+    web = node.wait_metric(  # every worker's gauges are at most a flush interval old
+        "web", lambda s: value(s, "iotnode_web_pending_bytes") == 0 and value(s, "iotnode_device_connections") == 0
+    )
+    assert value(web, "iotnode_persist_bytes_total") > total * 20  # every record's bytes, ~30+ each
     assert counts["persist_duration_sum"] == pytest.approx(counts["persist_seconds"], rel=1e-6, abs=1e-9)
 
 
