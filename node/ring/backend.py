@@ -19,12 +19,15 @@ The C helper does the persisting on the hot path: each mapping exposes
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from typing import Any
 
 from node.ring._native import ffi, lib
 from node.ring.errors import RingBackendError
+
+log = logging.getLogger("node.ring")
 
 BACKENDS = ("auto", "pmem", "msync", "mmap")
 
@@ -166,5 +169,9 @@ def open_mapping(path: str, fd: int, size: int, backend: str) -> Mapping:
     if backend == "auto":
         if load_libpmem() is None:
             return MmapMapping(fd, size)
-        return PmemMapping(path, size, "auto")
+        try:
+            return PmemMapping(path, size, "auto")
+        except RingBackendError as exc:  # e.g. pmem_map_file refused this file system
+            log.warning("%s; falling back to the mmap backend", exc)
+            return MmapMapping(fd, size)
     return PmemMapping(path, size, backend)
