@@ -22,7 +22,6 @@ the ``node.metrics`` definitions; ``on_group`` and ``routes`` are further seams.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from node.auth import load_secret, token_from_request, verify_device_token
 from node.committer import Committer, Conn, FrontStats, GroupCallback
 from node.config import Settings, load_settings
 from node.errors import AuthError
+from node.gcpolicy import GcPolicy
 from node.protocol import ErrorReply, parse_frame, reject
 from node.record import pack_record
 
@@ -62,6 +62,7 @@ class FrontState:
     stats: FrontStats
     ring: Any = None  # node.ring.Ring once started
     committer: Committer | None = None
+    gc: GcPolicy | None = None  # the worker's GC policy once started
 
 
 class RedactTokens(logging.Filter):
@@ -259,19 +260,23 @@ def create_app(
             settings.conn_window,
         )
         sync_task = asyncio.get_running_loop().create_task(web_metrics.run()) if web_metrics else None
-        # Start-up objects never die: keep them out of every future full GC (at 10k
-        # connections full collections otherwise pause the loop for 0.1-0.8 s).
-        gc.collect()
-        gc.freeze()
+        # Start-up objects and accepted connections are frozen, no automatic full
+        # collection (they paused the loop 0.5-4 s at 10k connections): node/gcpolicy.py.
+        gc_policy = GcPolicy()
+        gc_policy.start()
+        gc_task = asyncio.get_running_loop().create_task(gc_policy.run(), name="iotnode-gc")
+        state.gc = gc_policy
         try:
             yield
         finally:
+            gc_task.cancel()
             if sync_task is not None:
                 sync_task.cancel()
             await committer.stop()
             if web_metrics is not None:
                 web_metrics.sync()
             ring.close()
+            gc_policy.restore()
 
     async def ingest(websocket: WebSocket) -> None:
         await _serve_device(websocket, state)

@@ -1,0 +1,136 @@
+"""Garbage-collector policy for a server that holds many long-lived objects.
+
+CPython's cyclic GC is generational: a full (generation 2) collection traverses
+every tracked object, and it runs automatically whenever the objects promoted to
+generation 2 since the last one reach 25 % of those that survived it.  A web
+worker holding 5,000-10,000 WebSocket connections keeps ~1-2 million tracked
+objects alive (uvicorn protocol, websockets state machine, Starlette WebSocket,
+tasks, coroutine frames, our ``Conn``), so each of those automatic full passes
+froze the event loop for 0.5-4 s on the shared 2-core machine (measured with
+``gc.callbacks`` in the workers; py-spy: ~45-50 % of the main thread's samples in
+``gc_collect_main``).  Messages that arrived during a pause then lived long
+enough to be promoted, the young generations grew to 40-90k objects per
+collection (the net allocation count that triggers a young collection is
+decremented by the *old* messages being freed, so a FIFO backlog never looks
+"young"), and the worker spiralled into multi-second ack stalls (issues 3 and 6).
+
+The policy (one per worker, started by the front's lifespan):
+
+* automatic full collections are off (``threshold2`` set out of reach); young
+  collections (generations 0 and 1) still run as usual;
+* every :data:`FREEZE_INTERVAL` seconds, a young collection reclaims recent
+  cycles, then :func:`gc.freeze` moves every survivor to the permanent
+  generation (an O(1) list splice).  Connections accepted after start-up are thus
+  frozen within 0.1 s, and no collection ever traverses more than the last
+  interval's survivors;
+* frozen objects are still freed by reference counting; only *cyclic* garbage
+  among them waits.  It is reclaimed by a *compaction* (``unfreeze``, full
+  collection, ``freeze``, logged with its duration) when the permanent generation
+  has grown to :data:`COMPACT_GROWTH` times its size after the previous
+  compaction: memory held by dead cycles stays bounded, and a steady set of
+  connections never triggers one.  Compactions cost what an automatic full pass
+  cost before, but happen once per doubling (a ramp to 10k connections: a few,
+  none afterwards) instead of every +25 %.
+
+:meth:`GcPolicy.restore` puts the interpreter's thresholds back and unfreezes
+(tests, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+
+__all__ = ["COMPACT_GROWTH", "FREEZE_INTERVAL", "GcPolicy"]
+
+log = logging.getLogger("iotnode.gc")
+
+FREEZE_INTERVAL = 0.1  # seconds between freezes of the young survivors
+CHECK_EVERY = 50  # freezes between two counts of the permanent generation (an O(n) walk, ~5 ms at 1M)
+COMPACT_GROWTH = 2.0  # compact when the permanent generation reached this many times its last size
+COMPACT_FLOOR = 200_000  # never compact below this many frozen objects
+_NO_AUTO_FULL = 1 << 30  # threshold2: young collections between full ones, out of reach
+
+
+class GcPolicy:
+    """Freeze long-lived objects, never run an automatic full collection, compact on growth."""
+
+    def __init__(
+        self,
+        *,
+        interval: float = FREEZE_INTERVAL,
+        check_every: int = CHECK_EVERY,
+        growth: float = COMPACT_GROWTH,
+        floor: int = COMPACT_FLOOR,
+    ) -> None:
+        if interval <= 0 or check_every < 1 or growth <= 1 or floor < 0:
+            raise ValueError(
+                f"expected interval > 0, check_every >= 1, growth > 1, floor >= 0, "
+                f"got {interval}, {check_every}, {growth}, {floor}"
+            )
+        self.interval = interval
+        self.check_every = check_every
+        self.growth = growth
+        self.floor = floor
+        self.compactions = 0
+        self.compaction_seconds = 0.0
+        self.compaction_max_seconds = 0.0
+        self._baseline = 0  # permanent generation size after the last compaction
+        self._ticks = 0
+        self._saved_threshold: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        """Collect and freeze what start-up built; switch automatic full collections off."""
+        if self._saved_threshold is None:
+            self._saved_threshold = gc.get_threshold()
+        gen0, gen1, _ = self._saved_threshold
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(gen0, gen1, _NO_AUTO_FULL)
+        self._baseline = gc.get_freeze_count()
+
+    def tick(self) -> None:
+        """One period: young collection, freeze, and now and then the growth check."""
+        gc.collect(1)
+        gc.freeze()
+        self._ticks += 1
+        if self._ticks % self.check_every == 0:
+            frozen = gc.get_freeze_count()
+            if frozen >= self.floor and frozen >= self.growth * self._baseline:
+                self.compact(frozen)
+
+    def compact(self, frozen: int | None = None) -> int:
+        """Unfreeze, run a full collection, freeze again; return the objects collected."""
+        before = gc.get_freeze_count() if frozen is None else frozen
+        t0 = time.perf_counter()
+        gc.unfreeze()
+        collected = gc.collect()
+        gc.freeze()
+        took = time.perf_counter() - t0
+        self._baseline = gc.get_freeze_count()
+        self.compactions += 1
+        self.compaction_seconds += took
+        self.compaction_max_seconds = max(self.compaction_max_seconds, took)
+        log.info(
+            "gc: compaction of %d frozen objects took %.0f ms, collected %d (now %d frozen)",
+            before,
+            took * 1e3,
+            collected,
+            self._baseline,
+        )
+        return collected
+
+    async def run(self) -> None:
+        """:meth:`tick` every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval)
+            self.tick()
+
+    def restore(self) -> None:
+        """Give the interpreter its thresholds back and unfreeze everything."""
+        if self._saved_threshold is not None:
+            gc.set_threshold(*self._saved_threshold)
+            self._saved_threshold = None
+        gc.unfreeze()

@@ -1,0 +1,103 @@
+"""node.gcpolicy against the real interpreter GC (in this process, restored after each test)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from node.gcpolicy import GcPolicy
+
+
+class _Node:
+    """A small cyclic structure, like a connection's protocol <-> task <-> frame."""
+
+    def __init__(self) -> None:
+        self.me = self
+        self.data = [self]
+
+
+@pytest.fixture
+def policy() -> Iterator[GcPolicy]:
+    saved = gc.get_threshold()
+    p = GcPolicy(check_every=1, floor=0)
+    try:
+        yield p
+    finally:
+        p.restore()
+        gc.set_threshold(*saved)
+        gc.collect()
+
+
+def _full_collections() -> int:
+    return int(gc.get_stats()[2]["collections"])
+
+
+def test_long_lived_objects_are_frozen_and_no_automatic_full_collection_runs(policy: GcPolicy) -> None:
+    policy.start()
+    frozen_at_start = gc.get_freeze_count()
+    fulls = _full_collections()
+    # "Connections" accepted after start-up: more live objects than survived start-up
+    # (CPython's 25 % rule would then allow a full collection), and allocations that
+    # trigger young collections (700, then every 10th of generation 1, then the full
+    # one under the default thresholds).
+    n = max(20_000, frozen_at_start)
+    conns = [_Node() for _ in range(n)]
+    policy.tick()
+    assert gc.get_freeze_count() >= frozen_at_start + n
+    for _ in range(100):
+        junk = [[i] for i in range(2_000)]  # lives through a few young collections, then dies
+        policy.tick()
+        del junk
+    # The only full collection allowed is the policy's one compaction for the doubling.
+    assert policy.compactions == 1
+    assert _full_collections() - fulls == policy.compactions, "an automatic full collection ran"
+    assert len(conns) == n
+
+
+def test_frozen_dead_cycles_are_reclaimed_once_the_frozen_set_doubles(policy: GcPolicy) -> None:
+    policy.start()
+    baseline = gc.get_freeze_count()
+    cycles = [_Node() for _ in range(max(baseline, 50_000))]  # 3 tracked objects each
+    probe = weakref.ref(cycles[0])
+    gc.freeze()  # frozen while alive, like a connection's objects
+    del cycles  # dead, but cyclic: reference counting cannot free them
+    assert probe() is not None
+    policy.tick()  # frozen set >= 2x the start-up size: compaction
+    assert policy.compactions == 1
+    assert probe() is None
+    assert gc.get_freeze_count() < 2 * baseline
+
+
+def test_a_steady_frozen_set_is_never_compacted(policy: GcPolicy) -> None:
+    policy.start()
+    live = [_Node() for _ in range(10_000)]
+    for _ in range(50):
+        policy.tick()
+    assert policy.compactions == 0
+    assert len(live) == 10_000
+
+
+def test_restore_gives_back_the_thresholds_and_unfreezes() -> None:
+    saved = gc.get_threshold()
+    p = GcPolicy()
+    p.start()
+    try:
+        assert gc.get_threshold()[:2] == saved[:2]
+        assert gc.get_threshold()[2] > 1_000_000
+        assert gc.get_freeze_count() > 0
+    finally:
+        p.restore()
+    assert gc.get_threshold() == saved
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [({"interval": 0}, "0"), ({"check_every": 0}, "0"), ({"growth": 1.0}, "1.0"), ({"floor": -1}, "-1")],
+)
+def test_bad_settings_are_refused_naming_the_value(kwargs: dict[str, float], shown: str) -> None:
+    with pytest.raises(ValueError, match=shown):
+        GcPolicy(**kwargs)  # type: ignore[arg-type]
