@@ -29,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from node import wire
 from node.metrics import ERRORS, MESSAGES, watch_ring
+from node.workers.doorbell import Doorbell
 from node.workers.runtime import start
 
 log = logging.getLogger("node.monitor")
@@ -39,7 +40,6 @@ WINDOW = 8
 ACK_TIMEOUT = 1.0
 ACK_TIMEOUT_MAX = 8.0
 POLL_MS = 200
-DOORBELL_WAIT = 0.5
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
 FINISH_WAIT = 1.0  # on SIGTERM, how long to collect acks of the batches in flight
@@ -107,59 +107,6 @@ class Window:
 
     def oldest_sent(self) -> float | None:
         return self.flights[0].sent_at if self.flights else None
-
-
-class Doorbell:
-    """A thread that blocks in ``reader.wait`` while armed and pokes an inproc PAIR.
-
-    The reader is not shared concurrently: the main loop arms the doorbell only
-    after a ``read`` found nothing, and does not ``read`` again until the thread
-    has disarmed it (``pop`` meanwhile is fine: it touches neither the wait
-    position nor the scan buffers).
-    """
-
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], reader: object, stop: threading.Event) -> None:
-        endpoint = f"inproc://monitor-doorbell-{id(self)}"
-        self.inbox = ctx.socket(zmq.PAIR)
-        self.inbox.bind(endpoint)
-        self._out = ctx.socket(zmq.PAIR)
-        self._out.connect(endpoint)
-        self._reader = reader
-        self._stop = stop
-        self._armed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="doorbell", daemon=True)
-        self._thread.start()
-
-    def arm(self) -> None:
-        self._armed.set()
-
-    @property
-    def armed(self) -> bool:
-        return self._armed.is_set()
-
-    def drain(self) -> None:
-        while True:
-            try:
-                self.inbox.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._armed.wait(DOORBELL_WAIT):
-                continue
-            if self._reader.wait(DOORBELL_WAIT):  # type: ignore[attr-defined]
-                self._armed.clear()
-                try:
-                    self._out.send(b"", zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # pokes already queued: the main loop will read anyway
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2 * DOORBELL_WAIT + 1)
-        self._out.close(linger=0)
-        self.inbox.close(linger=0)
 
 
 class Monitor:
@@ -290,7 +237,7 @@ class Monitor:
 
     # ---------------------------------------------------------------- loop
     def run(self, stop: threading.Event) -> None:
-        doorbell = Doorbell(self.sock.context, self.reader, threading.Event())
+        doorbell = Doorbell(self.sock.context, self.reader, "monitor")
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)

@@ -36,6 +36,7 @@ from node.config import Settings
 from node.metrics import ERRORS, MESSAGES, watch_ring
 from node.record import RecordError, device_id_of
 from node.ring.errors import RingError, RingPositionError
+from node.workers.doorbell import Doorbell
 from node.workers.runtime import start
 
 log = logging.getLogger("node.publisher")
@@ -53,53 +54,8 @@ _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
 
-class Doorbell:
-    """A thread blocking in ``reader.wait`` that pokes the main loop over ``inproc://``.
-
-    The main loop ``arm()``s it once it has published everything it could read; the
-    thread then waits (GIL released) for a commit past that position, pokes once
-    and disarms, so it never spins on records the main loop already knows about.
-    """
-
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], reader: Any, stop: threading.Event) -> None:
-        self.reader = reader
-        self.stop = stop
-        self.armed = threading.Event()
-        self.address = f"inproc://publisher-doorbell-{id(self)}"
-        self.rx = ctx.socket(zmq.PAIR)
-        self.rx.setsockopt(zmq.LINGER, 0)
-        self.rx.bind(self.address)
-        self._tx = ctx.socket(zmq.PAIR)
-        self._tx.setsockopt(zmq.LINGER, 0)
-        self._tx.setsockopt(zmq.SNDHWM, 2)
-        self._tx.connect(self.address)
-        self.thread = threading.Thread(target=self._run, name="doorbell", daemon=True)
-
-    def arm(self) -> None:
-        self.armed.set()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            if not self.armed.wait(IDLE_POLL):
-                continue
-            if self.reader.wait(IDLE_POLL):
-                self.armed.clear()
-                try:
-                    self._tx.send(b"", zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # a poke is already queued
-        self._tx.close()
-
-    def drain(self) -> None:
-        while True:
-            try:
-                self.rx.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-
-
 class Publisher:
-    def __init__(self, settings: Settings, ring: Any, ctx: zmq.Context[zmq.Socket[bytes]], stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, ring: Any, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         self.ring = ring
         self.ring_id: bytes = ring.ring_id
         self.reader = ring.reader()
@@ -114,10 +70,10 @@ class Publisher:
         self.replay.setsockopt(zmq.RCVHWM, 1000)
         self.replay.setsockopt(zmq.LINGER, 0)
         self.replay.bind(settings.replay_endpoint)
-        self.doorbell = Doorbell(ctx, self.reader, stop)
+        self.doorbell = Doorbell(ctx, self.reader, "publisher")
         self.poller = zmq.Poller()
         self.poller.register(self.replay, zmq.POLLIN)
-        self.poller.register(self.doorbell.rx, zmq.POLLIN)
+        self.poller.register(self.doorbell.inbox, zmq.POLLIN)
         self.published = ring.head  # everything before it was published (or released)
         self.read_end = self.published  # highest record end read so far (a record boundary)
         self.last_heartbeat = 0.0
@@ -234,7 +190,7 @@ class Publisher:
             self.heartbeat()
         timeout = 0 if n >= READ_RECORDS else min(IDLE_POLL, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
         events = dict(self.poller.poll(int(timeout * 1000)))
-        if self.doorbell.rx in events:
+        if self.doorbell.inbox in events:
             self.doorbell.drain()
         if self.replay in events:
             for _ in range(REPLAY_BUDGET):
@@ -249,8 +205,7 @@ class Publisher:
                     ERRORS.labels(stage="publisher", reason="wire").inc()
 
     def close(self) -> None:
-        self.doorbell.thread.join(timeout=2 * IDLE_POLL + 1)
-        self.doorbell.rx.close()
+        self.doorbell.close()
         self.pub.close()
         self.replay.close()
 
@@ -272,7 +227,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     watch_ring("fanin", ring)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        publisher = Publisher(settings, ring, ctx, stop)
+        publisher = Publisher(settings, ring, ctx)
     except (RingError, zmq.ZMQError) as exc:
         if isinstance(exc, RingError):
             log.error("cannot consume the fan-in ring %s: %s", path, exc)
@@ -285,7 +240,6 @@ def run(settings: Settings, stop: threading.Event) -> None:
         ctx.destroy(linger=0)
         ring.close()
         raise SystemExit(1) from None
-    publisher.doorbell.thread.start()
     log.info(
         "publisher: fan-in ring %s (%s, id %s, head %d, tail %d), PUB %s, replay %s, durable subscribers %s",
         path, ring.backend, ring.ring_id.hex(), ring.head, ring.tail,
