@@ -4,7 +4,12 @@ Tree (the ring has its own root, :class:`node.ring.errors.RingError`)::
 
     NodeError
     ├── ConfigError (also ValueError)   a NODE_* variable has a bad value
-    └── AuthError                       a token is missing, invalid or expired
+    ├── AuthError                       a token is missing, invalid or expired
+    ├── RecordError (also ValueError)   bytes that are not a ring record envelope (node.record)
+    ├── WireError (also ValueError)     a malformed inter-stage ZeroMQ message (node.wire)
+    ├── SinkError                       a store sink failed (node.sinks.base); RecordRejected
+    ├── ClientError                     the device client library (node.client)
+    ├── MonitorError, RouterError       a stage cannot run (node.workers)
 
 Protocol violations by devices are not exceptions that escape: the protocol
 module turns them into error replies (see ``node.protocol``).

@@ -28,6 +28,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from node import wire
+from node.errors import NodeError
 from node.metrics import ERRORS, MESSAGES, watch_ring
 from node.workers.doorbell import Doorbell
 from node.workers.runtime import start
@@ -45,7 +46,7 @@ HEARTBEAT_TIMEOUT_MS = 6000
 FINISH_WAIT = 1.0  # on SIGTERM, how long to collect acks of the batches in flight
 
 
-class MonitorError(Exception):
+class MonitorError(NodeError):
     """The monitor cannot run (ring unusable, consumer already present); exit non-zero."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import zmq
 
 from node import wire
+from node.errors import NodeError
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES
 from node.workers.runtime import start
@@ -46,7 +47,7 @@ FULL_BACKOFF_MIN = 0.001
 FULL_BACKOFF_MAX = 0.05
 
 
-class RouterError(Exception):
+class RouterError(NodeError):
     """The router cannot run; ``main`` exits with ``status`` (2: configuration/endpoint, 1: ring failure)."""
 
     def __init__(self, message: str, status: int = 2) -> None:
