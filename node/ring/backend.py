@@ -42,6 +42,8 @@ void *pmem_map_file(const char *path, size_t len, int flags, unsigned int mode, 
 int pmem_unmap(void *addr, size_t len);
 int pmem_is_pmem(const void *addr, size_t len);
 void pmem_persist(const void *addr, size_t len);
+void pmem_flush(const void *addr, size_t len);
+void pmem_drain(void);
 int pmem_msync(const void *addr, size_t len);
 const char *pmem_errormsg(void);
 """
@@ -80,6 +82,10 @@ class Mapping:
     is_pmem: bool
     persist_mode: int
     persist_fn: int
+    # pmem only: pmem_flush / pmem_drain, so the C helper can store payloads
+    # non-temporally and flush just the header lines (0 elsewhere)
+    flush_fn: int = 0
+    drain_fn: int = 0
 
     def persist(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` of the file durable (a no-op is never allowed)."""
@@ -128,6 +134,8 @@ class PmemMapping(Mapping):
             self.name = "pmem"
             self.persist_mode = PERSIST_VOID_FN
             self.persist_fn = int(abi.cast("uintptr_t", pm.pmem_persist))
+            self.flush_fn = int(abi.cast("uintptr_t", pm.pmem_flush))
+            self.drain_fn = int(abi.cast("uintptr_t", pm.pmem_drain))
         self.address = int(abi.cast("uintptr_t", addr))
         self.view = memoryview(abi.buffer(abi.cast("char *", addr), size))
 

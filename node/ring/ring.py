@@ -147,6 +147,8 @@ class Ring:
                 self._ctx.max_record = self.max_record
                 self._ctx.persist_mode = self._map.persist_mode
                 self._ctx.persist_fn = self._map.persist_fn
+                self._ctx.flush_fn = self._map.flush_fn
+                self._ctx.drain_fn = self._map.drain_fn
                 self._set_identity(*identity())
                 self.recovered = self._recover_if_alone()
                 if durability == "process":
