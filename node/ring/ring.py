@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.ring import descriptor as D
-from node.ring._native import ffi, lib
+from node.ring._native import APPEND_IOV, append_list, ffi, lib
 from node.ring.backend import BACKENDS, PERSIST_NONE, Mapping, open_mapping
 from node.ring.errors import (
     RecordTooLarge,
@@ -53,6 +53,7 @@ log = logging.getLogger("node.ring")
 DURABILITIES = ("power", "process")
 _TOO_LARGE = -(1 << 40)  # iotring_append: _TOO_LARGE - index when lens[index] > max_record
 _BAD_LENGTHS = -(1 << 41)  # iotring_append_packed: lengths do not add up to the buffer
+_NOT_BYTES = -(1 << 42)  # append_list: item _NOT_BYTES - rc is not exactly bytes (general path instead)
 
 _open_rings: "weakref.WeakSet[Ring]" = weakref.WeakSet()
 
@@ -161,6 +162,8 @@ class Ring:
         self._closed = False
         self._reader: Reader | None = None
         self._out_first = ffi.new("uint64_t *")
+        self._ctx_addr = int(ffi.cast("uintptr_t", self._ctx))
+        self._out_first_addr = int(ffi.cast("uintptr_t", self._out_first))
         _open_rings.add(self)
         log.info(
             "ring %s open: backend=%s capacity=%d max_record=%d durability=%s head=%d tail=%d%s",
@@ -257,6 +260,17 @@ class Ring:
         """Append a prefix of ``payloads``; return how many (0 when full).  One persist."""
         if self._closed:
             raise RingClosed(f"{self.path}: ring is closed")
+        # A list/tuple of bytes goes to C as it is (node/ring/_gather.c: no join, no
+        # length array); anything else (bytearray, memoryview items, other sequences)
+        # takes the general path below.
+        rc = append_list(APPEND_IOV, self._ctx_addr, payloads, self._out_first_addr)
+        if rc >= 0:
+            return int(rc)
+        if rc > _NOT_BYTES:
+            if rc <= _TOO_LARGE:
+                index = _TOO_LARGE - rc
+                raise RecordTooLarge(len(payloads[index]), self.max_record, index)
+            self._raise_persist(rc)
         count = len(payloads)
         if count == 0:
             return 0
