@@ -1,4 +1,4 @@
-"""Ring benchmark: ``python -m bench.ring_bench [--duration S] [--quick]``.
+"""Ring benchmark: ``python -m bench.ring_bench [--duration S] [--quick] [--micro]``.
 
 Prints a markdown table: appends/s and MB/s for 64 B / 256 B / 1 KiB records,
 1 / 2 / 4 producer processes, single-record and batched (64) appends, on each
@@ -12,6 +12,10 @@ and no ring logic:
 
 Then the idle CPU of a consumer blocked in ``Reader.wait`` and the wake-up latency
 (append in one process -> read in the consumer process).  Speed is never asserted.
+
+``--micro``: only µs per call of ``append_batch`` / ``append_packed`` / ``append`` against
+``pmem_memcpy_persist`` of the same bytes, one process, warm mappings (no page
+faults), interleaved rounds -- the stable view of the C and Python costs.
 """
 
 from __future__ import annotations
@@ -234,6 +238,90 @@ def consumer_idle_and_wake(backend: str, directory: Path, idle_seconds: float, s
     }
 
 
+# ---------------------------------------------------------------------- warm micro-benchmark
+def micro(size: int, rounds: int, reps: int = 400) -> list[tuple[str, float, float]]:
+    """µs per call in warm mappings (pages resident, no first-touch faults), one process.
+
+    Each round times ``reps`` calls of every variant in turn (median per call), so a
+    shared machine's drift hits all of them alike; the best round is kept.  Returns
+    (variant, ring µs, raw µs) with raw = pmem_memcpy_persist of the same bytes.
+    """
+    from array import array
+
+    from node.ring import Ring
+    from node.ring.backend import load_libpmem
+
+    loaded = load_libpmem()
+    assert loaded is not None
+    abi, pm = loaded
+    abi.cdef("void *pmem_memcpy_persist(void *dest, const void *src, size_t len);", override=True)
+    directory = Path(tempfile.mkdtemp(prefix="ringmicro-", dir="/dev/shm"))
+    length = 4 << 20
+    payloads = [os.urandom(size) for _ in range(BATCH)]
+    packed = b"".join(payloads)
+    lens = array("I", map(len, payloads))
+    try:
+        raw_path = directory / "raw.bin"
+        with open(raw_path, "wb") as fh:
+            fh.truncate(length)
+        mlen, isp = abi.new("size_t *"), abi.new("int *")
+        base = pm.pmem_map_file(str(raw_path).encode(), 0, 0, 0, mlen, isp)
+        addr = abi.cast("char *", base)
+        state = {"off": 0}
+
+        def raw(buf: bytes) -> int:
+            if state["off"] + len(buf) > length:
+                state["off"] = 0
+            pm.pmem_memcpy_persist(addr + state["off"], buf, len(buf))
+            state["off"] += len(buf)
+            return 1
+
+        ring = Ring.open(str(directory / "micro.ring"), capacity=length, backend="pmem")
+        reader = ring.reader()
+
+        def drain() -> None:
+            while recs := reader.read(max_records=1 << 20, max_bytes=1 << 30):
+                reader.pop(recs[-1].end)
+
+        for _ in range(2):  # touch every page of both mappings first
+            while ring.append_batch(payloads):
+                pass
+            drain()
+            for _ in range(length // len(packed) + 1):
+                raw(packed)
+        variants = {
+            "raw batch": lambda: raw(packed),
+            "append_batch(list)": lambda: ring.append_batch(payloads),
+            "append_packed": lambda: ring.append_packed(packed, lens),
+            "raw single": lambda: raw(payloads[0]),
+            "append(single)": lambda: int(ring.append(payloads[0])),
+        }
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter_ns()
+                    k = fn()
+                    t1 = time.perf_counter_ns()
+                    if k:
+                        times.append(t1 - t0)
+                    else:
+                        drain()
+                us = statistics.median(times) / 1000
+                best[name] = min(best.get(name, us), us)
+        reader.close()
+        ring.close()
+        pm.pmem_unmap(base, length)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return [
+        (f"append_batch {BATCH} x {size} B (list)", best["append_batch(list)"], best["raw batch"]),
+        (f"append_packed {BATCH} x {size} B", best["append_packed"], best["raw batch"]),
+        (f"append 1 x {size} B", best["append(single)"], best["raw single"]),
+    ]
+
+
 # ---------------------------------------------------------------------- main
 def main() -> None:  # noqa: C901
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,8 +330,22 @@ def main() -> None:  # noqa: C901
     ap.add_argument("--rounds", type=int, default=3, help="alternating raw/ring rounds per cell (median)")
     ap.add_argument("--backends", default="pmem,msync,mmap")
     ap.add_argument("--disk-dir", default="/var/tmp", help="directory on a real disk for msync/mmap")
+    ap.add_argument("--micro", action="store_true",
+                    help="only warm single-process pmem timings: µs per call vs raw (stable when noisy)")
     args = ap.parse_args()
     _reexec_with_pmem_force()
+    if args.micro:
+        print(f"# ring micro-benchmark: python -m bench.ring_bench {' '.join(sys.argv[1:])}")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        print(f"# {stamp}, pmem (PMEM_IS_PMEM_FORCE=1, /dev/shm), warm 4 MiB mappings,"
+              f" best of {args.rounds} rounds of medians, load avg {os.getloadavg()[0]:.1f}")
+        print()
+        print("| call | ring µs/call | raw µs/call | ring/raw (throughput) |")
+        print("|---|---:|---:|---:|")
+        for size in (64, 256, 1024):
+            for name, ring_us, raw_us in micro(size, args.rounds):
+                print(f"| {name} | {ring_us:.2f} | {raw_us:.2f} | {raw_us / ring_us:.2f} |", flush=True)
+        return
 
     from node.ring.backend import load_libpmem
 

@@ -547,7 +547,7 @@ static void persist_nt(const iotring_ctx *c, const uint32_t *lens, uint32_t k, u
    Returns the number appended (0 when full), -errno (records committed, not durable),
    or IOTRING_TOO_LARGE - i when lens[i] > max_record (nothing appended). */
 #define IOTRING_TOO_LARGE (-(int64_t)1 << 40)
-#define NT_MIN_BYTES 1024  /* ring bytes of an append below which nt stores are not used */
+#define NT_MIN_BYTES 4096  /* ring bytes of an append below which nt stores are not used */
 static int64_t append_impl(const iotring_ctx *c, const uint8_t *buf, const uint8_t *const *srcs,
                            const uint32_t *lens, uint32_t n, uint64_t *first_pos) {
     uint64_t start = 0, end = 0;
