@@ -35,7 +35,9 @@ def _full_collections() -> int:
     return int(gc.get_stats()[2]["collections"])
 
 
-def test_connections_accepted_after_start_are_frozen_and_only_compactions_run_full_passes(policy: GcPolicy) -> None:
+def test_connections_accepted_after_start_are_frozen_and_only_compactions_run_full_passes(
+    policy: GcPolicy,
+) -> None:
     policy.start()
     frozen_at_start = gc.get_freeze_count()
     fulls = _full_collections()
