@@ -146,3 +146,49 @@ def test_gather_refuses_null_addresses_and_bad_arity_with_values() -> None:
         append_list(APPEND_IOV, 0, [b"x"], 0)
     with pytest.raises(TypeError, match="expected 4 arguments, got 2"):
         append_list(APPEND_IOV, 1)
+
+
+def test_lists_longer_than_the_stack_buffer_and_from_several_threads(ring_path: Path, backend: str) -> None:
+    import threading
+
+    # 300 items take _gather's heap path; four threads append lists at once while a
+    # fifth keeps replacing the items of a list being appended (its old items must
+    # stay alive until the C call returns: every record is one whole version).
+    shared = [b"v0" * 40] * 50
+    stop = threading.Event()
+
+    def mutate() -> None:
+        for version in range(1, 2000):
+            if stop.is_set():
+                return
+            for i in range(len(shared)):
+                shared[i] = (b"v%d" % version) * 40
+
+    def produce(tag: int) -> None:
+        for round_no in range(40):
+            assert ring.append_batch([b"%d-%d-%d" % (tag, round_no, j) for j in range(25)]) == 25
+            assert ring.append_batch(shared) == 50
+
+    with Ring.open(ring_path, capacity=1 << 22, backend=backend) as ring:
+        long_list = [bytes([i % 251]) * (i % 97) for i in range(300)]
+        assert ring.append_batch(long_list) == 300
+        mutator = threading.Thread(target=mutate)
+        mutator.start()
+        producers = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+        for t in producers:
+            t.start()
+        for t in producers:
+            t.join(timeout=60)
+        stop.set()
+        mutator.join(timeout=60)
+        got = [r.payload for r in ring.reader().read(max_records=100_000, max_bytes=1 << 30)]
+        assert got[:300] == long_list
+        rest = got[300:]
+        assert len(rest) == 4 * 40 * 75
+        tagged = [p for p in rest if not p.startswith(b"v")]
+        for tag in range(4):  # per-thread order is ring order
+            mine = [p for p in tagged if p.startswith(b"%d-" % tag)]
+            assert mine == [b"%d-%d-%d" % (tag, r, j) for r in range(40) for j in range(25)]
+        versions = [p for p in rest if p.startswith(b"v")]
+        assert len(versions) == 4 * 40 * 50
+        assert all(p == p[: len(p) // 40] * 40 for p in versions)  # never a torn mix
