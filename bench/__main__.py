@@ -2,6 +2,7 @@
 
 Scenarios: c10k (many paced devices), max (closed-loop throughput), soak (long,
 fixed rate, drift), compare (no-op, iotnode, redis, mosquitto in one run),
+e2e (whole node: stored msg/s and device → fanout-client latency),
 report (re-render a results JSON).
 """
 
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import proto, report, runner, targets
+from bench import e2e, proto, report, runner, targets
 from bench.loadgen import raise_nofile_limit
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=",".join(targets.NAMES), help="comma-separated subset, in order")
     p.add_argument("--rounds", type=int, default=3, help="each target is loaded once per round, in turn (3)")
     _scenario_args(p)
+    e2e.add_parser(sub)
     p = sub.add_parser("report", help="re-render the HTML report of a results JSON")
     p.add_argument("json", type=Path)
     return ap
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         progress = None if args.quiet else sys.stderr
         if args.command == "compare":
             return _compare(args, command, progress)
+        if args.command == "e2e":
+            with _workdir(args.keep) as tmp:
+                e2e.print_doc(e2e.run(args, Path(tmp), command, progress))
+            return 0
         scn = _scenario(args.command, args)
         if bool(args.target) == bool(args.url):
             ap.error("give exactly one of --target NAME (started by the harness) or --url URL")

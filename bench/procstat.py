@@ -148,6 +148,27 @@ def scrape_ring_depths(urls: list[str], timeout: float = 1.0) -> dict[str, float
     return depths
 
 
+_STAGE = re.compile(r'^iotnode_messages_total\{[^}]*stage="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+
+
+def scrape_stage_counts(urls: list[str], timeout: float = 1.0) -> dict[str, float]:
+    """``iotnode_messages_total{stage=...}`` summed over the ``/metrics`` URLs that
+    answer (loopback only), e.g. ``{"acked": ..., "stored": ..., "streamed": ...}``."""
+    out: dict[str, float] = {}
+    for url in urls:
+        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if not host.startswith("127.") and host != "localhost":
+            raise ValueError(f"metrics URL must be on loopback, got {url!r}")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+                text = resp.read().decode(errors="replace")
+        except OSError:
+            continue
+        for stage, value in _STAGE.findall(text):
+            out[stage] = out.get(stage, 0.0) + float(value)
+    return out
+
+
 _BUCKET = re.compile(r'^iotnode_ack_latency_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
 
 

@@ -74,6 +74,7 @@ class Target:
     pids: list[int] = field(default_factory=list)  # roots of the processes to sample
     metrics: list[str] = field(default_factory=list)  # /metrics URLs to scrape ring depths from
     note: str = ""
+    fanout_url: str = ""  # iotnode started by the harness: its client-app stream (bench.e2e)
 
     def check(self) -> None:
         host = self.url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
@@ -246,6 +247,7 @@ def _drive(
     ticks: dict[int, dict[str, Any]] = {}
     results: dict[int, dict[str, Any]] = {}
     ring_depths: list[dict[str, Any]] = []
+    stage_counts: list[dict[str, Any]] = []  # iotnode_messages_total by stage, same scrapes
     node_samples: list[dict[str, Any]] = []
     gen_samples: list[dict[str, Any]] = []
     next_sample = t0 + 1.0
@@ -263,6 +265,9 @@ def _drive(
             depths = procstat.scrape_ring_depths(target.metrics)
             if depths:
                 ring_depths.append({"t": round(now - t0, 2), **depths})
+            counts = procstat.scrape_stage_counts(target.metrics)
+            if counts:
+                stage_counts.append({"t": round(now - t0, 2), **counts})
             next_metrics += scn.metrics_every
         try:
             k, msg = lines.get(timeout=max(0.01, min(next_sample, next_print) - time.monotonic()))
@@ -296,6 +301,7 @@ def _drive(
     if target.metrics:
         # The node's own view (received → ack sent): tells the node's time from the network's and ours.
         result["target_ack_latency"] = procstat.bucket_quantiles(node_lat_before, procstat.scrape_ack_latency(target.metrics))
+        result["stage_counts"] = stage_counts
     return result
 
 

@@ -259,4 +259,4 @@ def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
     if missing:
         note += f"; not yet built, not running: {', '.join(missing)}"
     return Target("iotnode", f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest", secret=SECRET, pids=[proc.pid],
-                  metrics=metrics, note=note)
+                  metrics=metrics, note=note, fanout_url=f"ws://127.0.0.1:{ports['NODE_FANOUT_PORT']}/v1/stream")

@@ -1,0 +1,320 @@
+"""The whole pipeline, end to end: ``python -m bench e2e`` (docs/bench.md).
+
+Two measurements against one node the harness starts (every process on this
+machine), each round in turn, beside a no-op front with the same web workers:
+
+* **sustained throughput device → store**: the closed-loop ``max`` load on the
+  no-op front, then on the node.  For the node, ``iotnode_messages_total`` by stage
+  is scraped every second during the run (:func:`bench.runner.run`), and the rows
+  the store committed (``stage="stored"``) over the steady window give *stored
+  msg/s*, next to acked msg/s.  The ring depths right after the window (a growing
+  depth: the pipeline does not keep up) and the time the store then needs to catch
+  up with every acked message are reported too.  Ratios are to the no-op front's
+  acked msg/s of the same round.
+* **latency device → fanout client** at fixed offered rates (open loop, e.g.
+  1,000 and 5,000 msg/s over 1,000 devices): a client app
+  (:mod:`bench.fanout_client`, its own process) follows ``device=*`` on the fanout
+  with a ``["*"]`` client token; the latency of a frame is its receive time minus
+  the ``ts`` the generator wrote when it sent the message.
+
+Only the generator, the client and the node run; all on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from bench import procstat, proto, report, runner, targets
+from bench.hist import Histogram
+from node.auth import issue_client_token
+
+DRAIN_TIMEOUT = 60.0  # seconds the store may take to catch up after a run
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("e2e", help="whole node: stored msg/s vs the no-op front, and device → fanout-client latency")
+    g = p.add_argument_group("throughput (closed loop, like max)")
+    g.add_argument("--connections", "-n", type=int, default=100, help="device connections (100)")
+    g.add_argument("--window", "-w", type=int, default=32, help="messages in flight per connection (32)")
+    g.add_argument("--duration", "-d", type=float, default=10.0, help="seconds of steady load (10)")
+    g = p.add_argument_group("latency to the fanout (open loop)")
+    g.add_argument("--devices", type=int, default=1000, help="device connections (1000)")
+    g.add_argument("--rates", default="1000,5000", help="offered msg/s over all devices, comma-separated (1000,5000)")
+    g.add_argument("--latency-duration", type=float, default=10.0, help="seconds per offered rate (10)")
+    g = p.add_argument_group("common")
+    g.add_argument("--rounds", type=int, default=3, help="rounds, each measuring everything once (3)")
+    g.add_argument("--payload", type=int, default=64, help="approximate message size in bytes (64)")
+    g.add_argument("--encoding", choices=proto.ENCODINGS, default="msgpack")
+    g.add_argument("--processes", "-p", type=int, default=2, help="load-generator processes (2)")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="web workers of both fronts (CPUs)")
+    g.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    g.add_argument("--keep", type=Path, help="keep the targets' data and logs in this directory")
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = []
+    for part in text.split(","):
+        try:
+            rate = float(part)
+        except ValueError:
+            raise proto.BenchError(f"--rates: expected comma-separated numbers, got {part!r} in {text!r}") from None
+        if not rate > 0:
+            raise proto.BenchError(f"--rates: expected msg/s > 0, got {part!r}")
+        rates.append(rate)
+    return rates
+
+
+def scenarios(args: argparse.Namespace) -> tuple[runner.Scenario, list[runner.Scenario]]:
+    """The throughput scenario and one latency scenario per offered rate."""
+    if args.rounds < 1:
+        raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
+    common = dict(payload=args.payload, encoding=args.encoding, processes=args.processes, metrics_every=1.0)
+    thr = runner.Scenario(name="e2e-max", mode="max", connections=args.connections, window=args.window,
+                          duration=args.duration, ramp=2000.0, drain=5.0, **common)  # type: ignore[arg-type]
+    lat = [
+        runner.Scenario(name=f"e2e-{rate:g}", mode="rate", connections=args.devices, rate=rate / args.devices,
+                        window=1000, duration=args.latency_duration, ramp=2000.0, drain=10.0, **common)  # type: ignore[arg-type]
+        for rate in parse_rates(args.rates)
+    ]
+    for scn in (thr, *lat):
+        scn.check()
+    return thr, lat
+
+
+# ------------------------------------------------------------------ the node's counters
+def fanout_metrics_url(target: runner.Target) -> str:
+    return target.fanout_url.replace("ws://", "http://", 1).rsplit("/v1/", 1)[0] + "/metrics"
+
+
+def stored_rate(result: dict[str, Any]) -> dict[str, Any]:
+    """Stored (and acked, by the node's own counters) msg/s over the steady window,
+    from the per-second ``stage_counts`` scrapes of a :func:`bench.runner.run` result."""
+    duration = result["scenario"]["duration"]
+    rows = [s for s in result.get("stage_counts", []) if -0.5 <= s["t"] <= duration + 0.5 and "stored" in s]
+    if len(rows) < 2:
+        raise proto.BenchError(f"fewer than two scrapes of the store's counter in the window: {result.get('stage_counts')}")
+    first, last = rows[0], rows[-1]
+    span = last["t"] - first["t"]
+    out = {"window_s": round(span, 2), "stored": int(last["stored"] - first["stored"]),
+           "stored_msg_s": round((last["stored"] - first["stored"]) / span, 1) if span > 0 else None}
+    if "acked" in first and "acked" in last and span > 0:
+        out["node_acked_msg_s"] = round((last["acked"] - first["acked"]) / span, 1)
+    return out
+
+
+def wait_drained(target: runner.Target, timeout: float = DRAIN_TIMEOUT) -> dict[str, Any]:
+    """Wait (bounded) until the store has every message the web front acked and the
+    rings are empty; returns how long it took and the counts seen last."""
+    t0 = time.monotonic()
+    counts: dict[str, float] = {}
+    depths: dict[str, float] = {}
+    while True:
+        counts = procstat.scrape_stage_counts(target.metrics)
+        depths = procstat.scrape_ring_depths(target.metrics)
+        done = counts.get("stored", 0) >= counts.get("acked", float("inf")) and not any(depths.values())
+        if done or time.monotonic() - t0 >= timeout:
+            return {"drained": done, "catch_up_s": round(time.monotonic() - t0, 2),
+                    "acked_total": counts.get("acked"), "stored_total": counts.get("stored"), "depths": depths}
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ the client app
+class FanoutClient:
+    """A :mod:`bench.fanout_client` process following every device; measures only
+    frames of ``bench-`` devices sent after it connected."""
+
+    def __init__(self, target: runner.Target, log: Path) -> None:
+        if not target.fanout_url or not target.secret:
+            raise proto.BenchError(f"target {target.name!r} has no fanout stream to follow")
+        spec = {"url": target.fanout_url, "token": issue_client_token(target.secret, ["*"], ttl=3600),
+                "prefix": "bench-", "since": time.time()}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(runner.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self.log = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench.fanout_client"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, cwd=str(runner.REPO), env=env, text=True)
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._send(json.dumps(spec))
+        self._expect("ready", 30.0)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.put(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        self.lines.put(None)
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _expect(self, kind: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                msg = None
+                if time.monotonic() < deadline:
+                    continue
+            if msg is None:
+                raise proto.BenchError(f"fanout client: no {kind!r} line (exit {self.proc.poll()}):\n"
+                                       f"{self.log.read_text(errors='replace')[-2000:]}")
+            if msg.get("type") == kind:
+                return msg
+
+    def finish(self) -> dict[str, Any]:
+        self._send("stop")
+        return self._expect("result", 30.0)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+
+# ------------------------------------------------------------------ one measurement each
+def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.Target, log_dir: Path,
+                       progress: TextIO | None) -> dict[str, Any]:
+    """One round: the no-op front, then the node, same closed-loop load."""
+    base = runner.run(scn, noop, log_dir / "noop", progress)
+    r = runner.run(scn, node, log_dir / "iotnode", progress)
+    end_depths = procstat.scrape_ring_depths(node.metrics)
+    stored = stored_rate(r)
+    drain = wait_drained(node)
+    depths = [d for d in r.get("ring_depths", []) if d["t"] <= scn.duration + 0.5]
+    row = {
+        "noop_acked_msg_s": base["acked_msg_s"],
+        "acked_msg_s": r["acked_msg_s"],
+        **stored,
+        "acked_vs_noop": round(r["acked_msg_s"] / base["acked_msg_s"], 3) if base["acked_msg_s"] else None,
+        "stored_vs_noop": round(stored["stored_msg_s"] / base["acked_msg_s"], 3) if base["acked_msg_s"] and stored["stored_msg_s"] else None,
+        "ingress_depth_end": end_depths.get("ingress"),
+        "fanin_depth_end": end_depths.get("fanin"),
+        "fanin_depth_max": max((d.get("fanin", 0) for d in depths), default=None),
+        "catch_up_s": drain["catch_up_s"],
+        "drained": drain["drained"],
+        "target_cpu_s_by_role": r["target_procs"]["cpu_s_by_role"],
+    }
+    return {"row": row, "noop": base, "iotnode": r, "drain": drain}
+
+
+def measure_latency(scn: runner.Scenario, node: runner.Target, log_dir: Path, progress: TextIO | None) -> dict[str, Any]:
+    """Open loop at a fixed offered rate with a client app on the fanout; the
+    pipeline is drained first so that no earlier run's frames arrive in this one."""
+    before = wait_drained(node)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    client = FanoutClient(node, log_dir / "fanout-client.log")
+    try:
+        r = runner.run(scn, node, log_dir, progress)
+        drain = wait_drained(node)
+        time.sleep(0.5)  # the fanout's last frames after the store's last commit
+        got = client.finish()
+    finally:
+        client.close()
+    lat = Histogram.from_json(got["lat"]).summary_ms()
+    row = {
+        "offered_msg_s": r["offered_msg_s"],
+        "devices": scn.connections,
+        "acked_msg_s": r["acked_msg_s"],
+        "acked": r["acked"],
+        "fanout_frames": got["frames"],
+        "delivered": round(got["frames"] / r["acked"], 4) if r["acked"] else None,
+        "fanout_p50_ms": lat.get("p50"),
+        "fanout_p99_ms": lat.get("p99"),
+        "fanout_max_ms": lat.get("max"),
+        "ack_p50_ms": r["latency_ms"].get("p50"),
+        "ack_p99_ms": r["latency_ms"].get("p99"),
+        "out_of_order": got["out_of_order"],
+        "client_closed": got["closed"],
+        "drained": drain["drained"],
+        "drained_before": before["drained"],
+    }
+    return {"row": row, "iotnode": r, "client": {k: v for k, v in got.items() if k != "lat"}, "fanout_latency_ms": lat}
+
+
+# ------------------------------------------------------------------ the command
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[(len(xs) - 1) // 2] if xs else None
+
+
+def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+THR_COLS = ["round", "noop_acked_msg_s", "acked_msg_s", "stored_msg_s", "acked_vs_noop", "stored_vs_noop",
+            "ingress_depth_end", "fanin_depth_end", "fanin_depth_max", "catch_up_s"]
+LAT_COLS = ["round", "offered_msg_s", "devices", "acked_msg_s", "fanout_frames", "delivered", "fanout_p50_ms",
+            "fanout_p99_ms", "fanout_max_ms", "ack_p50_ms", "ack_p99_ms", "out_of_order"]
+
+
+def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO | None) -> dict[str, Any]:
+    thr, lats = scenarios(args)
+    thr_rows: list[dict[str, Any]] = []
+    lat_rows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    with targets.start("noop", workdir / "noop", args.workers) as noop, \
+            targets.start("iotnode", workdir / "iotnode", args.workers) as node:
+        for k in range(args.rounds):
+            if progress:
+                print(f"--- e2e round {k + 1}/{args.rounds}: throughput (no-op, then iotnode)", file=progress)
+            t = measure_throughput(thr, noop, node, workdir / "logs" / f"thr-{k}", progress)
+            thr_rows.append({"round": k + 1, **t["row"]})
+            raw.append(t)
+            for scn in lats:
+                if progress:
+                    print(f"--- e2e round {k + 1}/{args.rounds}: fanout latency at {scn.connections * scn.rate:g} msg/s", file=progress)
+                m = measure_latency(scn, node, workdir / "logs" / f"{scn.name}-{k}", progress)
+                lat_rows.append({"round": k + 1, **m["row"]})
+                raw.append(m)
+    summary = {
+        "stored_vs_noop_median": _median([r["stored_vs_noop"] for r in thr_rows]),
+        "acked_vs_noop_median": _median([r["acked_vs_noop"] for r in thr_rows]),
+        "stored_vs_noop_range": [min((r["stored_vs_noop"] or 0) for r in thr_rows), max((r["stored_vs_noop"] or 0) for r in thr_rows)],
+    }
+    doc = {"command": command, "throughput": thr_rows, "latency": lat_rows, "summary": summary, "runs": raw}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-e2e.json"
+    path.write_text(json.dumps(doc, indent=1))
+    doc["path"] = str(path)
+    return doc
+
+
+def print_doc(doc: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    print(markdown(doc["throughput"], THR_COLS), file=out)
+    print(file=out)
+    print(markdown(doc["latency"], LAT_COLS), file=out)
+    s = doc["summary"]
+    print(f"\nstored vs no-op (median of rounds): {s['stored_vs_noop_median']} "
+          f"(range {s['stored_vs_noop_range'][0]}–{s['stored_vs_noop_range'][1]}); "
+          f"acked vs no-op: {s['acked_vs_noop_median']}", file=out)
+    print(f"results: {doc['path']}", file=out)
