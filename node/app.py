@@ -11,11 +11,11 @@ window room, reads a frame, and parses it; the *writer* sends what the committer
 and the parser left for the device (error replies and the coalesced ack), so a
 device that does not read its acks never blocks the committer or other devices.
 
-``create_app(settings=None, *, on_group=None, routes=(), commit_mode="auto", metrics=True)``
-builds the app; uvicorn calls it as a factory in each worker process
-(``node.app:create_app``), and the lifespan opens the ring *in the worker*, after
-the fork/spawn.  ``/metrics`` (contract 6) is served by :class:`WebMetrics` over
-the ``node.metrics`` definitions; ``on_group`` and ``routes`` are further seams.
+``create_app(settings=None, *, on_group=None, routes=(), commit_mode="auto")``
+builds the app; the lifespan opens the ring *in the worker*, after the fork/spawn.
+``node.webmetrics:create_app`` (the factory ``node.workers.web`` gives uvicorn)
+wraps it with the metrics: ``on_group`` observes each persisted group and
+``routes`` adds ``/metrics`` (contract 6).
 ``app.state.front`` holds the worker's :class:`FrontState` (committer, stats, ring).
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import resource
 import time
@@ -33,9 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from node.auth import load_secret, token_from_request, verify_device_token
@@ -46,7 +44,7 @@ from node.gcpolicy import GcPolicy
 from node.protocol import ErrorReply, parse_frame, reject
 from node.record import pack_record
 
-__all__ = ["FrontState", "WebMetrics", "create_app", "raise_nofile_limit"]
+__all__ = ["FrontState", "create_app", "raise_nofile_limit"]
 
 log = logging.getLogger("iotnode.front")
 
@@ -106,78 +104,6 @@ def _install_logging(level: str) -> None:
             ours.propagate = False
 
 
-class WebMetrics:
-    """Contract 6 for the web workers: ``/metrics`` on NODE_WEB_PORT, summed over
-    the workers with prometheus_client's multiprocess mode (the Procfile sets and
-    wipes ``PROMETHEUS_MULTIPROC_DIR``; without it each worker reports only itself).
-
-    Batched: ack latencies are observed per persisted group (``on_group``), and the
-    worker's counts (:class:`FrontStats`) are copied into the counters as deltas
-    once a second and before each scrape -- never a metric call per frame.
-    ``iotnode_messages_total{stage="received"|"acked"}``,
-    ``iotnode_errors_total{stage="web", reason=<protocol kind> | "auth_401" | "auth_403"}``,
-    ``iotnode_ack_latency_seconds``.  The ingress ring depth is exported by the
-    monitor (its consumer), not by every web worker.
-    """
-
-    SYNC_EVERY = 1.0
-
-    def __init__(self, stats: FrontStats) -> None:
-        from node import metrics
-
-        self._metrics = metrics
-        self._stats = stats
-        self._received = metrics.MESSAGES.labels(stage="received")
-        self._acked = metrics.MESSAGES.labels(stage="acked")
-        self._observe = metrics.ACK_LATENCY.observe
-        self._seen_received = 0
-        self._seen_errors: dict[str, int] = {}
-        self._seen_refused: dict[int, int] = {}
-
-    def on_group(self, now: float, receive_times: Sequence[float], nbytes: int) -> None:
-        observe = self._observe
-        for t in receive_times:
-            observe(now - t)
-        self._acked.inc(len(receive_times))
-
-    def sync(self) -> None:
-        stats = self._stats
-        if stats.received > self._seen_received:
-            self._received.inc(stats.received - self._seen_received)
-            self._seen_received = stats.received
-        errors = self._metrics.ERRORS
-        for kind, count in list(stats.errors.items()):
-            delta = count - self._seen_errors.get(kind, 0)
-            if delta:
-                errors.labels(stage="web", reason=kind).inc(delta)
-                self._seen_errors[kind] = count
-        for status, count in list(stats.refused.items()):
-            delta = count - self._seen_refused.get(status, 0)
-            if delta:
-                errors.labels(stage="web", reason=f"auth_{status}").inc(delta)
-                self._seen_refused[status] = count
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.SYNC_EVERY)
-            self.sync()
-
-    def route(self) -> Route:
-        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-        from prometheus_client import multiprocess
-
-        async def endpoint(request: Request) -> Response:
-            self.sync()
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-                registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry)
-            else:
-                registry = REGISTRY
-            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-        return Route("/metrics", endpoint)
-
-
 def raise_nofile_limit() -> int:
     """Raise this process's RLIMIT_NOFILE soft limit to the hard limit; return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -207,28 +133,16 @@ def create_app(
     on_group: GroupCallback | None = None,
     routes: Sequence[BaseRoute] = (),
     commit_mode: str = "auto",
-    metrics: bool = True,
 ) -> Starlette:
     """Build the front.  ``commit_mode``: ``"auto"`` (inline on a pmem ring or with
     durability "process", else the commit thread), ``"thread"`` or ``"inline"``
-    (for measurements).  ``metrics``: serve this module's minimal ``/metrics`` (see
-    :class:`WebMetrics`); ``node.webmetrics`` passes False and plugs in its own."""
+    (for measurements).  Metrics and ``/metrics`` are plugged in by
+    ``node.webmetrics:create_app`` through ``on_group`` and ``routes``."""
     if commit_mode not in ("auto", "thread", "inline"):
         raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
     _install_logging(settings.log_level)
     state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
-    web_metrics = WebMetrics(state.stats) if metrics else None
-    hooks = [h for h in (web_metrics.on_group if web_metrics else None, on_group) if h is not None]
-    group_hook: GroupCallback | None
-    if len(hooks) == 2:
-        first, second = hooks
-
-        def group_hook(now: float, receive_times: Sequence[float], nbytes: int) -> None:
-            first(now, receive_times, nbytes)
-            second(now, receive_times, nbytes)
-    else:
-        group_hook = hooks[0] if hooks else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -247,7 +161,7 @@ def create_app(
             max_pending_bytes=pending_bytes_limit(settings, ring.capacity),
             window=settings.conn_window,
             threaded=threaded,
-            on_group=group_hook,
+            on_group=on_group,
             stats=state.stats,
         )
         await committer.start()
@@ -259,7 +173,6 @@ def create_app(
             "threaded" if threaded else "inline",
             settings.conn_window,
         )
-        sync_task = asyncio.get_running_loop().create_task(web_metrics.run()) if web_metrics else None
         # Start-up objects and accepted connections are frozen, no automatic full
         # collection (they paused the loop 0.5-4 s at 10k connections): node/gcpolicy.py.
         gc_policy = GcPolicy()
@@ -270,19 +183,14 @@ def create_app(
             yield
         finally:
             gc_task.cancel()
-            if sync_task is not None:
-                sync_task.cancel()
             await committer.stop()
-            if web_metrics is not None:
-                web_metrics.sync()
             ring.close()
             gc_policy.restore()
 
     async def ingest(websocket: WebSocket) -> None:
         await _serve_device(websocket, state)
 
-    extra = [web_metrics.route()] if web_metrics else []
-    app = Starlette(routes=[WebSocketRoute(INGEST_PATH, ingest), *extra, *routes], lifespan=lifespan)
+    app = Starlette(routes=[WebSocketRoute(INGEST_PATH, ingest), *routes], lifespan=lifespan)
     app.state.front = state
     return app
 

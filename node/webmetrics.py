@@ -245,7 +245,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = front.create_app(
         settings,
-        metrics=False,  # node.app's own per-message WebMetrics: replaced by this module
         on_group=metrics.on_group if metrics is not None else None,
         routes=[Route("/metrics", endpoint)],
     )
