@@ -1,12 +1,12 @@
 """Issue 4 end to end: a whole node under SIGKILLs keeps every acked message exactly once.
 
-A whole node (web with 2 workers, monitor, router, publisher, store) runs as real
+A whole node (web with 2 workers, monitor, router, publisher, store, fanout) runs as real
 processes.  Dozens of simulated devices (the ``websockets`` client; half send
 MessagePack binary frames, half JSON text) send thousands of messages, paced,
 with a window of unacked messages, resending everything unacked after a
 reconnect.  Meanwhile a seeded random schedule SIGKILLs each process kind at
 least once (a web worker -- uvicorn starts a new one --, the whole web front, the
-monitor, router, publisher, store) and restarts what stopped.  At the end the SQLite store holds
+monitor, router, publisher, store, fanout) and restarts what stopped.  At the end the SQLite store holds
 every message exactly once, with each device's seqs gapless and their data intact.
 """
 
@@ -30,7 +30,7 @@ from websockets.exceptions import InvalidHandshake, WebSocketException
 from node.auth import issue_device_token
 from tests.support import Processes, iter_children, node_env, wait_for_port, wait_until
 
-STAGES = ("monitor", "router", "publisher", "store")
+STAGES = ("monitor", "router", "publisher", "store", "fanout")
 KINDS = ("web-worker", *STAGES)
 DEVICES = 40
 MESSAGES_PER_DEVICE = 120  # 4,800 messages per schedule
