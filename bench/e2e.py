@@ -46,6 +46,8 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--connections", "-n", type=int, default=100, help="device connections (100)")
     g.add_argument("--window", "-w", type=int, default=32, help="messages in flight per connection (32)")
     g.add_argument("--duration", "-d", type=float, default=10.0, help="seconds of steady load (10)")
+    g.add_argument("--client-during-throughput", action="store_true",
+                   help="a client app follows device=* on the fanout during the node's throughput run too")
     g = p.add_argument_group("latency to the fanout (open loop)")
     g.add_argument("--devices", type=int, default=1000, help="device connections (1000)")
     g.add_argument("--rates", default="1000,5000", help="offered msg/s over all devices, comma-separated (1000,5000)")
@@ -124,7 +126,8 @@ def wait_drained(target: runner.Target, timeout: float = DRAIN_TIMEOUT) -> dict[
         done = counts.get("stored", 0) >= counts.get("acked", float("inf")) and not any(depths.values())
         if done or time.monotonic() - t0 >= timeout:
             return {"drained": done, "catch_up_s": round(time.monotonic() - t0, 2),
-                    "acked_total": counts.get("acked"), "stored_total": counts.get("stored"), "depths": depths}
+                    "acked_total": counts.get("acked"), "stored_total": counts.get("stored"), "depths": depths,
+                    "counts": counts}
         time.sleep(0.2)
 
 
@@ -200,13 +203,27 @@ class FanoutClient:
 
 # ------------------------------------------------------------------ one measurement each
 def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.Target, log_dir: Path,
-                       progress: TextIO | None) -> dict[str, Any]:
-    """One round: the no-op front, then the node, same closed-loop load."""
+                       progress: TextIO | None, with_client: bool = False) -> dict[str, Any]:
+    """One round: the no-op front, then the node, same closed-loop load (with a
+    client app on the fanout during the node's run if ``with_client``)."""
     base = runner.run(scn, noop, log_dir / "noop", progress)
-    r = runner.run(scn, node, log_dir / "iotnode", progress)
-    end_depths = procstat.scrape_ring_depths(node.metrics)
-    stored = stored_rate(r)
-    drain = wait_drained(node)
+    client = None
+    got: dict[str, Any] = {}
+    if with_client:
+        wait_drained(node)
+        (log_dir / "iotnode").mkdir(parents=True, exist_ok=True)
+        client = FanoutClient(node, log_dir / "iotnode" / "fanout-client.log")
+    try:
+        r = runner.run(scn, node, log_dir / "iotnode", progress)
+        end_depths = procstat.scrape_ring_depths(node.metrics)
+        stored = stored_rate(r)
+        drain = wait_drained(node)
+        if client is not None:
+            time.sleep(0.5)
+            got = client.finish()
+    finally:
+        if client is not None:
+            client.close()
     depths = [d for d in r.get("ring_depths", []) if d["t"] <= scn.duration + 0.5]
     row = {
         "noop_acked_msg_s": base["acked_msg_s"],
@@ -221,6 +238,9 @@ def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.T
         "drained": drain["drained"],
         "target_cpu_s_by_role": r["target_procs"]["cpu_s_by_role"],
     }
+    if got:
+        row["fanout_frames"] = got["frames"]
+        row["fanout_p99_ms"] = Histogram.from_json(got["lat"]).summary_ms().get("p99")
     return {"row": row, "noop": base, "iotnode": r, "drain": drain}
 
 
@@ -255,7 +275,8 @@ def measure_latency(scn: runner.Scenario, node: runner.Target, log_dir: Path, pr
         "drained": drain["drained"],
         "drained_before": before["drained"],
     }
-    return {"row": row, "iotnode": r, "client": {k: v for k, v in got.items() if k != "lat"}, "fanout_latency_ms": lat}
+    return {"row": row, "iotnode": r, "client": {k: v for k, v in got.items() if k != "lat"}, "fanout_latency_ms": lat,
+            "drain": drain}
 
 
 # ------------------------------------------------------------------ the command
@@ -272,7 +293,7 @@ def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 THR_COLS = ["round", "noop_acked_msg_s", "acked_msg_s", "stored_msg_s", "acked_vs_noop", "stored_vs_noop",
-            "ingress_depth_end", "fanin_depth_end", "fanin_depth_max", "catch_up_s"]
+            "ingress_depth_end", "fanin_depth_end", "fanin_depth_max", "catch_up_s", "fanout_frames", "fanout_p99_ms"]
 LAT_COLS = ["round", "offered_msg_s", "devices", "acked_msg_s", "fanout_frames", "delivered", "fanout_p50_ms",
             "fanout_p99_ms", "fanout_max_ms", "ack_p50_ms", "ack_p99_ms", "out_of_order"]
 
@@ -287,7 +308,8 @@ def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO 
         for k in range(args.rounds):
             if progress:
                 print(f"--- e2e round {k + 1}/{args.rounds}: throughput (no-op, then iotnode)", file=progress)
-            t = measure_throughput(thr, noop, node, workdir / "logs" / f"thr-{k}", progress)
+            t = measure_throughput(thr, noop, node, workdir / "logs" / f"thr-{k}", progress,
+                                   with_client=getattr(args, "client_during_throughput", False))
             thr_rows.append({"round": k + 1, **t["row"]})
             raw.append(t)
             for scn in lats:

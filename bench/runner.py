@@ -270,7 +270,8 @@ def _drive(
                 stage_counts.append({"t": round(now - t0, 2), **counts})
             next_metrics += scn.metrics_every
         try:
-            k, msg = lines.get(timeout=max(0.01, min(next_sample, next_print) - time.monotonic()))
+            wake = min(next_sample, next_print, next_metrics) if target.metrics else min(next_sample, next_print)
+            k, msg = lines.get(timeout=max(0.01, wake - time.monotonic()))
         except queue.Empty:
             k, msg = -1, None
         if k >= 0:
