@@ -241,6 +241,8 @@ def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.T
     if got:
         row["fanout_frames"] = got["frames"]
         row["fanout_p99_ms"] = Histogram.from_json(got["lat"]).summary_ms().get("p99")
+        row["fanout_delivered"] = round(got["frames"] / r["acked"], 3) if r["acked"] else None
+        row["fanout_client_closed"] = got["closed"]
     return {"row": row, "noop": base, "iotnode": r, "drain": drain}
 
 
@@ -293,7 +295,8 @@ def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 THR_COLS = ["round", "noop_acked_msg_s", "acked_msg_s", "stored_msg_s", "acked_vs_noop", "stored_vs_noop",
-            "ingress_depth_end", "fanin_depth_end", "fanin_depth_max", "catch_up_s", "fanout_frames", "fanout_p99_ms"]
+            "ingress_depth_end", "fanin_depth_end", "fanin_depth_max", "catch_up_s", "fanout_frames", "fanout_delivered", "fanout_p99_ms",
+            "fanout_client_closed"]
 LAT_COLS = ["round", "offered_msg_s", "devices", "acked_msg_s", "fanout_frames", "delivered", "fanout_p50_ms",
             "fanout_p99_ms", "fanout_max_ms", "ack_p50_ms", "ack_p99_ms", "out_of_order"]
 
