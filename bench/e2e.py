@@ -82,10 +82,10 @@ def scenarios(args: argparse.Namespace) -> tuple[runner.Scenario, list[runner.Sc
         raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
     common = dict(payload=args.payload, encoding=args.encoding, processes=args.processes, metrics_every=1.0)
     thr = runner.Scenario(name="e2e-max", mode="max", connections=args.connections, window=args.window,
-                          duration=args.duration, ramp=2000.0, drain=5.0, **common)  # type: ignore[arg-type]
+                          duration=args.duration, ramp=2000.0, drain=5.0, **common)
     lat = [
         runner.Scenario(name=f"e2e-{rate:g}", mode="rate", connections=args.devices, rate=rate / args.devices,
-                        window=1000, duration=args.latency_duration, ramp=2000.0, drain=10.0, **common)  # type: ignore[arg-type]
+                        window=1000, duration=args.latency_duration, ramp=2000.0, drain=10.0, **common)
         for rate in parse_rates(args.rates)
     ]
     for scn in (thr, *lat):

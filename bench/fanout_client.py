@@ -50,8 +50,9 @@ class Client(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         now = time.time()
         if frame.msg_type == WSMsgType.CLOSE:
-            self.closed = f"closed by the fanout with code {int(frame.get_close_code())}"
-            transport.send_close(frame.get_close_code())
+            code = frame.get_close_code()
+            self.closed = f"closed by the fanout with code {code!r}"
+            transport.send_close(code)
             transport.disconnect()
             return
         if frame.msg_type != WSMsgType.TEXT:
