@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,6 +125,34 @@ class Processes:
         for name, proc in list(self.procs.items()):
             if proc.poll() is None:
                 self.kill(name, signal.SIGKILL)
+
+
+def ring_envelopes(path: Path | str, capacity: int = 4 << 20, pop: bool = False) -> list[Any]:
+    """Every record envelope in a ring file, decoded (the caller must be its only
+    consumer: a running monitor would make this raise ConsumerBusy).  With ``pop``
+    the records are released as they are read."""
+    from node.record import unpack_record
+    from node.ring import Ring
+
+    ring = Ring.open(Path(path), capacity=capacity)
+    try:
+        reader = ring.reader()
+        try:
+            out: list[Any] = []
+            pos = ring.head
+            for _ in range(100_000):
+                batch = reader.read(pos, max_records=4096)
+                if not batch:
+                    break
+                out.extend(unpack_record(r.payload) for r in batch)
+                pos = batch[-1].end
+                if pop:
+                    reader.pop(pos)
+            return out
+        finally:
+            reader.close()
+    finally:
+        ring.close()
 
 
 def iter_children(pid: int) -> Iterator[int]:

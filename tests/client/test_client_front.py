@@ -19,10 +19,9 @@ from node.auth import issue_device_token
 from node.client import Backoff, ClientClosed, HandshakeRefused, MessageRejected, MessageTooLarge
 from node.client import DeviceClient as _DeviceClient
 from node.outbox import Outbox
-from node.record import Record, unpack_record
-from node.ring import Ring
+from node.record import Record
 from tests.client.conftest import PIPELINE, Node
-from tests.support import wait_until
+from tests.support import ring_envelopes, wait_until
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 
@@ -69,20 +68,7 @@ async def eventually(predicate: Callable[[], object], timeout: float, what: str)
 
 def ring_records(node: Node) -> list[Record]:
     """Every record in the ingress ring (read with no other consumer)."""
-    ring = Ring.open(node.env["NODE_DATA_DIR"] + "/ingress.ring", capacity=int(node.env["NODE_INGRESS_RING_BYTES"]))
-    try:
-        reader = ring.reader()
-        out: list[Record] = []
-        pos = ring.head
-        for _ in range(100_000):
-            records = reader.read(pos, max_records=1024)
-            if not records:
-                break
-            out.extend(unpack_record(rec.payload) for rec in records)
-            pos = records[-1].end
-        return out
-    finally:
-        ring.close()
+    return ring_envelopes(node.env["NODE_DATA_DIR"] + "/ingress.ring", int(node.env["NODE_INGRESS_RING_BYTES"]))
 
 
 def ring_seqs(node: Node, device: str) -> Counter[int]:

@@ -16,9 +16,8 @@ import pytest
 import websockets
 
 from node.auth import issue_client_token
-from node.record import unpack_record
-from node.ring import Ring
 from tests.front.conftest import SECRET, Front
+from tests.support import ring_envelopes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,22 +28,7 @@ def run(coro):  # noqa: ANN001, ANN201 - tiny sync bridge for tests
 
 def ring_records(front: Front) -> list:
     """Every record currently in the ingress ring, decoded (the test is the only consumer)."""
-    ring = Ring.open(front.data_dir / "ingress.ring", capacity=4 << 20)
-    try:
-        reader = ring.reader()
-        try:
-            out, pos = [], ring.head
-            for _ in range(10_000):
-                batch = reader.read(pos, max_records=4096)
-                if not batch:
-                    break
-                out.extend(unpack_record(r.payload) for r in batch)
-                pos = batch[-1].end
-            return out
-        finally:
-            reader.close()
-    finally:
-        ring.close()
+    return ring_envelopes(front.data_dir / "ingress.ring")
 
 
 def test_msgpack_message_is_acked_in_msgpack_after_it_is_in_the_ring(front: Front) -> None:

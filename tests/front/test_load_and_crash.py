@@ -14,31 +14,10 @@ import msgpack
 import pytest
 import websockets
 
-from node.record import unpack_record
-from node.ring import Ring
 from tests.front.conftest import Front, start_front
-from tests.support import REPO, Processes, iter_children, node_env
+from tests.support import REPO, Processes, iter_children, node_env, ring_envelopes
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def read_ring(path: Path) -> list:
-    ring = Ring.open(path, capacity=4 << 20)
-    try:
-        reader = ring.reader()
-        try:
-            out, pos = [], ring.head
-            for _ in range(100_000):
-                batch = reader.read(pos, max_records=4096)
-                if not batch:
-                    break
-                out.extend(unpack_record(r.payload) for r in batch)
-                pos = batch[-1].end
-            return out
-        finally:
-            reader.close()
-    finally:
-        ring.close()
 
 
 def test_a_thousand_concurrent_connections_each_get_their_acks(front: Front) -> None:
@@ -137,7 +116,7 @@ def test_every_acked_message_survives_sigkill_of_a_worker(data_dir: Path, tmp_pa
     victims = [n for n, t in closed_at.items() if t < node_killed_at[0]]
     assert victims, "no device was connected to the killed worker"
     print(f"acked {sum(a + 1 for a in acked.values())} messages; {len(victims)} devices lost their worker")
-    records = read_ring(data_dir / "ingress.ring")
+    records = ring_envelopes(data_dir / "ingress.ring")
     seen: dict[str, set[int]] = {}
     for record in records:  # every record decodes and holds what its device sent
         assert record.data == {"d": record.device_id, "s": record.seq, "pad": "x" * 64}
