@@ -4,6 +4,10 @@
 ``iotnode``   the whole node (``honcho start`` in the repository, private data dir)
 ``redis``     ``redis-server`` (appendonly, appendfsync always) + a front that XADDs
 ``mosquitto`` Mosquitto with a WebSocket listener and persistence, MQTT QoS 1
+``front-pmem``  iotnode's ``web`` alone (issue 3: the front against the no-op), its
+              ingress ring on /dev/shm with ``PMEM_IS_PMEM_FORCE=1`` (the libpmem path)
+``front-msync`` iotnode's ``web`` alone, its ingress ring in the private data dir
+              (libpmem's msync on an ordinary file: the fallback's figure)
 
 Every target gets a private temporary directory and free ports, and is checked to
 listen on loopback only (their listening sockets, read from /proc) before any load is sent.
@@ -19,14 +23,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench import procstat
 from bench.proto import BenchError
 from bench.runner import REPO, Target
 
-NAMES = ("noop", "iotnode", "redis", "mosquitto")
+NAMES = ("noop", "iotnode", "redis", "mosquitto", "front-pmem", "front-msync")
+# The front alone has no monitor draining its ring: big enough for a run at full speed.
+FRONT_RING_BYTES = 256 << 20
 SECRET = "bench-secret-0123456789abcdef-0123456789"
 
 
@@ -121,6 +127,7 @@ class _Group:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.cleanup: list[Callable[[], None]] = []  # run after the processes stopped
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
@@ -142,6 +149,8 @@ class _Group:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=5)
+        for undo in self.cleanup:
+            undo()
 
 
 def front_argv(port: int, workers: int, sink: str = "noop", redis_port: int = 0, ack_delay_ms: float = 0.0,
@@ -225,6 +234,8 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
             wait_for_port(port, proc, log)
             target = Target("mosquitto", f"ws://127.0.0.1:{port}/mqtt", kind="mqtt", pids=[proc.pid],
                             note="Mosquitto, WebSocket listener, persistence on (autosave 1 s; PUBACK is not an fsync)")
+        elif name in ("front-pmem", "front-msync"):
+            target = _start_front(group, workdir, workers, pmem=name == "front-pmem")
         else:  # iotnode
             if not (REPO / "node" / "workers" / "web.py").exists():
                 raise Skip("iotnode: node/workers/web.py does not exist yet (the web front has not landed)")
@@ -234,6 +245,28 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
         yield target
     finally:
         group.stop()
+
+
+def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Target:
+    """iotnode's device front alone (``python -m node.workers.web``), nothing draining its ring."""
+    if pmem:
+        data = Path(f"/dev/shm/iotnode-bench-{os.getpid()}-{workdir.name}")
+        group.cleanup.append(lambda: shutil.rmtree(data, ignore_errors=True))
+    else:
+        data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    env.update(NODE_DATA_DIR=str(data), NODE_HOST="127.0.0.1", NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS=str(workers),
+               NODE_LOG_LEVEL="warning", NODE_WEB_PORT=str(port), NODE_INGRESS_RING_BYTES=str(FRONT_RING_BYTES))
+    if pmem:
+        env["PMEM_IS_PMEM_FORCE"] = "1"
+    proc, log = group.start("front", [sys.executable, "-m", "node.workers.web"], env=env)
+    wait_for_port(port, proc, log, timeout=60)
+    backend = "libpmem on /dev/shm (PMEM_IS_PMEM_FORCE=1)" if pmem else "libpmem msync on the data dir"
+    return Target("front-pmem" if pmem else "front-msync", f"ws://127.0.0.1:{port}/v1/ingest", secret=SECRET,
+                  pids=[proc.pid], metrics=[f"http://127.0.0.1:{port}/metrics"],
+                  note=f"web front alone, {workers} workers, ingress ring {backend}")
 
 
 def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:

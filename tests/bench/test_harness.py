@@ -145,6 +145,20 @@ def test_redis_front_acks_after_xadd(workdir: Path) -> None:
     assert aof and sum(p.stat().st_size for p in aof if p.is_file()) > 0, "XADDs reached the append-only file"
 
 
+@pytest.mark.parametrize("name", ["front-pmem", "front-msync"])
+def test_front_alone_targets_ack_after_their_ring_and_clean_up(name: str, workdir: Path) -> None:
+    import glob
+
+    with targets.start(name, workdir / name, 1) as t:
+        r = _run(t, workdir, connections=4, rate=50.0)
+        shm = glob.glob("/dev/shm/iotnode-bench-*")
+        ring = [Path(p) / "ingress.ring" for p in shm] if name == "front-pmem" else [workdir / name / "data" / "ingress.ring"]
+        assert any(p.exists() for p in ring), f"{name}: no ingress ring at {ring}"
+    assert r["sent"] > 0 and r["acked"] == r["sent"], r
+    if name == "front-pmem":
+        assert not any(Path(p).exists() for p in shm), "the /dev/shm data dir was left behind"
+
+
 def test_cli_against_a_running_endpoint_writes_json_and_an_html_report(noop: Target, tmp_path: Path) -> None:
     import json
     import subprocess
