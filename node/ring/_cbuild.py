@@ -30,7 +30,8 @@ def _descriptor() -> ModuleType:
     return mod
 
 
-CDEF = """
+# The structs shared by Python (cffi cdef) and C: one text, so the two never disagree.
+TYPES = """
 typedef struct {
     uintptr_t base;        /* address of the mapping (file header) */
     uint64_t cap;          /* data capacity, power of two */
@@ -52,7 +53,9 @@ typedef struct {
     uint32_t reserved;
     uint64_t token;
 } iotring_block;
+"""
 
+CDEF = TYPES + """
 uint32_t iotring_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
 int iotring_mutex_init(const iotring_ctx *c);
 int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
@@ -99,27 +102,7 @@ CSRC = r"""
 #include <immintrin.h>
 #endif
 
-typedef struct {
-    uintptr_t base;
-    uint64_t cap;
-    uint32_t seed;
-    uint32_t pid;
-    uint64_t token;
-    int persist_mode;
-    uintptr_t persist_fn;
-    uint64_t pagesize;
-    int cancel;
-    uint32_t max_record;   /* largest payload accepted */
-    uintptr_t flush_fn;    /* pmem_flush (pmem backend only, else 0): with drain_fn, enables */
-    uintptr_t drain_fn;    /* pmem_drain   non-temporal payload stores + header-line flushes */
-} iotring_ctx;
-
-typedef struct {
-    uint64_t pos;
-    uint32_t pid;
-    uint32_t reserved;
-    uint64_t token;
-} iotring_block;
+@TYPES@
 
 @DEFINES@
 
@@ -811,7 +794,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "node.ring._chelper",
-    CSRC.replace("@DEFINES@", _descriptor().c_defines()),
+    CSRC.replace("@TYPES@", TYPES).replace("@DEFINES@", _descriptor().c_defines()),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
     libraries=["pthread"],
 )
