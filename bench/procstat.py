@@ -9,6 +9,7 @@ import os
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,21 +129,26 @@ class ProcSampler:
         }
 
 
-_METRIC = re.compile(r'^(iotnode_ring_depth)\{[^}]*ring="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
-
-
-def scrape_ring_depths(urls: list[str], timeout: float = 1.0) -> dict[str, float]:
-    """``iotnode_ring_depth{ring=...}`` from each ``/metrics`` URL that answers (loopback only)."""
-    depths: dict[str, float] = {}
+def _scrape(urls: list[str], timeout: float) -> Iterator[str]:
+    """The text of each ``/metrics`` URL that answers; a URL off loopback is refused."""
     for url in urls:
         host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
         if not host.startswith("127.") and host != "localhost":
             raise ValueError(f"metrics URL must be on loopback, got {url!r}")
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-                text = resp.read().decode(errors="replace")
+                yield resp.read().decode(errors="replace")
         except OSError:
             continue
+
+
+_METRIC = re.compile(r'^(iotnode_ring_depth)\{[^}]*ring="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
+
+
+def scrape_ring_depths(urls: list[str], timeout: float = 1.0) -> dict[str, float]:
+    """``iotnode_ring_depth{ring=...}`` from each ``/metrics`` URL that answers (loopback only)."""
+    depths: dict[str, float] = {}
+    for text in _scrape(urls, timeout):
         for name, ring, value in _METRIC.findall(text):
             depths[ring] = max(depths.get(ring, 0.0), float(value))
     return depths
@@ -155,15 +161,7 @@ def scrape_stage_counts(urls: list[str], timeout: float = 1.0) -> dict[str, floa
     """``iotnode_messages_total{stage=...}`` summed over the ``/metrics`` URLs that
     answer (loopback only), e.g. ``{"acked": ..., "stored": ..., "streamed": ...}``."""
     out: dict[str, float] = {}
-    for url in urls:
-        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
-        if not host.startswith("127.") and host != "localhost":
-            raise ValueError(f"metrics URL must be on loopback, got {url!r}")
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-                text = resp.read().decode(errors="replace")
-        except OSError:
-            continue
+    for text in _scrape(urls, timeout):
         for stage, value in _STAGE.findall(text):
             out[stage] = out.get(stage, 0.0) + float(value)
     return out
@@ -176,15 +174,7 @@ def scrape_ack_latency(urls: list[str], timeout: float = 1.0) -> dict[str, float
     """The node's own ``iotnode_ack_latency_seconds`` buckets (message received → ack
     sent), cumulative counts by ``le``, summed over the URLs that answer."""
     out: dict[str, float] = {}
-    for url in urls:
-        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
-        if not host.startswith("127.") and host != "localhost":
-            raise ValueError(f"metrics URL must be on loopback, got {url!r}")
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-                text = resp.read().decode(errors="replace")
-        except OSError:
-            continue
+    for text in _scrape(urls, timeout):
         for le, value in _BUCKET.findall(text):
             out[le] = out.get(le, 0.0) + float(value)
     return out
