@@ -186,19 +186,8 @@ class FanoutClient:
         return self._expect("result", 30.0)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+        runner.end_child(self.proc)
+        runner.close_pipes(self.proc)
 
 
 # ------------------------------------------------------------------ one measurement each

@@ -84,6 +84,33 @@ class Target:
             raise proto.BenchError(f"target URL must start with ws://, got {self.url!r}")
 
 
+def end_child(proc: "subprocess.Popen[Any]", grace: float = 0.0) -> None:
+    """Let ``proc`` exit by itself for ``grace`` s, then SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    if grace:
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def close_pipes(proc: "subprocess.Popen[Any]") -> None:
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
 class _Worker:
     def __init__(self, k: int, spec: dict[str, Any], log_dir: Path, lines: "queue.Queue[tuple[int, dict[str, Any] | None]]"):
         self.k = k
@@ -124,23 +151,9 @@ class _Worker:
             pass
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=2)  # it exits by itself after its result
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=5)
+        end_child(self.proc, grace=2.0)  # it exits by itself after its result
         self.thread.join(timeout=5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+        close_pipes(self.proc)
 
     def stderr_tail(self) -> str:
         try:
