@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.targets import free_port
 from node.record import pack_record
 from node.ring import Ring
 
@@ -75,14 +76,6 @@ def baseline(records: list[bytes], d: Path, durability: str) -> float:
     src.close()
     dst.close()
     return len(records) / elapsed
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env_for(data_dir: Path, durability: str) -> dict[str, str]:

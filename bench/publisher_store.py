@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.targets import free_port
 from node.record import pack_record, unpack_record
 from node.ring import Ring
 from node.sinks.sqlite import SqliteSink
@@ -47,14 +48,6 @@ def baseline(records: list[bytes], path: Path, durability: str) -> float:
     elapsed = time.perf_counter() - started
     sink.close()
     return len(records) / elapsed
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env_for(data_dir: Path, durability: str) -> dict[str, str]:
