@@ -6,6 +6,20 @@ registry with :func:`serve`.  The ``web`` front runs several uvicorn workers and
 uses prometheus_client's multiprocess mode: the Procfile sets and wipes
 ``PROMETHEUS_MULTIPROC_DIR`` before starting it (see ``node/workers/web.py``).
 
+**A metric exists in a process only once that process uses it.**  The
+definitions below are factories; ``from node.metrics import STORE_LAG_SECONDS``
+(module ``__getattr__``, PEP 562) creates the metric on first use and caches it
+in the module.  prometheus_client creates a label-less metric's value when the
+metric is constructed -- in multiprocess mode that writes a file entry in every
+process that constructed it -- so metrics built at import time here would put a
+store gauge with ``{pid=...}`` into the web front's ``/metrics``, and the web's
+counters at 0 into every stage's.  Instead each process exports only what it
+owns (the stage modules import their own metrics; ``node.webmetrics`` the web's).
+
+Every gauge names its ``multiprocess_mode`` (never the default ``all``, which
+would add a ``pid`` label): the web's are ``livesum`` (a dead worker's value
+drops out); the single-process stages' say how they would merge.
+
 Every process also exports its CPU and RSS (``iotnode_process_*``, see
 :mod:`node.procmetrics`); the web front's counters are fed from the committer's
 ``FrontStats`` by :mod:`node.webmetrics`.  Meanings and queries: docs/metrics.md.
@@ -16,6 +30,10 @@ a lock.  Ring gauges are computed at scrape time from the ring header.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 from node.procmetrics import ProcessStatsCollector, this_process
@@ -24,87 +42,157 @@ from node.procmetrics import ProcessStatsCollector, this_process
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
+BATCH_RECORD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
-MESSAGES = Counter(
-    "iotnode_messages",
-    "Messages handled, by stage: received, acked (web), forwarded (monitor), routed (router), "
-    "published (publisher), stored (store), streamed (fanout)",
-    ["stage"],
-)
-ERRORS = Counter("iotnode_errors", "Refused or failed inputs, by stage and reason", ["stage", "reason"])
-ACK_LATENCY = Histogram(
-    "iotnode_ack_latency_seconds", "Device message received -> ack sent", buckets=LATENCY_BUCKETS
-)
-STORE_COMMIT_SECONDS = Histogram(
-    "iotnode_store_commit_seconds", "Store: one sink transaction (records + cursor), start to durable",
-    buckets=LATENCY_BUCKETS,
-)
-STORE_LAG_SECONDS = Gauge(
-    "iotnode_store_lag_seconds", "Store: commit time minus received_at of the newest record it committed"
-)
-STORE_GAPS = Counter("iotnode_store_gaps", "Store: gaps in the live stream recovered by FETCH from the publisher")
-RING_DEPTH = Gauge("iotnode_ring_depth", "Records in the ring not yet consumed (popped)", ["ring"])
-RING_BYTES_USED = Gauge("iotnode_ring_used_bytes", "Bytes of the ring holding un-popped records", ["ring"])
-RING_CAPACITY = Gauge("iotnode_ring_capacity_bytes", "Data capacity of the ring", ["ring"])
-RING_BACKEND = Gauge("iotnode_ring_backend_info", "Ring persistence backend (value 1)", ["ring", "backend"])
+# ------------------------------------------------------------------ the metrics
+# Declared (for readers and type checkers) here, built by _DEFINITIONS on first use.
 
-# web front (multiprocess mode: "livesum" gauges add the live workers' values and
-# drop a dead worker's, see node.webmetrics; counters keep a dead worker's counts)
-PERSIST_BATCHES = Counter(
-    "iotnode_persist_batches", "Web: group commits (one append_batch + one persist) that appended records"
-)
-PERSIST_SECONDS = Counter(
-    "iotnode_persist_seconds", "Web: time spent in append_batch calls, persist included (sum over groups)"
-)
-PERSIST_BYTES = Counter("iotnode_persist_bytes", "Web: record bytes appended to the ingress ring")
-PERSIST_BATCH_RECORDS = Histogram(
-    "iotnode_persist_batch_records",
-    "Web: records per group commit",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-)
-PERSIST_DURATION = Histogram(
-    "iotnode_persist_duration_seconds",
-    "Web: one group commit, append_batch + persist (including waits for room in a full ring)",
-    buckets=LATENCY_BUCKETS,
-)
-RING_FULL = Counter(
-    "iotnode_ring_full", "Web: append_batch calls that found the ingress ring full (back-pressure)"
-)
-BACKPRESSURE_PAUSES = Counter(
-    "iotnode_backpressure_pauses",
-    "Web: times a device connection stopped reading until its window or the worker's pending bytes had room",
-)
-BACKPRESSURE_PAUSED_SECONDS = Counter(
-    "iotnode_backpressure_paused_seconds", "Web: total time device connections spent paused (connection-seconds)"
-)
-DEVICE_CONNECTIONS = Gauge(
-    "iotnode_device_connections", "Web: device WebSocket connections open", multiprocess_mode="livesum"
-)
-WEB_PENDING_BYTES = Gauge(
-    "iotnode_web_pending_bytes", "Web: record bytes queued or persisting, not yet acked",
-    multiprocess_mode="livesum",
-)
-WEB_WORKERS = Gauge(
-    "iotnode_web_workers", "Web: live uvicorn worker processes (1 per worker)", multiprocess_mode="livesum"
-)
-
+# every stage (labelled: a process writes only the label values it uses)
+MESSAGES: Counter
+ERRORS: Counter
+# rings (monitor: ingress, publisher: fan-in)
+RING_DEPTH: Gauge
+RING_BYTES_USED: Gauge
+RING_CAPACITY: Gauge
+RING_BACKEND: Gauge
+# web front (multiprocess: counters and histograms summed over workers)
+ACK_LATENCY: Histogram
+PERSIST_BATCHES: Counter
+PERSIST_SECONDS: Counter
+PERSIST_BYTES: Counter
+PERSIST_BATCH_RECORDS: Histogram
+PERSIST_DURATION: Histogram
+RING_FULL: Counter
+BACKPRESSURE_PAUSES: Counter
+BACKPRESSURE_PAUSED_SECONDS: Counter
+DEVICE_CONNECTIONS: Gauge
+WEB_PENDING_BYTES: Gauge
+WEB_WORKERS: Gauge
+# store
+STORE_COMMIT_SECONDS: Histogram
+STORE_LAG_SECONDS: Gauge
+STORE_GAPS: Counter
 # fanout (client-app stream)
-FANOUT_CLIENTS = Gauge("iotnode_fanout_clients", "Client-app WebSocket connections open on the fanout")
-FANOUT_SLOW_CLIENT_DROPS = Counter(
-    "iotnode_fanout_slow_client_drops",
-    "Client apps closed with 1013 because more than NODE_FANOUT_QUEUE messages waited for them",
-)
-FANOUT_DUPLICATES = Counter(
-    "iotnode_fanout_duplicates", "Records not streamed: seq <= the last seq already streamed for the device"
-)
+FANOUT_CLIENTS: Gauge
+FANOUT_SLOW_CLIENT_DROPS: Counter
+FANOUT_DUPLICATES: Counter
+
+_DEFINITIONS: dict[str, Callable[[], Any]] = {
+    "MESSAGES": lambda: Counter(
+        "iotnode_messages",
+        "Messages handled, by stage: received, acked (web), forwarded (monitor), routed (router), "
+        "published (publisher), stored (store), streamed (fanout)",
+        ["stage"],
+    ),
+    "ERRORS": lambda: Counter(
+        "iotnode_errors", "Refused or failed inputs, by stage and reason", ["stage", "reason"]
+    ),
+    # The ring gauges read one shared ring header: any reader reports the same value.
+    "RING_DEPTH": lambda: Gauge(
+        "iotnode_ring_depth", "Records in the ring not yet consumed (popped)", ["ring"],
+        multiprocess_mode="livemax",
+    ),
+    "RING_BYTES_USED": lambda: Gauge(
+        "iotnode_ring_used_bytes", "Bytes of the ring holding un-popped records", ["ring"],
+        multiprocess_mode="livemax",
+    ),
+    "RING_CAPACITY": lambda: Gauge(
+        "iotnode_ring_capacity_bytes", "Data capacity of the ring", ["ring"], multiprocess_mode="max"
+    ),
+    "RING_BACKEND": lambda: Gauge(
+        "iotnode_ring_backend_info", "Ring persistence backend (value 1)", ["ring", "backend"],
+        multiprocess_mode="max",
+    ),
+    "ACK_LATENCY": lambda: Histogram(
+        "iotnode_ack_latency_seconds", "Device message received -> ack sent", buckets=LATENCY_BUCKETS
+    ),
+    "PERSIST_BATCHES": lambda: Counter(
+        "iotnode_persist_batches",
+        "Web: group commits (one append_batch + one persist) that appended records",
+    ),
+    "PERSIST_SECONDS": lambda: Counter(
+        "iotnode_persist_seconds", "Web: time spent in append_batch calls, persist included (sum over groups)"
+    ),
+    "PERSIST_BYTES": lambda: Counter("iotnode_persist_bytes", "Web: record bytes appended to the ingress ring"),
+    "PERSIST_BATCH_RECORDS": lambda: Histogram(
+        "iotnode_persist_batch_records", "Web: records per group commit", buckets=BATCH_RECORD_BUCKETS
+    ),
+    "PERSIST_DURATION": lambda: Histogram(
+        "iotnode_persist_duration_seconds",
+        "Web: one group commit, append_batch + persist (including waits for room in a full ring)",
+        buckets=LATENCY_BUCKETS,
+    ),
+    "RING_FULL": lambda: Counter(
+        "iotnode_ring_full", "Web: append_batch calls that found the ingress ring full (back-pressure)"
+    ),
+    "BACKPRESSURE_PAUSES": lambda: Counter(
+        "iotnode_backpressure_pauses",
+        "Web: times a device connection stopped reading until its window or the worker's pending bytes had room",
+    ),
+    "BACKPRESSURE_PAUSED_SECONDS": lambda: Counter(
+        "iotnode_backpressure_paused_seconds",
+        "Web: total time device connections spent paused (connection-seconds)",
+    ),
+    # "livesum": add the live workers' values, drop a dead worker's (node.webmetrics)
+    "DEVICE_CONNECTIONS": lambda: Gauge(
+        "iotnode_device_connections", "Web: device WebSocket connections open", multiprocess_mode="livesum"
+    ),
+    "WEB_PENDING_BYTES": lambda: Gauge(
+        "iotnode_web_pending_bytes", "Web: record bytes queued or persisting, not yet acked",
+        multiprocess_mode="livesum",
+    ),
+    "WEB_WORKERS": lambda: Gauge(
+        "iotnode_web_workers", "Web: live uvicorn worker processes (1 per worker)", multiprocess_mode="livesum"
+    ),
+    "STORE_COMMIT_SECONDS": lambda: Histogram(
+        "iotnode_store_commit_seconds", "Store: one sink transaction (records + cursor), start to durable",
+        buckets=LATENCY_BUCKETS,
+    ),
+    "STORE_LAG_SECONDS": lambda: Gauge(
+        "iotnode_store_lag_seconds", "Store: commit time minus received_at of the newest record it committed",
+        multiprocess_mode="mostrecent",
+    ),
+    "STORE_GAPS": lambda: Counter(
+        "iotnode_store_gaps", "Store: gaps in the live stream recovered by FETCH from the publisher"
+    ),
+    "FANOUT_CLIENTS": lambda: Gauge(
+        "iotnode_fanout_clients", "Client-app WebSocket connections open on the fanout", multiprocess_mode="livesum"
+    ),
+    "FANOUT_SLOW_CLIENT_DROPS": lambda: Counter(
+        "iotnode_fanout_slow_client_drops",
+        "Client apps closed with 1013 because more than NODE_FANOUT_QUEUE messages waited for them",
+    ),
+    "FANOUT_DUPLICATES": lambda: Counter(
+        "iotnode_fanout_duplicates", "Records not streamed: seq <= the last seq already streamed for the device"
+    ),
+}
+
+_create_lock = threading.Lock()
+
+
+def _metric(name: str) -> Any:
+    """The metric ``name``, created the first time this process uses it."""
+    define = _DEFINITIONS.get(name)
+    if define is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _create_lock:
+        metric = globals().get(name)
+        if metric is None:
+            metric = define()
+            globals()[name] = metric
+    return metric
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``node.metrics.X`` and ``from node.metrics import X``
+    return _metric(name)
 
 
 def watch_ring(name: str, ring: object) -> None:
     """Export a ring's depth, bytes used, capacity and backend, read at scrape time."""
-    RING_DEPTH.labels(ring=name).set_function(lambda: getattr(ring, "depth"))
-    RING_BYTES_USED.labels(ring=name).set_function(lambda: getattr(ring, "bytes_used"))
-    RING_CAPACITY.labels(ring=name).set(getattr(ring, "capacity"))
-    RING_BACKEND.labels(ring=name, backend=getattr(ring, "backend")).set(1)
+    _metric("RING_DEPTH").labels(ring=name).set_function(lambda: getattr(ring, "depth"))
+    _metric("RING_BYTES_USED").labels(ring=name).set_function(lambda: getattr(ring, "bytes_used"))
+    _metric("RING_CAPACITY").labels(ring=name).set(getattr(ring, "capacity"))
+    _metric("RING_BACKEND").labels(ring=name, backend=getattr(ring, "backend")).set(1)
 
 
 def register_process(name: str) -> None:
@@ -122,4 +210,3 @@ _process_registered = False
 def serve(port: int, host: str) -> None:
     """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread)."""
     start_http_server(port, addr=host)
-

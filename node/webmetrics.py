@@ -57,6 +57,7 @@ from node.metrics import (
     ACK_LATENCY,
     BACKPRESSURE_PAUSED_SECONDS,
     BACKPRESSURE_PAUSES,
+    BATCH_RECORD_BUCKETS,
     DEVICE_CONNECTIONS,
     ERRORS,
     LATENCY_BUCKETS,
@@ -76,7 +77,6 @@ __all__ = ["FrontMetrics", "create_app", "render_metrics"]
 
 FLUSH_INTERVAL = 1.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 log = logging.getLogger("iotnode.metrics")
 _fallback_registered = False  # the single-registry fallback's CPU/RSS collector, once per process
@@ -120,7 +120,7 @@ class FrontMetrics:
     def __init__(self, stats: FrontStats) -> None:
         self.stats = stats
         self.latency = _LocalHistogram(LATENCY_BUCKETS)
-        self.batch = _LocalHistogram(BATCH_BUCKETS)
+        self.batch = _LocalHistogram(BATCH_RECORD_BUCKETS)
         self.persist = _LocalHistogram(LATENCY_BUCKETS)
         self._append_seen = 0.0  # FrontStats.append_seconds at the previous group
         self.persist_bytes = 0

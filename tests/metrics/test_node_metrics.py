@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import websockets
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.protocol import State
 
 from node.auth import issue_client_token
@@ -253,3 +254,46 @@ def test_dashboard_queries_and_scrape_config_use_only_what_the_node_exports(node
              "router": defaults.metrics_port_router, "publisher": defaults.metrics_port_publisher,
              "store": defaults.metrics_port_store}
     assert targets == {name: [f"127.0.0.1:{port}"] for name, port in ports.items()}
+
+
+# Which process exports which iotnode_ family (without the _total/_bucket suffixes).
+SHARED = {"iotnode_messages", "iotnode_errors", "iotnode_process_cpu_seconds", "iotnode_process_resident_memory_bytes"}
+RING = {"iotnode_ring_depth", "iotnode_ring_used_bytes", "iotnode_ring_capacity_bytes", "iotnode_ring_backend_info"}
+OWNED = {
+    "web": {
+        "iotnode_ack_latency_seconds", "iotnode_persist_batches", "iotnode_persist_seconds", "iotnode_persist_bytes",
+        "iotnode_persist_batch_records", "iotnode_persist_duration_seconds", "iotnode_ring_full",
+        "iotnode_backpressure_pauses", "iotnode_backpressure_paused_seconds", "iotnode_device_connections",
+        "iotnode_web_pending_bytes", "iotnode_web_workers",
+    },
+    "monitor": RING,
+    "router": set(),
+    "publisher": RING,
+    "store": {"iotnode_store_commit_seconds", "iotnode_store_lag_seconds", "iotnode_store_gaps"},
+    "fanout": {"iotnode_fanout_clients", "iotnode_fanout_slow_client_drops", "iotnode_fanout_duplicates"},
+}
+
+
+def test_each_process_exports_only_its_own_metrics_and_web_gauges_carry_no_pid(node: Node) -> None:
+    send_messages(node, ["own-1"], 3)  # the web's labelled counters have values to merge
+    for name in PROCESSES:
+        text = node.scrape_text(name)
+        families = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("iotnode_")}
+        for created in [n for n in families if n.endswith("_created") and n.removesuffix("_created") in families]:
+            del families[created]  # a single process's counters and histograms also say when they were created
+        # errors: a labelled counter nothing has counted yet is absent in the web's multiprocess mode
+        want = OWNED[name] | SHARED
+        assert set(families) - {"iotnode_errors"} == want - {"iotnode_errors"}, (
+            f"{name}: extra {sorted(set(families) - want)}, missing {sorted(want - set(families) - {'iotnode_errors'})}"
+        )
+        for family in families.values():
+            for s in family.samples:
+                if not family.name.startswith("iotnode_process_"):
+                    assert "pid" not in s.labels, f"{name}: {s.name}{s.labels} is per pid"
+    web = node.scrape("web")
+    assert value(web, "iotnode_web_workers") == int(node.env["NODE_WEB_WORKERS"])
+    assert value(web, "iotnode_messages_total", stage="acked") >= 3
+    monitor, publisher = node.scrape("monitor"), node.scrape("publisher")
+    assert label_values(monitor, "iotnode_ring_capacity_bytes", "ring") == {"ingress"}
+    assert label_values(publisher, "iotnode_ring_capacity_bytes", "ring") == {"fanin"}
+    assert value(monitor, "iotnode_ring_capacity_bytes", ring="ingress") == int(node.env["NODE_INGRESS_RING_BYTES"])

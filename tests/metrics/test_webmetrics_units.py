@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.committer import FrontStats
 from node.metrics import LATENCY_BUCKETS
@@ -121,3 +123,34 @@ def test_live_worker_pids_marks_dead_pids_and_keeps_live_ones(tmp_path: Path) ->
         [f"gauge_livesum_{os.getpid()}.db", f"counter_{dead}.db"]
     )
     assert live_worker_pids(str(tmp_path)) == [os.getpid()]  # idempotent
+
+
+_EVERY_GAUGE_SET_IN_MULTIPROCESS_MODE = r"""
+import sys
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, multiprocess
+import node.metrics as m
+
+for name in m.__annotations__:
+    metric = getattr(m, name)
+    if isinstance(metric, Gauge):
+        labels = {label: "x" for label in metric._labelnames}
+        (metric.labels(**labels) if labels else metric).set(3)
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry, sys.argv[1])
+sys.stdout.write(generate_latest(registry).decode())
+"""
+
+
+def test_every_gauge_merges_across_processes_without_a_pid_label(tmp_path: Path) -> None:
+    """In multiprocess mode a gauge left at the default mode ("all") is reported once
+    per pid; every gauge of node.metrics names a mode that merges (livesum, max, ...)."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    text = subprocess.run(
+        [sys.executable, "-c", _EVERY_GAUGE_SET_IN_MULTIPROCESS_MODE, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    gauges = {f.name: f.samples for f in text_string_to_metric_families(text) if f.type == "gauge"}
+    assert {"iotnode_ring_depth", "iotnode_store_lag_seconds", "iotnode_fanout_clients",
+            "iotnode_device_connections", "iotnode_web_workers"} <= set(gauges)
+    for name, samples in gauges.items():
+        assert samples and all("pid" not in s.labels and s.value == 3 for s in samples), (name, samples)
