@@ -154,6 +154,16 @@ class Settings:
     durable_subscribers: tuple[str, ...] = ("store",)  # names whose CONFIRM the publisher waits for
     pub_hwm: int = 20000  # ZeroMQ high-water mark (messages) of the PUB socket and the store's SUB
 
+    # Monitor (ingress ring -> router) and router (-> fan-in ring); docs/monitor-router.md
+    monitor_batch_records: int = 256  # records per BATCH message
+    monitor_batch_bytes: int = 1 * MIB  # payload bytes per BATCH (a larger single record still goes alone)
+    monitor_window: int = 8  # BATCH messages in flight (sent, not yet acked)
+    monitor_ack_timeout: float = 1.0  # seconds without an ack before the window is resent
+    monitor_ack_timeout_max: float = 8.0  # the resend timeout doubles up to this while nothing is acked
+    router_gather_batches: int = 32  # BATCH messages appended with one append_batch (one persist)
+    router_gather_bytes: int = 4 * MIB  # ... or fewer, once they hold this many bytes
+    router_rcvhwm: int = 64  # BATCH messages ZeroMQ queues per monitor before the monitor's sends wait
+
     log_level: str = "info"
 
     # Metrics: "off" skips the web front's per-group work (ack latency, persist batch
@@ -237,11 +247,51 @@ class Settings:
         take("NODE_DURABLE_SUBSCRIBERS", "durable_subscribers", _parse_names)
         take("NODE_PUB_HWM", "pub_hwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=10_000_000))
         take(
+            "NODE_MONITOR_BATCH_RECORDS",
+            "monitor_batch_records",
+            lambda n, r: _parse_int(n, r, minimum=1, maximum=65536),
+        )
+        take(
+            "NODE_MONITOR_BATCH_BYTES",
+            "monitor_batch_bytes",
+            lambda n, r: _parse_int(n, r, minimum=1024, maximum=64 * MIB),
+        )
+        take("NODE_MONITOR_WINDOW", "monitor_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=1024))
+        take("NODE_MONITOR_ACK_TIMEOUT", "monitor_ack_timeout", lambda n, r: _parse_float(n, r, minimum=0.01))
+        take(
+            "NODE_MONITOR_ACK_TIMEOUT_MAX",
+            "monitor_ack_timeout_max",
+            lambda n, r: _parse_float(n, r, minimum=0.01),
+        )
+        take(
+            "NODE_ROUTER_GATHER_BATCHES",
+            "router_gather_batches",
+            lambda n, r: _parse_int(n, r, minimum=1, maximum=4096),
+        )
+        take(
+            "NODE_ROUTER_GATHER_BYTES",
+            "router_gather_bytes",
+            lambda n, r: _parse_int(n, r, minimum=1024, maximum=1024 * MIB),
+        )
+        take("NODE_ROUTER_RCVHWM", "router_rcvhwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
+        take(
             "NODE_LOG_LEVEL",
             "log_level",
             _parse_choice(("critical", "error", "warning", "info", "debug")),
         )
         take("NODE_METRICS", "metrics", lambda n, r: _parse_choice(("on", "off"))(n, r) == "on")
+        # The resend timeout's ceiling: at least the timeout (raised to it when not set).
+        timeout = values.get("monitor_ack_timeout", cls.monitor_ack_timeout)
+        ceiling = values.get("monitor_ack_timeout_max")
+        assert isinstance(timeout, float)
+        if ceiling is None:
+            values["monitor_ack_timeout_max"] = max(cls.monitor_ack_timeout_max, timeout)
+        elif isinstance(ceiling, float) and ceiling < timeout:
+            raise ConfigError(
+                "NODE_MONITOR_ACK_TIMEOUT_MAX",
+                env["NODE_MONITOR_ACK_TIMEOUT_MAX"],
+                f"expected a number >= NODE_MONITOR_ACK_TIMEOUT ({timeout:g})",
+            )
         settings = cls(**values)  # type: ignore[arg-type]
         settings._check_derived()
         return settings

@@ -61,6 +61,16 @@ def test_every_contract_variable_is_read() -> None:
         ("NODE_ROUTER_BIND", "udp://x:1", "ipc:// or tcp://"),
         ("NODE_ROUTER_BIND", "tcp://127.0.0.1:notaport", "expected an integer"),
         ("NODE_WS_PING_INTERVAL", "nan", "finite"),
+        ("NODE_MONITOR_BATCH_RECORDS", "0", ">= 1"),
+        ("NODE_MONITOR_BATCH_RECORDS", "many", "expected an integer"),
+        ("NODE_MONITOR_BATCH_BYTES", "100", ">= 1024"),
+        ("NODE_MONITOR_WINDOW", "5000", "<= 1024"),
+        ("NODE_MONITOR_ACK_TIMEOUT", "0", ">= 0.01"),
+        ("NODE_MONITOR_ACK_TIMEOUT", "soon", "expected a number"),
+        ("NODE_MONITOR_ACK_TIMEOUT_MAX", "inf", "finite"),
+        ("NODE_ROUTER_GATHER_BATCHES", "0", ">= 1"),
+        ("NODE_ROUTER_GATHER_BYTES", "4 MiB", "expected an integer"),
+        ("NODE_ROUTER_RCVHWM", "-1", ">= 1"),
     ],
 )
 def test_bad_value_names_the_variable_and_the_value(variable: str, value: str, reason: str) -> None:
@@ -70,6 +80,48 @@ def test_bad_value_names_the_variable_and_the_value(variable: str, value: str, r
     assert info.value.value == value
     assert reason in str(info.value)
     assert variable in str(info.value) and repr(value) in str(info.value)
+
+
+def test_monitor_and_router_tunables_default_to_the_former_constants_and_are_read() -> None:
+    d = Settings.from_env({})
+    assert (d.monitor_batch_records, d.monitor_batch_bytes, d.monitor_window) == (256, 1 << 20, 8)
+    assert (d.monitor_ack_timeout, d.monitor_ack_timeout_max) == (1.0, 8.0)
+    assert (d.router_gather_batches, d.router_gather_bytes, d.router_rcvhwm) == (32, 4 << 20, 64)
+    s = Settings.from_env(
+        {
+            "NODE_MONITOR_BATCH_RECORDS": "64",
+            "NODE_MONITOR_BATCH_BYTES": "65536",
+            "NODE_MONITOR_WINDOW": "16",
+            "NODE_MONITOR_ACK_TIMEOUT": "0.5",
+            "NODE_MONITOR_ACK_TIMEOUT_MAX": "30",
+            "NODE_ROUTER_GATHER_BATCHES": "8",
+            "NODE_ROUTER_GATHER_BYTES": "1048576",
+            "NODE_ROUTER_RCVHWM": "256",
+        }
+    )
+    assert (s.monitor_batch_records, s.monitor_batch_bytes, s.monitor_window) == (64, 65536, 16)
+    assert (s.monitor_ack_timeout, s.monitor_ack_timeout_max) == (0.5, 30.0)
+    assert (s.router_gather_batches, s.router_gather_bytes, s.router_rcvhwm) == (8, 1 << 20, 256)
+
+
+def test_ack_timeout_ceiling_below_the_timeout_is_refused_and_an_unset_one_follows_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"NODE_MONITOR_ACK_TIMEOUT": "3", "NODE_MONITOR_ACK_TIMEOUT_MAX": "2"})
+    assert (info.value.variable, info.value.value) == ("NODE_MONITOR_ACK_TIMEOUT_MAX", "2")
+    assert "expected a number >= NODE_MONITOR_ACK_TIMEOUT (3)" in str(info.value)
+    assert Settings.from_env({"NODE_MONITOR_ACK_TIMEOUT": "20"}).monitor_ack_timeout_max == 20.0
+
+
+def test_bad_monitor_tunable_exits_2_before_the_monitor_starts(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.workers.monitor"],
+        env={"NODE_MONITOR_WINDOW": "0", "NODE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
+             "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "NODE_MONITOR_WINDOW='0': expected an integer >= 1" in proc.stderr
+    assert not (tmp_path / "ingress.ring").exists()
 
 
 def test_short_secret_is_refused_without_echoing_it() -> None:

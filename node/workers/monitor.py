@@ -1,15 +1,17 @@
 """``monitor`` stage: ingress ring -> router, popping only what the router acked.
 
 The monitor is the ingress ring's single consumer.  It reads batches (up to
-``BATCH_RECORDS`` records / ``BATCH_BYTES``), sends each as one ``BATCH``
-multipart on a DEALER connected to the router, keeps up to ``WINDOW`` batches in
-flight, and pops the ring up to the highest ``end`` the router acked: a record
-leaves the ingress ring only once it is durable in the fan-in ring.
+``NODE_MONITOR_BATCH_RECORDS`` records / ``NODE_MONITOR_BATCH_BYTES``), sends
+each as one ``BATCH`` multipart on a DEALER connected to the router, keeps up to
+``NODE_MONITOR_WINDOW`` batches in flight, and pops the ring up to the highest
+``end`` the router acked: a record leaves the ingress ring only once it is
+durable in the fan-in ring.
 
 Unacked batches are resent, oldest first and with the current ``base`` (the
 acked-through position), when the connection to the router is (re)established
-and when the oldest one has waited ``ACK_TIMEOUT`` seconds (doubling up to
-``ACK_TIMEOUT_MAX`` while nothing is acked).  See ``docs/monitor-router.md``.
+and when the oldest one has waited ``NODE_MONITOR_ACK_TIMEOUT`` seconds (doubling
+up to ``NODE_MONITOR_ACK_TIMEOUT_MAX`` while nothing is acked).  The tunables
+come from :class:`node.config.Settings`; see ``docs/monitor-router.md``.
 
 No spinning: the main loop blocks in ``zmq.Poller.poll``; while the ring is
 empty a doorbell thread blocks in ``reader.wait`` (GIL released) and pokes an
@@ -28,6 +30,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from node import wire
+from node.config import Settings
 from node.errors import NodeError
 from node.metrics import ERRORS, MESSAGES, watch_ring
 from node.workers.doorbell import Doorbell
@@ -35,11 +38,6 @@ from node.workers.runtime import start
 
 log = logging.getLogger("node.monitor")
 
-BATCH_RECORDS = 256
-BATCH_BYTES = 1 << 20
-WINDOW = 8
-ACK_TIMEOUT = 1.0
-ACK_TIMEOUT_MAX = 8.0
 POLL_MS = 200
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
@@ -64,7 +62,7 @@ class Flight:
 class Window:
     """The batches in flight, oldest first, and the ack bookkeeping (no I/O)."""
 
-    def __init__(self, ring_id: bytes, base: int, size: int = WINDOW) -> None:
+    def __init__(self, ring_id: bytes, base: int, size: int = Settings.monitor_window) -> None:
         self.ring_id = ring_id
         self.base = base  # everything before it is acked (durable in the fan-in ring)
         self.read_pos = base  # where the next batch starts
@@ -111,26 +109,30 @@ class Window:
 
 
 class Monitor:
-    def __init__(self, ring: object, reader: object, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+    def __init__(self, ring: object, reader: object, ctx: zmq.Context[zmq.Socket[bytes]], settings: Settings) -> None:
         self.ring = ring
         self.reader = reader
-        self.endpoint = endpoint
-        self.window = Window(ring.ring_id, ring.head)  # type: ignore[attr-defined]
+        self.endpoint = settings.router_connect_endpoint
+        self.batch_records = settings.monitor_batch_records
+        self.batch_bytes = settings.monitor_batch_bytes
+        self.ack_timeout = settings.monitor_ack_timeout
+        self.ack_timeout_max = settings.monitor_ack_timeout_max
+        self.window = Window(ring.ring_id, ring.head, settings.monitor_window)  # type: ignore[attr-defined]
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # Queue only on a live connection: a reconnect starts with an empty pipe and
         # this loop resends from the oldest unacked batch (no stale copies overtaking).
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 2 * WINDOW + 2)
+        self.sock.setsockopt(zmq.SNDHWM, 2 * self.window.size + 2)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
         # ZMTP heartbeats: a router that vanished without closing (host down, half-open
         # tcp://) drops the connection after HEARTBEAT_TIMEOUT, which triggers the resend.
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self.events = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(endpoint)
+        self.sock.connect(self.endpoint)
         self.connected = False
-        self.timeout = ACK_TIMEOUT
+        self.timeout = self.ack_timeout
         self.next_resend = 0.0
 
     # ---------------------------------------------------------------- sending
@@ -158,7 +160,7 @@ class Monitor:
             # record; reading below the head would be refused.
             self.window.skip_to(self.ring.head)  # type: ignore[attr-defined]
             records = self.reader.read(  # type: ignore[attr-defined]
-                self.window.read_pos, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES
+                self.window.read_pos, max_records=self.batch_records, max_bytes=self.batch_bytes
             )
             if not records:
                 return True
@@ -185,14 +187,14 @@ class Monitor:
         if self.window.base > before:
             self.reader.pop(self.window.base)  # type: ignore[attr-defined]
             MESSAGES.labels(stage="forwarded").inc(acked)
-            if self.timeout != ACK_TIMEOUT:
+            if self.timeout != self.ack_timeout:
                 log.info("router acks again (acked through %d)", self.window.base)
-            self.timeout = ACK_TIMEOUT
+            self.timeout = self.ack_timeout
             # Restart the clock of what remains: it was waiting behind what was acked.
             now = time.monotonic()
             for flight in self.window.flights:
                 if flight.sent_at is not None:
-                    flight.sent_at = max(flight.sent_at, now - ACK_TIMEOUT / 2)
+                    flight.sent_at = max(flight.sent_at, now - self.ack_timeout / 2)
 
     def take_events(self) -> None:
         while True:
@@ -227,7 +229,7 @@ class Monitor:
             "no ack from the router for %.1fs: resent %d of %d unacked batches from position %d",
             self.timeout, sent, len(self.window.flights), self.window.base,
         )
-        self.timeout = min(self.timeout * 2, ACK_TIMEOUT_MAX)
+        self.timeout = min(self.timeout * 2, self.ack_timeout_max)
 
     def poll_ms(self) -> int:
         oldest = self.window.oldest_sent()
@@ -292,10 +294,13 @@ def main() -> None:
         except RingError as exc:
             raise MonitorError(f"cannot consume the ingress ring {path}: {exc}") from None
         watch_ring("ingress", ring)
-        monitor = Monitor(ring, reader, ctx, settings.router_connect_endpoint)
+        monitor = Monitor(ring, reader, ctx, settings)
         log.info(
-            "forwarding ingress ring %s (%s, id %s, head %d, tail %d) to %s",
+            "forwarding ingress ring %s (%s, id %s, head %d, tail %d) to %s"
+            " (batches of <= %d records / %d bytes, window %d, ack timeout %gs..%gs)",
             path, ring.backend, ring.ring_id.hex(), ring.head, ring.tail, settings.router_connect_endpoint,
+            monitor.batch_records, monitor.batch_bytes, monitor.window.size, monitor.ack_timeout,
+            monitor.ack_timeout_max,
         )
         try:
             monitor.run(stop)

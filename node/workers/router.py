@@ -11,6 +11,9 @@ I/O): the fan-in ring only ever receives each source's records contiguously and
 in order; a batch that would leave a hole is dropped unacked (the monitor resends
 from its oldest unacked batch).  See ``docs/monitor-router.md``.
 
+Tunables (``NODE_ROUTER_GATHER_BATCHES``, ``NODE_ROUTER_GATHER_BYTES``,
+``NODE_ROUTER_RCVHWM``) come from :class:`node.config.Settings`.
+
 When the fan-in ring is full the router stops reading its socket (ZeroMQ's
 bounded queues fill, then the monitors' windows, then the ingress rings) and
 retries the append with a short backoff; nothing is dropped.
@@ -36,11 +39,7 @@ from node.workers.runtime import start
 
 log = logging.getLogger("node.router")
 
-# One loop turn gathers at most this many batches / bytes into one append (group commit).
-GATHER_BATCHES = 32
-GATHER_BYTES = 4 << 20
-# ZeroMQ queue bounds, in messages (one message = one batch of <= 1 MiB).
-RCVHWM = 64
+# ZeroMQ send queue bound for acks, in messages (the receive bound is NODE_ROUTER_RCVHWM).
 SNDHWM = 4096
 POLL_MS = 200
 FULL_BACKOFF_MIN = 0.001
@@ -148,11 +147,11 @@ def ensure_ipc_free(endpoint: str) -> None:
     raise RouterError(f"another process is serving {endpoint} (is a router already running?)")
 
 
-def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, rcvhwm: int) -> zmq.Socket[bytes]:
     ensure_ipc_free(endpoint)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
     try:
         sock.bind(endpoint)
@@ -175,9 +174,9 @@ class Router:
         self.gaps = 0
 
     def receive(self) -> None:
-        """Take up to GATHER_BATCHES waiting messages into ``pending`` (no blocking)."""
+        """Take up to ``router_gather_batches`` waiting messages into ``pending`` (no blocking)."""
         size = 0
-        for _ in range(GATHER_BATCHES):
+        for _ in range(self.settings.router_gather_batches):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -201,7 +200,7 @@ class Router:
                 continue
             self.pending.append(Pending(identity, batch.ring, batch.end, records))
             size += sum(len(r) for r in records)
-            if size >= GATHER_BYTES:
+            if size >= self.settings.router_gather_bytes:
                 return
 
     def flush(self) -> bool:
@@ -257,11 +256,13 @@ def main() -> None:
             )
         except (RingError, OSError) as exc:
             raise RouterError(f"cannot open the fan-in ring {settings.ring_path('fanin')}: {exc}") from None
-        sock = bind_router(ctx, settings.router_bind_endpoint)
+        sock = bind_router(ctx, settings.router_bind_endpoint, settings.router_rcvhwm)
         log.info(
-            "routing %s -> fan-in ring %s (%s, %d bytes, id %s, tail %d)",
+            "routing %s -> fan-in ring %s (%s, %d bytes, id %s, tail %d);"
+            " <= %d batches / %d bytes per append, %d batches queued per monitor",
             settings.router_bind_endpoint, settings.ring_path("fanin"), ring.backend, ring.capacity,
-            ring.ring_id.hex(), ring.tail,
+            ring.ring_id.hex(), ring.tail, settings.router_gather_batches, settings.router_gather_bytes,
+            settings.router_rcvhwm,
         )
         router = Router(settings, ring, sock)
         try:

@@ -14,13 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import zmq
 
-from node.workers.monitor import BATCH_RECORDS, WINDOW
+from node import wire
+from node.config import Settings
 from tests.pipeline.conftest import FaninConsumer, IngressProducer, Stages, check_delivery
 from tests.support import Processes, free_port, wait_for_port, wait_until
 
 # Records the router may have appended but not acked when it is killed: the window.
-DUPLICATES_PER_ROUTER_CRASH = WINDOW * BATCH_RECORDS
+DUPLICATES_PER_ROUTER_CRASH = Settings.monitor_window * Settings.monitor_batch_records
 
 
 def produce_in_background(producer: IngressProducer, total: int, chunk: int = 200, pause: float = 0.004) -> threading.Thread:
@@ -273,3 +275,67 @@ def test_idle_monitor_and_router_do_not_spin(stages: Callable[..., Stages], proc
     time.sleep(3.0)
     used = sum(cpu_seconds(p) for p in pids) - before
     assert used < 0.06, f"idle monitor + router used {used:.2f}s of CPU in 3 s"
+
+
+def test_monitor_batch_size_window_and_ack_timeout_come_from_configuration(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
+    # The test is the router: a real ROUTER socket on the monitor's endpoint that
+    # acks only when told to, so the monitor's batches and resends are seen as sent.
+    s = stages(
+        NODE_MONITOR_BATCH_RECORDS=5, NODE_MONITOR_WINDOW=3,
+        NODE_MONITOR_ACK_TIMEOUT=0.2, NODE_MONITOR_ACK_TIMEOUT_MAX=0.2,
+    )
+    producer = IngressProducer(s.ingress_path)
+    producer.append(60)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind(f"ipc://{s.data_dir.resolve() / 'router.sock'}")
+        s.start("monitor")
+
+        def receive(timeout: float) -> tuple[bytes, wire.Batch] | None:
+            if not sock.poll(int(timeout * 1000)):
+                return None
+            identity, *body = sock.recv_multipart()
+            return identity, wire.decode_batch(body)
+
+        # Not acked: exactly the window (3 batches of 5 records), resent every 0.2 s.
+        seen: list[wire.Batch] = []
+        deadline = time.monotonic() + 1.5
+        got = receive(15)
+        assert got is not None, s.logs()
+        identity = got[0]
+        while got is not None and time.monotonic() < deadline:
+            seen.append(got[1])
+            got = receive(max(0.0, deadline - time.monotonic()))
+        spans = sorted({(b.start, b.end) for b in seen})
+        assert len(spans) == 3 and all(len(b.records) == 5 for b in seen), spans
+        assert spans[0][1] == spans[1][0] and spans[1][1] == spans[2][0]  # contiguous
+        copies_of_first = sum(1 for b in seen if (b.start, b.end) == spans[0])
+        # 1 s then 2 s (the defaults) would allow 2 copies in 1.5 s; 0.2 s allows ~7
+        assert copies_of_first >= 3, f"{copies_of_first} copies of the first batch in 1.5 s"
+        assert producer.ring.depth == 60  # nothing acked, nothing popped
+
+        # Acking batch by batch moves the window on 5 records at a time until all 60 are acked.
+        ring_id, acked = seen[0].ring, spans[-1][1]
+        sock.send_multipart([identity, *wire.encode_ack(ring_id, acked)])
+        new_spans: set[tuple[int, int]] = set()
+        deadline = time.monotonic() + 20
+        while len(new_spans) < 60 // 5 - 3 and time.monotonic() < deadline:
+            got = receive(1)
+            if got is None or got[1].end <= acked:
+                continue  # a resend of something acked already
+            batch = got[1]
+            assert len(batch.records) == 5 and batch.start == acked, (batch.start, acked)
+            new_spans.add((batch.start, batch.end))
+            acked = batch.end
+            sock.send_multipart([identity, *wire.encode_ack(ring_id, acked)])
+        assert len(new_spans) == 60 // 5 - 3, s.logs()
+        wait_until(lambda: producer.ring.depth == 0, 10, what="the monitor to pop what was acked")
+        assert "batches of <= 5 records" in processes.log("monitor") and "window 3" in processes.log("monitor")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        producer.close()
