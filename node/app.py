@@ -206,6 +206,8 @@ async def _deny(websocket: WebSocket, exc: AuthError) -> None:
 
 async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     stats = state.stats
+    if state.gc is not None:
+        state.gc.note_garbage()  # a handshake leaves a few cycles; the next GC tick collects young
     try:
         device_id = verify_device_token(state.secret, token_from_request(websocket.headers, websocket.query_params))
     except AuthError as exc:
@@ -258,6 +260,8 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
         pass
     finally:
         committer.disconnect(conn)
+        if state.gc is not None:
+            state.gc.note_garbage()  # a closed connection's objects are cyclic
         if not writer.done():
             writer.cancel()
         try:
