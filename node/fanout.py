@@ -18,12 +18,19 @@
   in per-device order, each ``(device, seq)`` at most once per connection.
 * A client more than ``NODE_FANOUT_QUEUE`` messages behind is closed with code 1013
   (try again later); it never holds up the SUB socket or the other clients.
+* A device whose live stream has a gap (the publisher numbers the messages of each
+  topic: ``n`` in the meta frame; the PUB/SUB high-water mark drops whole messages)
+  closes every client following it with 1013 and a reason naming the device and
+  how many messages were missed, instead of silently streaming around the hole.
 * A stream ends with code 1008 when the ``exp`` of the token that opened it passes.
 * The live stream is best effort: no replay of what the SUB high-water mark or a
-  disconnection lost.  The store is the durable path (see ``docs/fanout.md``).
+  disconnection lost, but a loss is never silent (the gap rule above).  The store
+  is the durable path (see ``docs/fanout.md``).
 
 Subscriptions are reference-counted over clients: a device's topic is subscribed
-when its first follower arrives and unsubscribed when its last one leaves.
+when its first follower arrives and unsubscribed when its last one leaves.  The
+gap check of a topic starts again at each (re)subscription, and whenever the
+publisher's ``epoch`` changes (a restarted publisher numbers from 1 again).
 """
 
 from __future__ import annotations
@@ -53,17 +60,27 @@ from node import wire
 from node.auth import ALL_DEVICES, check_device_id, client_allows, token_from_request, verify_client_token
 from node.config import Settings
 from node.errors import AuthError, NodeError
-from node.metrics import ERRORS, FANOUT_CLIENTS, FANOUT_DUPLICATES, FANOUT_SLOW_CLIENT_DROPS, MESSAGES
+from node.metrics import (
+    ERRORS,
+    FANOUT_CLIENTS,
+    FANOUT_DUPLICATES,
+    FANOUT_GAP_CLIENT_DROPS,
+    FANOUT_GAPS,
+    FANOUT_MISSED_MESSAGES,
+    FANOUT_SLOW_CLIENT_DROPS,
+    MESSAGES,
+)
 from node.record import RecordError, unpack_record
 
 log = logging.getLogger("node.fanout")
 
 STREAM_PATH: Final = "/v1/stream"
 MAX_DEVICES: Final = 1024  # device parameters per connection
-CLOSE_TOO_SLOW: Final = 1013  # "try again later"
+CLOSE_TOO_SLOW: Final = 1013  # "try again later": too slow, or the live stream had a gap
 CLOSE_TOKEN_EXPIRED: Final = 1008  # "policy violation": the token's exp has passed
 CLOSE_GOING_AWAY: Final = 1001
 MAX_BATCH: Final = 256  # SUB messages handled per wake-up (also bounded by half a client queue)
+MAX_CLOSE_REASON_BYTES: Final = 123  # RFC 6455 5.5.1: a control frame body is <= 125 bytes
 CLOSE_TIMEOUT: Final = 30.0  # seconds a close frame may wait behind a full socket
 
 _json_encode = json.JSONEncoder(
@@ -84,6 +101,14 @@ class StreamRefused(NodeError):
 def _shown(value: str, limit: int = 64) -> str:
     """``repr`` of a client-supplied value, cut short so a refusal stays small."""
     return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to the 123 UTF-8 bytes a WebSocket close reason may hold."""
+    data = text.encode()
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return data[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
 
 
 # ------------------------------------------------------------------- what to follow
@@ -133,13 +158,14 @@ class Client:
         self.limit = limit
         self.queue: collections.deque[str] = collections.deque()
         self.overflowed = False
+        self.missed: str | None = None  # close reason once the live stream had a gap
         self.stopping = False
         self.expired = False
         self._wake = asyncio.Event()
 
     def offer(self, text: str) -> bool:
         """Queue ``text``; ``False`` (once) when the queue was full: the client is too slow."""
-        if self.overflowed or self.stopping:
+        if self.overflowed or self.stopping or self.missed is not None:
             return True  # already leaving; nothing more is queued
         if len(self.queue) >= self.limit:
             self.overflowed = True
@@ -153,6 +179,13 @@ class Client:
     def stop(self) -> None:
         self.stopping = True
         self._wake.set()
+
+    def lost(self, reason: str) -> None:
+        """The live stream of a followed device had a gap: close with 1013 and ``reason``."""
+        if self.missed is None and not self.overflowed:
+            self.missed = reason
+            self.queue.clear()
+            self._wake.set()
 
     def expire(self) -> None:
         self.expired = True
@@ -183,6 +216,8 @@ class Hub:
         self._everyone: set[Client] = set()
         self._clients: set[Client] = set()
         self._last_seq: dict[str, int] = {}
+        self._epoch: int | None = None  # the publisher run whose counters _seen_n holds
+        self._seen_n: dict[bytes, int] = {}  # topic -> the last message number received
         self._task: asyncio.Task[None] | None = None
         self._bad_logged_at = 0.0
 
@@ -191,6 +226,11 @@ class Hub:
         count = self._topics.get(topic, 0)
         if count == 0:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic)
+            # The gap check starts again with the first message after a (re)subscription.
+            if topic:
+                self._seen_n.pop(topic, None)
+            else:
+                self._seen_n.clear()
         self._topics[topic] = count + 1
 
     def _release(self, topic: bytes) -> None:
@@ -221,6 +261,7 @@ class Hub:
             self._release(b"")
             if not self._everyone:  # keep dedup state only for devices still followed
                 self._last_seq = {d: s for d, s in self._last_seq.items() if d in self._followers}
+                self._seen_n = {t: n for t, n in self._seen_n.items() if t in self._topics}
             return
         for device_id in client.selection.devices:
             followers = self._followers[device_id]
@@ -229,6 +270,7 @@ class Hub:
                 del self._followers[device_id]
                 if not self._everyone:
                     self._last_seq.pop(device_id, None)
+                    self._seen_n.pop(wire.device_topic(device_id), None)
             self._release(wire.device_topic(device_id))
 
     # --- routing
@@ -237,23 +279,35 @@ class Hub:
         streamed = duplicates = bad = 0
         slow: list[Client] = []
         everyone = self._everyone
+        seen_n = self._seen_n
         for frames in batch:
             if frames[0] == wire.HEARTBEAT_TOPIC:
                 continue
             try:
-                # [topic, meta, record] (wire.encode_published).  The fanout never uses the
-                # meta (ring positions: it does no gap replay), so it is not decoded: that
-                # saves a msgpack decode per record on the stage's hot path.
+                # [topic, meta, record] (wire.encode_published); of the meta only the
+                # publisher's epoch and per-topic number n are used (the gap check).
                 if len(frames) != 3:
                     raise wire.WireError(f"published record: expected 3 frames, got {len(frames)}")
+                topic = frames[0]
+                _, _, _, epoch, n = wire.decode_meta(frames[1])
                 record = unpack_record(frames[2])
-                if frames[0] != wire.device_topic(record.device_id):
+                if topic != wire.device_topic(record.device_id):
                     raise wire.WireError(
-                        f"topic {frames[0][:64]!r} does not match the record's device {record.device_id[:64]!r}"
+                        f"topic {topic[:64]!r} does not match the record's device {record.device_id[:64]!r}"
                     )
                 followers = self._followers.get(record.device_id)
                 if not followers and not everyone:
                     continue  # in flight before an unsubscribe took effect
+                if epoch != self._epoch:  # first message, or a restarted publisher
+                    self._epoch = epoch
+                    seen_n.clear()
+                last = seen_n.get(topic)
+                seen_n[topic] = n
+                if last is not None and n > last + 1:
+                    self._gap(record.device_id, n - last - 1)
+                    followers = self._followers.get(record.device_id)
+                    if not followers and not everyone:
+                        continue
                 last = self._last_seq.get(record.device_id)
                 if last is not None and record.seq <= last:
                     duplicates += 1
@@ -289,6 +343,22 @@ class Hub:
             FANOUT_DUPLICATES.inc(duplicates)
         if bad:
             ERRORS.labels(stage="fanout", reason="bad_message").inc(bad)
+
+    def _gap(self, device_id: str, missed: int) -> None:
+        """``missed`` live messages of ``device_id`` never arrived: close its followers."""
+        victims = [*self._followers.get(device_id, ()), *self._everyone]
+        reason = _close_reason(f"missed {missed} live messages of device {_shown(device_id, 48)}")
+        for client in victims:
+            client.lost(reason)
+            self.remove(client)
+        FANOUT_GAPS.inc()
+        FANOUT_MISSED_MESSAGES.inc(missed)
+        if victims:
+            FANOUT_GAP_CLIENT_DROPS.inc(len(victims))
+        log.warning(
+            "live stream of device %s: %d messages missed (PUB/SUB high-water mark, NODE_PUB_HWM):"
+            " closing its %d client(s) with %d", _shown(device_id), missed, len(victims), CLOSE_TOO_SLOW,
+        )
 
     def _log_bad(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -339,11 +409,14 @@ async def _send_loop(websocket: WebSocket, client: Client) -> None:
     queue = client.queue
     while True:
         await client.wait()
-        while queue and not client.overflowed:
+        while queue and not client.overflowed and client.missed is None:
             await websocket.send_text(queue.popleft())
         if client.overflowed:
             reason = f"too slow: more than {client.limit} messages queued"
             await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, reason), CLOSE_TIMEOUT)
+            return
+        if client.missed is not None:
+            await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, client.missed), CLOSE_TIMEOUT)
             return
         if client.stopping:
             await asyncio.wait_for(websocket.close(CLOSE_GOING_AWAY, "server shutting down"), CLOSE_TIMEOUT)

@@ -76,6 +76,9 @@ STORE_GAPS: Counter
 FANOUT_CLIENTS: Gauge
 FANOUT_SLOW_CLIENT_DROPS: Counter
 FANOUT_DUPLICATES: Counter
+FANOUT_GAPS: Counter
+FANOUT_MISSED_MESSAGES: Counter
+FANOUT_GAP_CLIENT_DROPS: Counter
 
 _DEFINITIONS: dict[str, Callable[[], Any]] = {
     "MESSAGES": lambda: Counter(
@@ -153,7 +156,7 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
         multiprocess_mode="mostrecent",
     ),
     "STORE_GAPS": lambda: Counter(
-        "iotnode_store_gaps", "Store: gaps in the live stream recovered by FETCH from the publisher"
+        "iotnode_store_gaps", "Store: fan-in records released before the store had them (see the store's log)"
     ),
     "FANOUT_CLIENTS": lambda: Gauge(
         "iotnode_fanout_clients", "Client-app WebSocket connections open on the fanout", multiprocess_mode="livesum"
@@ -161,6 +164,16 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
     "FANOUT_SLOW_CLIENT_DROPS": lambda: Counter(
         "iotnode_fanout_slow_client_drops",
         "Client apps closed with 1013 because more than NODE_FANOUT_QUEUE messages waited for them",
+    ),
+    "FANOUT_GAPS": lambda: Counter(
+        "iotnode_fanout_gaps",
+        "Gaps in a device's live stream (messages the PUB/SUB high-water mark dropped); its followers are closed with 1013",
+    ),
+    "FANOUT_MISSED_MESSAGES": lambda: Counter(
+        "iotnode_fanout_missed_messages", "Live messages the fanout never received (the sum of the gaps' sizes)"
+    ),
+    "FANOUT_GAP_CLIENT_DROPS": lambda: Counter(
+        "iotnode_fanout_gap_client_drops", "Client apps closed with 1013 because the live stream of a device they follow had a gap"
     ),
     "FANOUT_DUPLICATES": lambda: Counter(
         "iotnode_fanout_duplicates", "Records not streamed: seq <= the last seq already streamed for the device"

@@ -15,15 +15,28 @@ monitor (DEALER) -> router (ROUTER)::
         Both optional for older senders (default: start = p0, base = start).
     [b"ACK", {"ring": id, "end": end}]  router -> monitor, once persisted in the fan-in ring
 
-publisher (PUB) -> store, fanout (SUB)::
+publisher (XPUB) -> fanout (SUB), live subscribers only::
 
-    [topic, meta, record]               topic = device_id + b"\\0", meta = [ring_id, pos, end]
-    [HEARTBEAT_TOPIC, [ring_id, tail]]  at least once a second when idle
+    [topic, meta, record]               topic = device_id + b"\\0",
+                                        meta = [ring_id, pos, end, epoch, n]
+        n: messages published on this topic since the publisher started (1, 2, ...),
+        epoch: a random number drawn at each publisher start, so a restart (n again
+        from 1) is not mistaken for a gap.  A subscriber that sees n jump by more than
+        1 on a topic missed messages (high-water-mark drops).
+    [HEARTBEAT_TOPIC, [ring_id, published]]   at least once a second
+    XPUB <- SUB: b"\\x01" + prefix (subscribe), b"\\x00" + prefix (unsubscribe)
 
-store, fanout (DEALER) -> publisher (ROUTER, the replay endpoint)::
+store (DEALER) -> publisher (ROUTER, the replay endpoint): durable subscribers pull::
 
-    [b"FETCH", {"ring": id, "from": pos, "max": n}]
-        -> [b"RECORDS", {"ring": id, "from": pos, "next": next, "tail": tail}, meta0, rec0, meta1, rec1, ...]
+    [b"FETCH", {"ring": id, "from": pos, "max": n, "wait": bool}]
+        wait (optional, default false): when nothing past ``from`` is committed yet, the
+        publisher parks the request and answers once records arrive, or empty after a
+        bounded time (long poll).
+        -> [b"RECORDS", {"ring": id, "from": start, "ask": pos, "next": next, "tail": tail,
+                         "ends": [e0, e1, ...]}, records]
+        records: ONE frame, a msgpack array of the record payloads (bin); record i spans
+        [ends[i-1], ends[i]) of the ring (record 0 starts at ``start``).  ``ask`` echoes
+        the FETCH's ``from`` (``start`` differs when ``from`` was below the head).
     [b"CONFIRM", {"name": name, "ring": id, "pos": cursor}]   (no answer)
 
 A malformed message raises :class:`WireError` carrying what was wrong; receivers
@@ -51,8 +64,11 @@ class WireError(NodeError, ValueError):
     """A ZeroMQ message that does not follow this module's formats."""
 
 
+_packer = msgpack.Packer(use_bin_type=True)
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return _packer.pack(obj)
 
 
 def _unpack(frame: bytes, what: str) -> Any:
@@ -152,34 +168,50 @@ class Published(NamedTuple):
     pos: int
     end: int
     record: bytes
+    epoch: int
+    n: int
 
 
-def encode_meta(ring: bytes, pos: int, end: int) -> bytes:
-    return _pack((ring, pos, end))
+def encode_meta(ring: bytes, pos: int, end: int, epoch: int = 0, n: int = 0) -> bytes:
+    return _packer.pack((ring, pos, end, epoch, n))
 
 
-def decode_meta(frame: bytes) -> tuple[bytes, int, int]:
+def decode_meta(frame: bytes) -> tuple[bytes, int, int, int, int]:
+    """``(ring_id, pos, end, epoch, n)`` of a published record's meta frame."""
     meta = _unpack(frame, "record meta")
     if (
         not isinstance(meta, list)
-        or len(meta) != 3
+        or len(meta) != 5
         or not isinstance(meta[0], bytes)
-        or not isinstance(meta[1], int)
-        or not isinstance(meta[2], int)
+        or not all(type(v) is int for v in meta[1:])
     ):
-        raise WireError(f"record meta: expected [bytes, int, int], got {meta!r}")
-    return meta[0], meta[1], meta[2]
+        raise WireError(f"record meta: expected [bytes, int, int, int, int], got {meta!r}")
+    return meta[0], meta[1], meta[2], meta[3], meta[4]
 
 
-def encode_published(topic: bytes, ring: bytes, pos: int, end: int, record: bytes) -> list[bytes]:
-    return [topic, encode_meta(ring, pos, end), record]
+def encode_published(
+    topic: bytes, ring: bytes, pos: int, end: int, record: bytes, epoch: int = 0, n: int = 0
+) -> list[bytes]:
+    return [topic, encode_meta(ring, pos, end, epoch, n), record]
 
 
 def decode_published(frames: list[bytes]) -> Published:
     if len(frames) != 3:
         raise WireError(f"published record: expected 3 frames, got {len(frames)}")
-    ring, pos, end = decode_meta(frames[1])
-    return Published(ring, pos, end, frames[2])
+    ring, pos, end, epoch, n = decode_meta(frames[1])
+    return Published(ring, pos, end, frames[2], epoch, n)
+
+
+class Subscription(NamedTuple):
+    subscribe: bool  # False: unsubscribe
+    prefix: bytes
+
+
+def decode_subscription(frame: bytes) -> Subscription:
+    """A message an XPUB socket reads: ``b"\\x01" + prefix`` or ``b"\\x00" + prefix``."""
+    if not frame or frame[0] > 1:
+        raise WireError(f"subscription: expected a first byte 0 or 1, got {frame[:16]!r}")
+    return Subscription(frame[0] == 1, frame[1:])
 
 
 def encode_heartbeat(ring: bytes, tail: int) -> list[bytes]:
@@ -200,54 +232,86 @@ class Fetch(NamedTuple):
     ring: bytes
     start: int
     max: int
+    wait: bool = False
 
 
-def encode_fetch(ring: bytes, start: int, max_records: int) -> list[bytes]:
-    return [FETCH, _pack({"ring": ring, "from": start, "max": max_records})]
+def encode_fetch(ring: bytes, start: int, max_records: int, wait: bool = False) -> list[bytes]:
+    meta: dict[str, Any] = {"ring": ring, "from": start, "max": max_records}
+    if wait:
+        meta["wait"] = True
+    return [FETCH, _pack(meta)]
 
 
 def decode_fetch(frames: list[bytes]) -> Fetch:
     _verb(frames, FETCH, 2)
     meta = _unpack(frames[1], "FETCH")
+    wait = meta.get("wait", False) if isinstance(meta, dict) else False
+    if not isinstance(wait, bool):
+        raise WireError(f"FETCH: field 'wait' expected bool, got {wait!r}")
     return Fetch(
-        _field(meta, "ring", bytes, "FETCH"), _field(meta, "from", int, "FETCH"), _field(meta, "max", int, "FETCH")
+        _field(meta, "ring", bytes, "FETCH"), _field(meta, "from", int, "FETCH"), _field(meta, "max", int, "FETCH"), wait
     )
+
+
+class Item(NamedTuple):
+    """One record of a RECORDS answer: it spans ``[pos, end)`` of the ring."""
+
+    pos: int
+    end: int
+    record: bytes
 
 
 class Records(NamedTuple):
     ring: bytes
-    start: int
-    next: int
-    tail: int
-    items: list[Published]
+    start: int  # where the answer starts (the FETCH's ``from``, or the head when it was below)
+    ask: int  # the FETCH's ``from``
+    next: int  # where the next FETCH continues (the last record's end, or ``start``)
+    tail: int  # the ring's tail when answered
+    ends: list[int]
+    records: list[bytes]
+
+    @property
+    def items(self) -> list[Item]:
+        """The records with their spans (tests and tools; the store walks ``ends``)."""
+        starts = [self.start, *self.ends[:-1]]
+        return [Item(p, e, r) for p, e, r in zip(starts, self.ends, self.records)]
 
 
 def encode_records(
-    ring: bytes, start: int, next_pos: int, tail: int, items: list[tuple[int, int, bytes]]
+    ring: bytes, start: int, next_pos: int, tail: int, ends: list[int], records: list[bytes], ask: int | None = None
 ) -> list[bytes]:
-    """``items`` are ``(pos, end, record)`` in ring order."""
-    frames = [RECORDS, _pack({"ring": ring, "from": start, "next": next_pos, "tail": tail})]
-    for pos, end, record in items:
-        frames.append(encode_meta(ring, pos, end))
-        frames.append(record)
-    return frames
+    """``records[i]`` spans ``[ends[i-1], ends[i])`` (``[start, ends[0])`` for the first)."""
+    if len(ends) != len(records):
+        raise ValueError(f"expected one end per record, got {len(ends)} and {len(records)}")
+    meta = {"ring": ring, "from": start, "ask": start if ask is None else ask, "next": next_pos, "tail": tail,
+            "ends": ends}
+    return [RECORDS, _pack(meta), _pack(records)]
 
 
 def decode_records(frames: list[bytes]) -> Records:
-    _verb(frames, RECORDS, 2)
+    _verb(frames, RECORDS, 3)
+    if len(frames) != 3:
+        raise WireError(f"RECORDS: expected 3 frames, got {len(frames)}")
     meta = _unpack(frames[1], "RECORDS")
     ring = _field(meta, "ring", bytes, "RECORDS")
     start = _field(meta, "from", int, "RECORDS")
+    ask = _field(meta, "ask", int, "RECORDS")
     next_pos = _field(meta, "next", int, "RECORDS")
     tail = _field(meta, "tail", int, "RECORDS")
-    body = frames[2:]
-    if len(body) % 2:
-        raise WireError(f"RECORDS: expected meta/record pairs, got {len(body)} frames")
-    items = []
-    for i in range(0, len(body), 2):
-        r, pos, end = decode_meta(body[i])
-        items.append(Published(r, pos, end, body[i + 1]))
-    return Records(ring, start, next_pos, tail, items)
+    ends = _field(meta, "ends", list, "RECORDS")
+    records = _unpack(frames[2], "RECORDS records")
+    if not isinstance(records, list) or not all(type(r) is bytes for r in records):
+        raise WireError(f"RECORDS: records frame is not an array of bin, got {type(records).__name__}")
+    if len(ends) != len(records):
+        raise WireError(f"RECORDS: {len(ends)} ends for {len(records)} records")
+    prev = start
+    for end in ends:
+        if type(end) is not int or end <= prev:
+            raise WireError(f"RECORDS: expected increasing integer ends after {start}, got {end!r} after {prev}")
+        prev = end
+    if next_pos != prev:
+        raise WireError(f"RECORDS: next {next_pos} is not the last record's end {prev}")
+    return Records(ring, start, ask, next_pos, tail, ends, records)
 
 
 class Confirm(NamedTuple):

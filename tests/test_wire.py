@@ -44,19 +44,37 @@ def test_ack_round_trips() -> None:
     assert wire.decode_ack(wire.encode_ack(RING, 4096)) == (RING, 4096)
 
 
-def test_published_record_and_heartbeat_round_trip() -> None:
-    frames = wire.encode_published(wire.device_topic("dev"), RING, 32, 96, b"rec")
+def test_published_record_carries_epoch_and_per_topic_number_and_heartbeat_round_trips() -> None:
+    frames = wire.encode_published(wire.device_topic("dev"), RING, 32, 96, b"rec", epoch=77, n=5)
     assert frames[0] == b"dev\0"
-    assert wire.decode_published(frames) == (RING, 32, 96, b"rec")
+    assert wire.decode_published(frames) == (RING, 32, 96, b"rec", 77, 5)
     assert wire.decode_heartbeat(wire.encode_heartbeat(RING, 1234)) == (RING, 1234)
 
 
+def test_xpub_subscription_messages_decode_to_subscribe_flag_and_prefix() -> None:
+    assert wire.decode_subscription(b"\x01dev\0") == (True, b"dev\0")
+    assert wire.decode_subscription(b"\x00dev\0") == (False, b"dev\0")
+    assert wire.decode_subscription(b"\x01") == (True, b"")
+    for bad in (b"", b"\x02dev"):
+        with pytest.raises(wire.WireError, match="subscription"):
+            wire.decode_subscription(bad)
+
+
 def test_fetch_records_confirm_round_trip() -> None:
-    assert wire.decode_fetch(wire.encode_fetch(RING, 10, 500)) == (RING, 10, 500)
-    recs = wire.decode_records(wire.encode_records(RING, 0, 96, 200, [(0, 32, b"x"), (32, 96, b"y")]))
-    assert (recs.ring, recs.start, recs.next, recs.tail) == (RING, 0, 96, 200)
+    assert wire.decode_fetch(wire.encode_fetch(RING, 10, 500)) == (RING, 10, 500, False)
+    assert wire.decode_fetch(wire.encode_fetch(RING, 10, 500, wait=True)).wait is True
+    recs = wire.decode_records(wire.encode_records(RING, 0, 96, 200, [32, 96], [b"x", b"y"]))
+    assert (recs.ring, recs.start, recs.ask, recs.next, recs.tail) == (RING, 0, 0, 96, 200)
     assert [(i.pos, i.end, i.record) for i in recs.items] == [(0, 32, b"x"), (32, 96, b"y")]
+    empty = wire.decode_records(wire.encode_records(RING, 64, 64, 64, [], [], ask=32))
+    assert (empty.start, empty.ask, empty.next, empty.items) == (64, 32, 64, [])
     assert wire.decode_confirm(wire.encode_confirm("store", RING, 96)) == ("store", RING, 96)
+
+
+def test_records_travel_in_three_frames_whatever_their_count() -> None:
+    frames = wire.encode_records(RING, 0, 32 * 1000, 32 * 1000, [32 * (i + 1) for i in range(1000)], [b"r"] * 1000)
+    assert len(frames) == 3
+    assert len(wire.decode_records(frames).records) == 1000
 
 
 @pytest.mark.parametrize(
@@ -75,10 +93,36 @@ def test_malformed_ack_raises_wire_error_naming_the_problem(frames: list[bytes])
         wire.decode_ack(frames)
 
 
-def test_malformed_records_and_meta_are_refused() -> None:
-    with pytest.raises(wire.WireError, match="pairs"):
-        wire.decode_records([wire.RECORDS, msgpack.packb({"ring": RING, "from": 0, "next": 0, "tail": 0}), b"m"])
+def records_frames(**meta: object) -> list[bytes]:
+    base = {"ring": RING, "from": 0, "ask": 0, "next": 32, "tail": 32, "ends": [32]}
+    base.update(meta)
+    return [wire.RECORDS, msgpack.packb(base), msgpack.packb([b"x"])]
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        ([wire.RECORDS, msgpack.packb({"ring": RING, "from": 0, "next": 0, "tail": 0})], "expected b'RECORDS'"),
+        (records_frames(ends=[32, 64]), "2 ends for 1 records"),
+        (records_frames(ends=[0]), "increasing integer ends"),
+        (records_frames(ends=["32"]), "increasing integer ends"),
+        (records_frames(next=64), "next 64 is not the last record's end 32"),
+        (records_frames(ask=None), "'ask'"),
+        ([*records_frames()[:2], msgpack.packb(["x"])], "array of bin"),
+        ([*records_frames(), b"extra"], "expected 3 frames"),
+    ],
+)
+def test_malformed_records_are_refused_naming_the_problem(frames: list[bytes], match: str) -> None:
+    with pytest.raises(wire.WireError, match=match):
+        wire.decode_records(frames)
+
+
+def test_malformed_meta_fetch_and_heartbeat_are_refused() -> None:
     with pytest.raises(wire.WireError, match="record meta"):
-        wire.decode_published([b"t\0", msgpack.packb([RING, "0", 1]), b"r"])
+        wire.decode_published([b"t\0", msgpack.packb([RING, "0", 1, 0, 1]), b"r"])
+    with pytest.raises(wire.WireError, match="record meta"):
+        wire.decode_published([b"t\0", msgpack.packb([RING, 0, 1]), b"r"])  # no epoch / n
+    with pytest.raises(wire.WireError, match="'wait' expected bool, got 1"):
+        wire.decode_fetch([wire.FETCH, msgpack.packb({"ring": RING, "from": 0, "max": 1, "wait": 1})])
     with pytest.raises(wire.WireError, match="heartbeat"):
         wire.decode_heartbeat([wire.HEARTBEAT_TOPIC, msgpack.packb([RING])])

@@ -1,30 +1,38 @@
 """``publisher`` stage: the single consumer of the fan-in ring.
 
-* **Live stream** -- a PUB socket (``settings.pub_endpoint``) publishing every
-  fan-in record as ``[device topic, [ring_id, pos, end], envelope]`` in ring order,
-  read in batches; a heartbeat ``[ring_id, published_position]`` every
-  ``HEARTBEAT_INTERVAL``.  ``pos`` is the position the record's span starts at
-  (the previous record's ``end``; it differs from the record's own position only
-  when wrap padding precedes it), so a subscriber holding cursor ``c`` takes
-  exactly the record with ``pos == c`` next and anything else is a duplicate or a
-  gap.  The PUB high-water mark (``NODE_PUB_HWM``) bounds memory: a slow
-  subscriber loses live messages, never records -- it sees the gap and fetches.
-* **Replay** -- a ROUTER (``settings.replay_endpoint``) answering FETCH with
-  RECORDS read from the ring (only un-popped records exist: a ``from`` below the
-  head is answered from the head) and taking CONFIRMs.
-* **Release** -- the ring is popped only up to the minimum cursor confirmed by
-  every durable subscriber (``NODE_DURABLE_SUBSCRIBERS``, default ``store``), never
-  before all of them confirmed: a stopped store makes the ring fill, which pushes
-  back on the router, the monitor and the devices.
+* **Durable subscribers pull batches** -- a ROUTER (``settings.replay_endpoint``)
+  answers ``FETCH`` with ``RECORDS``: every committed record from ``from`` on (up to
+  ``max``), in three frames whatever the count (``node.wire``).  A FETCH with
+  ``wait`` for which nothing is committed yet is **parked** (long poll): it is
+  answered as soon as the doorbell reports new records, or empty after
+  ``PARK_TIMEOUT`` so the subscriber learns that the publisher is alive (it resends
+  an unanswered FETCH after its own, longer, timeout).  Only un-popped records
+  exist: a ``from`` below the head is answered from the head.
+* **Release** -- the ring is popped only up to the minimum cursor confirmed
+  (``CONFIRM``) by every durable subscriber (``NODE_DURABLE_SUBSCRIBERS``, default
+  ``store``), never before all of them confirmed: a stopped store makes the ring
+  fill, which pushes back on the router, the monitor and the devices.
+* **Live stream, for live subscribers only** -- an XPUB (``settings.pub_endpoint``)
+  whose subscriptions the loop reads (:class:`TopicFilter`).  A record is published
+  as ``[device topic, [ring_id, pos, end, epoch, n], envelope]`` only when some
+  subscription matches its topic; with no subscriber (a node without client apps)
+  the live stream reads and sends nothing per record.  ``n`` counts the messages
+  published on the topic since this process started (``epoch`` is drawn at start),
+  so a subscriber sees what the high-water mark (``NODE_PUB_HWM``) dropped.  A
+  heartbeat ``[ring_id, published_position]`` every ``HEARTBEAT_INTERVAL``.  The
+  live stream starts where the durable subscribers' reads are when the first
+  subscription arrives (no history for a client app).
 
 No spin: the loop blocks in ``zmq.Poller.poll``; a doorbell thread blocks in
 ``reader.wait`` (GIL released) and pokes an ``inproc://`` PAIR when records are
-committed past what was published.
+committed past what was read -- armed only while a FETCH is parked or a live
+subscriber waits for records.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -45,13 +53,51 @@ READ_RECORDS = 256           # records per ring read / publish batch
 READ_BYTES = 1 << 20
 FETCH_MAX_RECORDS = 2048     # most records answered to one FETCH
 FETCH_MAX_BYTES = 2 << 20
+PARK_TIMEOUT = 0.5           # s: a parked FETCH is answered empty after this long
+MAX_PARKED = 64              # parked FETCHes (one per peer); beyond, answered at once
 HEARTBEAT_INTERVAL = 0.5     # s
 IDLE_POLL = 0.2              # s: longest block in poll (bounds SIGTERM latency)
 REPLAY_BUDGET = 64           # replay-socket messages handled per loop step
+SUBSCRIPTION_BUDGET = 4096   # XPUB subscription messages handled per loop step
 BAD_TOPIC = wire.device_topic("")  # a record whose envelope cannot be read still keeps its place
 # Plain-int flags: send_multipart ORs enum flags per frame, a measurable share per record.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
+
+
+class TopicFilter:
+    """The prefixes live subscribers hold, as an XPUB reports them (free of I/O).
+
+    Without ``XPUB_VERBOSE`` libzmq reports a prefix once, when its first subscriber
+    arrives, and its unsubscription once, when the last one leaves or disconnects:
+    a set is exactly the state.  Device topics end in NUL, so they are matched by a
+    set lookup; the empty prefix (``device=*``) matches everything; any other prefix
+    (not made by the fanout) by ``startswith``.
+    """
+
+    def __init__(self) -> None:
+        self.everything = False
+        self.exact: set[bytes] = set()
+        self.prefixes: set[bytes] = set()
+
+    def __bool__(self) -> bool:
+        return self.everything or bool(self.exact) or bool(self.prefixes)
+
+    def update(self, sub: wire.Subscription) -> None:
+        prefix = sub.prefix
+        if prefix == b"":
+            self.everything = sub.subscribe
+        else:
+            target = self.exact if prefix.endswith(wire.TOPIC_END) else self.prefixes
+            if sub.subscribe:
+                target.add(prefix)
+            else:
+                target.discard(prefix)
+
+    def matches(self, topic: bytes) -> bool:
+        if self.everything or topic in self.exact:
+            return True
+        return any(topic.startswith(p) for p in self.prefixes)
 
 
 class Publisher:
@@ -61,7 +107,7 @@ class Publisher:
         self.reader = ring.reader()
         self.durable = tuple(settings.durable_subscribers)
         self.confirmed: dict[str, int] = {}
-        self.pub = ctx.socket(zmq.PUB)
+        self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, settings.pub_hwm)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(settings.pub_endpoint)
@@ -73,18 +119,49 @@ class Publisher:
         self.doorbell = Doorbell(ctx, self.reader, "publisher")
         self.poller = zmq.Poller()
         self.poller.register(self.replay, zmq.POLLIN)
+        self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self.doorbell.inbox, zmq.POLLIN)
-        self.published = ring.head  # everything before it was published (or released)
+        self.topics = TopicFilter()
+        self.epoch = int.from_bytes(os.urandom(6), "big")  # this process's live-stream counters
+        self.counts: dict[bytes, int] = {}  # messages published per topic (n)
+        self.parked: dict[bytes, tuple[wire.Fetch, float]] = {}  # peer identity -> (FETCH, deadline)
+        self.published = ring.head  # the live stream's position (everything before it was offered)
         self.read_end = self.published  # highest record end read so far (a record boundary)
         self.last_heartbeat = 0.0
+        self._read_cache: tuple[int, list[Any]] | None = None  # one step's read, shared
+
+    # ------------------------------------------------------------------ ring reads
+    def read(self, start: int, max_records: int, max_bytes: int) -> list[Any]:
+        """Records from ``start``; a read of the same position in the same step is reused."""
+        cache = self._read_cache
+        if cache is not None and cache[0] == start and cache[1]:
+            return cache[1][:max_records]
+        records = self.reader.read(start, max_records=max_records, max_bytes=max_bytes)
+        if records:
+            self._read_cache = (start, records)
+            read_end = self.read_end
+            if records[-1].end > read_end:
+                # stage="published": each record once, when first read (to be handed on)
+                fresh = len(records) if records[0].end > read_end else sum(1 for r in records if r.end > read_end)
+                MESSAGES.labels(stage="published").inc(fresh)
+                self.read_end = records[-1].end
+        return records
 
     # ------------------------------------------------------------------ live stream
     def publish_some(self) -> int:
-        """Publish the next batch of committed records; returns how many."""
-        records = self.reader.read(self.published, max_records=READ_RECORDS, max_bytes=READ_BYTES)
+        """Publish the next batch of committed records to matching subscribers; returns how many were read."""
+        topics = self.topics
+        if not topics:  # nobody listens: follow the durable subscribers' reads for free
+            if self.read_end > self.published:
+                self.published = self.read_end
+            return 0
+        records = self.read(self.published, READ_RECORDS, READ_BYTES)
         if not records:
             return 0
         send = self.pub.send
+        counts = self.counts
+        ring_id, epoch = self.ring_id, self.epoch
+        everything = topics.everything
         span = self.published
         for rec in records:
             try:
@@ -93,57 +170,96 @@ class Publisher:
                 log.error("fan-in ring position %d: %s: published under the empty topic", rec.pos, exc)
                 ERRORS.labels(stage="publisher", reason="bad_record").inc()
                 topic = BAD_TOPIC
-            frames = wire.encode_published(topic, self.ring_id, span, rec.end, rec.payload)
-            send(frames[0], _MORE)
-            send(frames[1], _MORE)
-            send(frames[2], _LAST)
+            if everything or topics.matches(topic):
+                n = counts.get(topic, 0) + 1
+                counts[topic] = n
+                send(topic, _MORE)
+                send(wire.encode_meta(ring_id, span, rec.end, epoch, n), _MORE)
+                send(rec.payload, _LAST)
             span = rec.end
         self.published = span
-        if span > self.read_end:
-            self.read_end = span
-        MESSAGES.labels(stage="published").inc(len(records))
         return len(records)
 
     def heartbeat(self) -> None:
         self.last_heartbeat = time.monotonic()
         self.pub.send_multipart(wire.encode_heartbeat(self.ring_id, self.published), zmq.NOBLOCK)
 
+    def on_subscription(self, frame: bytes) -> None:
+        sub = wire.decode_subscription(frame)
+        had = bool(self.topics)
+        self.topics.update(sub)
+        if not sub.subscribe:
+            self._forget_counts()
+        if not had and self.topics and self.read_end > self.published:
+            self.published = self.read_end
+        log.info(
+            "live subscriber %s %r (%s)",
+            "subscribed to" if sub.subscribe else "unsubscribed from", sub.prefix[:64],
+            "everything" if self.topics.everything else f"{len(self.topics.exact) + len(self.topics.prefixes)} prefixes",
+        )
+
+    def _forget_counts(self) -> None:
+        """Drop the counters of topics nobody subscribes to any more (bounded memory)."""
+        topics = self.topics
+        if topics.everything:
+            return
+        if not topics.prefixes:
+            self.counts = {t: n for t, n in self.counts.items() if t in topics.exact}
+        else:
+            self.counts = {t: n for t, n in self.counts.items() if topics.matches(t)}
+
     # ------------------------------------------------------------------ replay / confirm
-    def on_replay(self, frames: list[bytes]) -> None:
+    def on_replay(self, frames: list[bytes], now: float) -> None:
         if len(frames) < 2:
             raise wire.WireError(f"replay: expected identity + message, got {len(frames)} frames")
         identity, body = frames[0], frames[1:]
         if body[0] == wire.CONFIRM:
             self.on_confirm(wire.decode_confirm(body))
         elif body[0] == wire.FETCH:
-            self.on_fetch(identity, wire.decode_fetch(body))
+            self.on_fetch(identity, wire.decode_fetch(body), now)
         else:
             raise wire.WireError(f"replay: unknown verb {body[0][:16]!r}")
 
-    def on_fetch(self, identity: bytes, fetch: wire.Fetch) -> None:
+    def on_fetch(self, identity: bytes, fetch: wire.Fetch, now: float) -> None:
+        self.parked.pop(identity, None)  # a newer request replaces a parked one
+        if not self.answer(identity, fetch, final=False):
+            if len(self.parked) >= MAX_PARKED:
+                self.answer(identity, fetch, final=True)
+            else:
+                self.parked[identity] = (fetch, now + PARK_TIMEOUT)
+
+    def answer(self, identity: bytes, fetch: wire.Fetch, final: bool) -> bool:
+        """Answer ``fetch`` with what is committed; with nothing to send and not ``final``,
+        a waiting FETCH is left unanswered (``False``: park it)."""
         head = self.ring.head
-        start = head if fetch.ring != self.ring_id else max(fetch.start, head)
+        mine = fetch.ring == self.ring_id
+        start = max(fetch.start, head) if mine else head
         count = max(0, min(fetch.max, FETCH_MAX_RECORDS))
-        items: list[tuple[int, int, bytes]] = []
+        records: list[Any] = []
         if count:
             try:
-                records = self.reader.read(start, max_records=count, max_bytes=FETCH_MAX_BYTES)
+                records = self.read(start, count, FETCH_MAX_BYTES)
             except RingError as exc:  # not a record boundary, beyond the tail: a confused peer
                 log.warning("FETCH from %d (head %d): %s: answered with no records", fetch.start, head, exc)
                 ERRORS.labels(stage="publisher", reason="bad_fetch").inc()
-                records = []
-            span = start
-            for rec in records:
-                items.append((span, rec.end, rec.payload))
-                span = rec.end
-            if span > self.read_end:
-                self.read_end = span
-        next_pos = items[-1][1] if items else start
-        reply = wire.encode_records(self.ring_id, start, next_pos, self.ring.tail, items)
+                final = True
+        if not records and not final and fetch.wait and mine and count:
+            return False
+        ends = [rec.end for rec in records]
+        reply = wire.encode_records(
+            self.ring_id, start, ends[-1] if ends else start, self.ring.tail, ends,
+            [rec.payload for rec in records], ask=fetch.start,
+        )
         try:
             self.replay.send_multipart([identity, *reply], zmq.NOBLOCK)
         except zmq.Again:
             pass  # the subscriber is gone or flooded; it asks again after its timeout
+        return True
+
+    def serve_parked(self, now: float) -> None:
+        for identity, (fetch, deadline) in list(self.parked.items()):
+            if self.answer(identity, fetch, final=now >= deadline):
+                del self.parked[identity]
 
     def on_confirm(self, confirm: wire.Confirm) -> None:
         if confirm.ring != self.ring_id:
@@ -176,30 +292,52 @@ class Publisher:
             log.error("cannot pop to confirmed cursor %d: %s", target, exc)
             ERRORS.labels(stage="publisher", reason="bad_confirm").inc()
             return
+        self._read_cache = None
         if self.published < target:
             self.published = target  # already durable downstream: no need to publish it again
 
     # ------------------------------------------------------------------ loop
     def step(self) -> None:
+        self._read_cache = None
+        now = time.monotonic()
+        if self.parked:
+            self.serve_parked(now)
         n = self.publish_some()
         self.release()
-        if n < READ_RECORDS:
-            self.doorbell.arm()
-        now = time.monotonic()
+        live_waiting = bool(self.topics) and n < READ_RECORDS
+        if self.parked or live_waiting:
+            self.doorbell.arm()  # records committed past the last read wake the poll
         if now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
             self.heartbeat()
-        timeout = 0 if n >= READ_RECORDS else min(IDLE_POLL, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
+        timeout = min(IDLE_POLL, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
+        if self.parked:
+            timeout = min(timeout, max(0.0, min(d for _, d in self.parked.values()) - now))
+        if n >= READ_RECORDS:
+            timeout = 0
         events = dict(self.poller.poll(int(timeout * 1000)))
+        self._read_cache = None
         if self.doorbell.inbox in events:
             self.doorbell.drain()
+        if self.pub in events:
+            for _ in range(SUBSCRIPTION_BUDGET):
+                try:
+                    frame = self.pub.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self.on_subscription(frame)
+                except wire.WireError as exc:
+                    log.warning("dropped a malformed subscription message: %s", exc)
+                    ERRORS.labels(stage="publisher", reason="wire").inc()
         if self.replay in events:
+            now = time.monotonic()
             for _ in range(REPLAY_BUDGET):
                 try:
                     frames = self.replay.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 try:
-                    self.on_replay(frames)
+                    self.on_replay(frames, now)
                 except wire.WireError as exc:
                     log.warning("dropped a malformed replay message: %s", exc)
                     ERRORS.labels(stage="publisher", reason="wire").inc()
@@ -241,7 +379,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
         ring.close()
         raise SystemExit(1) from None
     log.info(
-        "publisher: fan-in ring %s (%s, id %s, head %d, tail %d), PUB %s, replay %s, durable subscribers %s",
+        "publisher: fan-in ring %s (%s, id %s, head %d, tail %d), XPUB %s, replay %s, durable subscribers %s",
         path, ring.backend, ring.ring_id.hex(), ring.head, ring.tail,
         settings.pub_endpoint, settings.replay_endpoint, ",".join(settings.durable_subscribers),
     )
