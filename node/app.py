@@ -261,7 +261,7 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     finally:
         committer.disconnect(conn)
         if state.gc is not None:
-            state.gc.note_garbage()  # a closed connection's objects are cyclic
+            state.gc.note_garbage(ended=True)  # a closed connection's objects are cyclic
         if not writer.done():
             writer.cancel()
         try:

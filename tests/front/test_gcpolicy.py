@@ -20,6 +20,16 @@ class _Node:
         self.data = [self]
 
 
+def _grow_to(factor: float, baseline: int) -> list[_Node]:
+    """Live _Nodes until the allocated memory blocks reach ``factor`` x ``baseline``."""
+    nodes: list[_Node] = []
+    for _ in range(10_000):  # bounded: 10M nodes
+        if sys.getallocatedblocks() >= factor * baseline:
+            return nodes
+        nodes.extend(_Node() for _ in range(1000))
+    raise AssertionError(f"could not grow memory to {factor} x {baseline} blocks")
+
+
 @pytest.fixture
 def policy() -> Iterator[GcPolicy]:
     saved = gc.get_threshold()
@@ -36,7 +46,7 @@ def _full_collections() -> int:
     return int(gc.get_stats()[2]["collections"])
 
 
-def test_connections_accepted_after_start_are_frozen_and_only_compactions_run_full_passes(
+def test_connections_accepted_after_start_are_frozen_and_a_ramp_runs_no_full_pass(
     policy: GcPolicy,
 ) -> None:
     policy.start()
@@ -47,30 +57,53 @@ def test_connections_accepted_after_start_are_frozen_and_only_compactions_run_fu
     # so the allocated blocks more than double), and allocations that trigger
     # automatic young collections (each of which, under CPython's default
     # threshold2, may escalate to a full one).
-    n = max(20_000, frozen_at_start, sys.getallocatedblocks())
-    conns = [_Node() for _ in range(n)]
+    conns = _grow_to(2.5, sys.getallocatedblocks())
+    n = len(conns)
+    for _ in range(n // 1000):
+        policy.note_garbage()  # connections began
     policy.tick()
     assert gc.get_freeze_count() >= frozen_at_start + n
     for _ in range(40):
         junk = [[i] for i in range(30_000)]  # lives through automatic young collections, then dies
         policy.tick()
         del junk
-    # The only full collection allowed is the policy's one compaction for the doubling.
+    # Memory doubled, but no connection ended: nothing died, nothing to compact.
+    assert policy.compactions == 0
+    assert _full_collections() == fulls, "an automatic full collection ran"
+    # Then connections end: their frozen objects are garbage, the doubling compacts.
+    policy.note_garbage(ended=True)
+    policy.tick()
     assert policy.compactions == 1
-    assert _full_collections() - fulls == policy.compactions, "an automatic full collection ran"
+    assert _full_collections() - fulls == policy.compactions
     assert len(conns) == n
+
+
+def test_growth_to_four_times_compacts_even_without_ended_connections(policy: GcPolicy) -> None:
+    policy.start()
+    baseline = sys.getallocatedblocks()
+    cycles = _grow_to(4.2, baseline)
+    probe = weakref.ref(cycles[0])
+    gc.freeze()
+    del cycles
+    assert sys.getallocatedblocks() >= 4 * baseline
+    policy.tick()
+    assert policy.compactions == 1
+    assert probe() is None
 
 
 def test_frozen_dead_cycles_are_reclaimed_once_memory_doubles(policy: GcPolicy) -> None:
     policy.start()
     baseline = sys.getallocatedblocks()
-    cycles = [_Node() for _ in range(baseline)]  # 2+ memory blocks each
+    cycles = _grow_to(2.5, baseline)
     probe = weakref.ref(cycles[0])
     gc.freeze()  # frozen while alive, like a connection's objects
     del cycles  # dead, but cyclic: reference counting cannot free them
     assert probe() is not None
     assert sys.getallocatedblocks() >= 2 * baseline
-    policy.tick()  # allocated blocks >= 2x the start-up count: compaction
+    policy.tick()  # no connection ended yet: garbage or a ramp? Not compacted below 4x
+    assert policy.compactions == 0
+    policy.note_garbage(ended=True)
+    policy.tick()  # allocated blocks >= 2x the start-up count and a connection ended: compaction
     assert policy.compactions == 1
     assert probe() is None
     assert sys.getallocatedblocks() < 2 * baseline
