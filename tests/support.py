@@ -6,6 +6,7 @@ private ``NODE_DATA_DIR`` and free loopback ports, and kills them on teardown.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,8 +14,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,6 +129,58 @@ class Processes:
         for name, proc in list(self.procs.items()):
             if proc.poll() is None:
                 self.kill(name, signal.SIGKILL)
+
+
+@contextmanager
+def private_processes(tmp_path_factory: pytest.TempPathFactory, basename: str) -> Iterator[tuple[Path, Path, Processes]]:
+    """For module- or session-scoped fixtures: ``(root, data_dir, processes)``, a fresh
+    root for the logs with an empty ``root/data``; every process started in the group
+    is killed on exit."""
+    root = tmp_path_factory.mktemp(basename)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    group = Processes()
+    try:
+        yield root, data_dir, group
+    finally:
+        group.stop_all()
+
+
+def device_handshake_succeeds(url: str, token: str, timeout: float = 2.0) -> bool:
+    """True when a device WebSocket handshake with ``token`` is accepted at ``url``."""
+    import websockets
+
+    async def probe() -> bool:
+        try:
+            async with websockets.connect(
+                url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=timeout
+            ):
+                return True
+        except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+            return False
+
+    return asyncio.run(probe())
+
+
+def start_web(
+    processes: Processes, env: Mapping[str, str], log_dir: Path, name: str = "web", timeout: float = 30.0
+) -> subprocess.Popen[bytes]:
+    """Start the device front (``python -m node.workers.web``) as ``name`` and return once
+    a device handshake succeeds (its workers serve); fail with its log if it exits first
+    or is not ready within ``timeout`` s."""
+    from node.auth import issue_device_token
+
+    proc = processes.start(name, "node.workers.web", env, log_dir)
+    url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
+    token = issue_device_token(env["NODE_JWT_SECRET"], "readiness-probe")
+    try:
+        wait_until(lambda: proc.poll() is not None or device_handshake_succeeds(url, token), timeout,
+                   what=f"{name} ready")
+    except AssertionError:
+        raise AssertionError(f"{name} did not get ready within {timeout} s:\n{processes.log(name)[-3000:]}") from None
+    if proc.poll() is not None:
+        raise AssertionError(f"{name} exited with {proc.returncode}:\n{processes.log(name)[-3000:]}")
+    return proc
 
 
 def ring_envelopes(path: Path | str, capacity: int = 4 << 20, pop: bool = False) -> list[Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.auth import issue_device_token
-from tests.support import Processes, iter_children, node_env, wait_for_port
+from tests.support import Processes, iter_children, node_env, private_processes, start_web
 
 PIPELINE = ("monitor", "router", "publisher", "store")
 
@@ -41,12 +41,7 @@ class Node:
         return issue_device_token(self.secret, device)
 
     def start_front(self) -> None:
-        proc = self.processes.start("web", "node.workers.web", self.env, self.log_dir)
-        try:
-            wait_for_port(int(self.env["NODE_WEB_PORT"]), timeout=30)
-        except AssertionError:
-            state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
-            raise AssertionError(f"the front did not listen within 30 s ({state}):\n{self.processes.log('web')[-3000:]}") from None
+        start_web(self.processes, self.env, self.log_dir)
 
     def kill_front(self) -> None:
         """SIGKILL the whole front (parent and workers): every connection drops."""
@@ -90,12 +85,7 @@ def front(front_factory: object) -> Node:
 def shared_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One front for the tests that neither kill it nor reconfigure it (each uses
     its own device ids): saves a uvicorn start per test."""
-    data_dir = tmp_path_factory.mktemp("shared-front") / "data"
-    data_dir.mkdir()
-    group = Processes()
-    try:
+    with private_processes(tmp_path_factory, "shared-front") as (_, data_dir, group):
         node = Node(group, data_dir, node_env(data_dir))
         node.start_front()
         yield node
-    finally:
-        group.stop_all()

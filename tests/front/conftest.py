@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import pytest
 import websockets
 
 from node.auth import issue_device_token
-from tests.support import Processes, node_env, wait_until
+from tests.support import Processes, node_env, private_processes, start_web
 
 SECRET = "test-secret-0123456789abcdef"  # what tests.support.node_env sets
 
@@ -40,45 +39,17 @@ class Front:
         return self.processes.log("web")
 
 
-def _ready(url: str, token: str) -> bool:
-    async def probe() -> bool:
-        try:
-            async with websockets.connect(
-                url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=2
-            ):
-                return True
-        except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
-            return False
-
-    return asyncio.run(probe())
-
-
 def start_front(data_dir: Path, log_dir: Path, processes: Processes, name: str = "web", **env: object) -> Front:
     environment = node_env(data_dir, **env)
-    processes.start(name, "node.workers.web", environment, log_dir)
-    front = Front(environment, int(environment["NODE_WEB_PORT"]), data_dir, processes)
-    token = front.token("readiness-probe")
-    try:
-        wait_until(lambda: _ready(front.url, token) or processes.procs[name].poll() is not None, timeout=30,
-                   what="web front ready")
-    except AssertionError:
-        raise AssertionError(f"web did not start:\n{processes.log(name)}") from None
-    if processes.procs[name].poll() is not None:
-        raise AssertionError(f"web exited with {processes.procs[name].returncode}:\n{processes.log(name)}")
-    return front
+    start_web(processes, environment, log_dir, name)
+    return Front(environment, int(environment["NODE_WEB_PORT"]), data_dir, processes)
 
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     """One front shared by the tests of a module (start-up costs ~1-2 s)."""
-    root = tmp_path_factory.mktemp("front")
-    data_dir = root / "data"
-    data_dir.mkdir()
-    group = Processes()
-    try:
+    with private_processes(tmp_path_factory, "front") as (root, data_dir, group):
         yield start_front(data_dir, root, group)
-    finally:
-        group.stop_all()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,7 +20,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.auth import issue_device_token
-from tests.support import REPO, Processes, iter_children, node_env, wait_for_port, wait_until
+from tests.support import REPO, Processes, iter_children, node_env, private_processes, wait_for_port, wait_until
 
 SECRET = "test-secret-0123456789abcdef"  # what tests.support.node_env sets
 PROCESSES = ("web", "monitor", "router", "publisher", "store", "fanout")
@@ -172,25 +172,19 @@ def start_node(
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One whole node shared by a module's tests (start-up costs a few seconds)."""
-    root = tmp_path_factory.mktemp("node")
-    data_dir = root / "data"
-    data_dir.mkdir()
-    group = Processes()
-    started: list[Node] = []
-    try:
-        started.append(start_node(data_dir, root, group))
-        yield started[0]
-    finally:
-        for n in started:
-            n.client.close()
-        for name in PROCESSES:  # SIGCONT first: a test may have stopped one
-            proc = group.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-        group.stop_all()
+    with private_processes(tmp_path_factory, "node") as (root, data_dir, group):
+        node = start_node(data_dir, root, group)
+        try:
+            yield node
+        finally:
+            node.client.close()
+            for name in PROCESSES:  # SIGCONT first: a test may have stopped one
+                proc = group.procs.get(name)
+                if proc is not None and proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
 
 
 def send_messages(node: Node, devices: list[str], per_device: int, start_seq: int = 0, timeout: float = 60) -> None:

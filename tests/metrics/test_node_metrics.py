@@ -276,20 +276,27 @@ OWNED = {
 
 def test_each_process_exports_only_its_own_metrics_and_web_gauges_carry_no_pid(node: Node) -> None:
     send_messages(node, ["own-1"], 3)  # the web's labelled counters have values to merge
+    exporters: dict[str, set[str]] = {}
     for name in PROCESSES:
         text = node.scrape_text(name)
         families = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("iotnode_")}
         for created in [n for n in families if n.endswith("_created") and n.removesuffix("_created") in families]:
             del families[created]  # a single process's counters and histograms also say when they were created
-        # errors: a labelled counter nothing has counted yet is absent in the web's multiprocess mode
-        want = OWNED[name] | SHARED
-        assert set(families) - {"iotnode_errors"} == want - {"iotnode_errors"}, (
-            f"{name}: extra {sorted(set(families) - want)}, missing {sorted(want - set(families) - {'iotnode_errors'})}"
-        )
         for family in families.values():
+            exporters.setdefault(family.name, set()).add(name)
             for s in family.samples:
                 if not family.name.startswith("iotnode_process_"):
                     assert "pid" not in s.labels, f"{name}: {s.name}{s.labels} is per pid"
+        assert OWNED[name] <= set(families), f"{name}: missing {sorted(OWNED[name] - set(families))}"
+        if name == "web":  # exactly its own (errors: absent until the web counts one)
+            assert set(families) - {"iotnode_errors"} == (OWNED["web"] | SHARED) - {"iotnode_errors"}, (
+                f"web: extra {sorted(set(families) - OWNED['web'] - SHARED)}"
+            )
+    for family, where in exporters.items():
+        if family in RING:
+            assert where == {"monitor", "publisher"}, (family, where)
+        elif family not in SHARED:
+            assert len(where) == 1, f"{family} is exported by {sorted(where)}: only its owner should"
     web = node.scrape("web")
     assert value(web, "iotnode_web_workers") == int(node.env["NODE_WEB_WORKERS"])
     assert value(web, "iotnode_messages_total", stage="acked") >= 3
