@@ -1,10 +1,11 @@
 """Time one ``ring.append_batch`` (one persist) per group size, on this machine's backend.
 
-    python -m tests.front.measure_persist [DIR]
+    python -m bench.front_persist [DIR]
 
 Prints the backend and, for groups of 1/8/64/512 records of 100 bytes, the median
 microseconds per append_batch call and per record (500 calls each, ring drained
-between rounds), and the same call through the commit thread (the hop's cost).  Not collected by pytest.
+between rounds), and the same call through the commit thread (the hop's cost).
+Results and what they decided: docs/front.md ("Thread or inline?").
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 
 from node.record import pack_record
 from node.ring import Ring
+from node.ring.reader import Reader
 
 
-def drain(ring: Ring, reader) -> None:  # noqa: ANN001
+def drain(ring: Ring, reader: Reader) -> None:
     pos = ring.head
     for _ in range(100_000):
         batch = reader.read(pos, max_records=65536, max_bytes=64 << 20)
@@ -31,7 +33,7 @@ def drain(ring: Ring, reader) -> None:  # noqa: ANN001
     reader.pop(pos)
 
 
-async def thread_hop(ring: Ring, reader, group: list[bytes]) -> float:  # noqa: ANN001
+async def thread_hop(ring: Ring, reader: Reader, group: list[bytes]) -> float:
     loop = asyncio.get_running_loop()
     times = []
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -1,14 +1,15 @@
 """Server CPU time per handshake and per message: the front vs a bare Starlette app.
 
-    python -m tests.front.measure_handshake [CONNECTIONS] [ROUNDS]
+    python -m bench.front_handshake [CONNECTIONS] [ROUNDS]
 
 Starts, side by side, (a) a baseline: a Starlette WebSocket endpoint that accepts
 without auth and answers every frame with a fixed ack, under the same uvicorn
-options as ``web``; (b) the front (one worker, ``python -m tests.front.front_variant
+options as ``web``; (b) the front (one worker, ``python -m bench.front_variant
 auto``).  For each, opens CONNECTIONS (default 3000) device connections, then sends
 one message per connection and waits for its ack, reading the server's CPU time
 (utime + stime from /proc) around each phase.  CPU time, unlike wall time, stays
-meaningful on a machine shared with other jobs.  Not collected by pytest.
+meaningful on a machine shared with other jobs.  Loopback only; logs and the
+front's data dir go to a temporary directory, removed at the end.  Results: docs/front.md.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import websockets
 
+from bench.runner import REPO
+from bench.targets import SECRET, free_port, wait_for_port
 from node.auth import issue_device_token
-from tests.support import REPO, free_port, node_env, wait_for_port
-
-SECRET = "test-secret-0123456789abcdef"
+from node.procmetrics import read_process
 
 BASELINE = """
 import uvicorn
@@ -51,8 +52,19 @@ uvicorn.run(app, host="127.0.0.1", port=int(__import__("sys").argv[1]), loop="uv
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    sample = read_process(pid)
+    if sample is None:
+        raise SystemExit(f"process {pid} is gone")
+    return sample[0]
+
+
+def front_env(data_dir: Path) -> dict[str, str]:
+    """The one-worker front's environment: no inherited NODE_*, a private data dir, a free port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    env.update(NODE_DATA_DIR=str(data_dir), NODE_HOST="127.0.0.1", NODE_WEB_PORT=str(free_port()),
+               NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS="1", NODE_LOG_LEVEL="warning",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
 
 
 async def load(url: str, pid: int, n: int) -> tuple[float, float]:
@@ -82,16 +94,26 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="handshake-") as tmp:
+        run(Path(tmp), n, rounds)
+
+
+def run(workdir: Path, n: int, rounds: int) -> None:
     base_port = free_port()
-    env = node_env(Path(tempfile.mkdtemp(prefix="handshake-")), NODE_WEB_WORKERS=1, NODE_LOG_LEVEL="warning")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", BASELINE, str(base_port)], cwd=str(REPO), start_new_session=True),
-        subprocess.Popen([sys.executable, "-m", "tests.front.front_variant", "auto"], env=env, cwd=str(REPO),
-                         start_new_session=True),
-    ]
+    (workdir / "data").mkdir()
+    env = front_env(workdir / "data")
+    logs = [workdir / "baseline.log", workdir / "front.log"]
+    procs = []
+    for argv, log, proc_env in (
+        ([sys.executable, "-c", BASELINE, str(base_port)], logs[0], None),
+        ([sys.executable, "-m", "bench.front_variant", "auto"], logs[1], env),
+    ):
+        with open(log, "ab") as fh:
+            procs.append(subprocess.Popen(argv, env=proc_env, cwd=str(REPO), stdout=fh, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
     try:
-        wait_for_port(base_port)
-        wait_for_port(int(env["NODE_WEB_PORT"]))
+        wait_for_port(base_port, procs[0], logs[0])
+        wait_for_port(int(env["NODE_WEB_PORT"]), procs[1], logs[1])
         time.sleep(2)
         targets = [("baseline", f"ws://127.0.0.1:{base_port}/v1/ingest", procs[0].pid),
                    ("front", f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest", procs[1].pid)]
@@ -102,7 +124,8 @@ def main() -> None:
                       f"{msg * 1e6:.0f} us CPU per message (one per connection, {n} connections)")
     finally:
         for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
 
 
