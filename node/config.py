@@ -96,6 +96,14 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
+def _int_between(minimum: int, maximum: int) -> Callable[[str, str], int]:
+    return lambda name, raw: _parse_int(name, raw, minimum=minimum, maximum=maximum)
+
+
+def _seconds_from(minimum: float) -> Callable[[str, str], float]:
+    return lambda name, raw: _parse_float(name, raw, minimum=minimum)
+
+
 def _parse_names(name: str, raw: str) -> tuple[str, ...]:
     """A comma-separated list of subscriber names (letters, digits, ``_``, ``-``)."""
     names = tuple(part.strip() for part in raw.split(","))
@@ -246,34 +254,14 @@ class Settings:
         take("NODE_FANOUT_QUEUE", "fanout_queue", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
         take("NODE_DURABLE_SUBSCRIBERS", "durable_subscribers", _parse_names)
         take("NODE_PUB_HWM", "pub_hwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=10_000_000))
-        take(
-            "NODE_MONITOR_BATCH_RECORDS",
-            "monitor_batch_records",
-            lambda n, r: _parse_int(n, r, minimum=1, maximum=65536),
-        )
-        take(
-            "NODE_MONITOR_BATCH_BYTES",
-            "monitor_batch_bytes",
-            lambda n, r: _parse_int(n, r, minimum=1024, maximum=64 * MIB),
-        )
-        take("NODE_MONITOR_WINDOW", "monitor_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=1024))
-        take("NODE_MONITOR_ACK_TIMEOUT", "monitor_ack_timeout", lambda n, r: _parse_float(n, r, minimum=0.01))
-        take(
-            "NODE_MONITOR_ACK_TIMEOUT_MAX",
-            "monitor_ack_timeout_max",
-            lambda n, r: _parse_float(n, r, minimum=0.01),
-        )
-        take(
-            "NODE_ROUTER_GATHER_BATCHES",
-            "router_gather_batches",
-            lambda n, r: _parse_int(n, r, minimum=1, maximum=4096),
-        )
-        take(
-            "NODE_ROUTER_GATHER_BYTES",
-            "router_gather_bytes",
-            lambda n, r: _parse_int(n, r, minimum=1024, maximum=1024 * MIB),
-        )
-        take("NODE_ROUTER_RCVHWM", "router_rcvhwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
+        take("NODE_MONITOR_BATCH_RECORDS", "monitor_batch_records", _int_between(1, 65536))
+        take("NODE_MONITOR_BATCH_BYTES", "monitor_batch_bytes", _int_between(1024, 64 * MIB))
+        take("NODE_MONITOR_WINDOW", "monitor_window", _int_between(1, 1024))
+        take("NODE_MONITOR_ACK_TIMEOUT", "monitor_ack_timeout", _seconds_from(0.01))
+        take("NODE_MONITOR_ACK_TIMEOUT_MAX", "monitor_ack_timeout_max", _seconds_from(0.01))
+        take("NODE_ROUTER_GATHER_BATCHES", "router_gather_batches", _int_between(1, 4096))
+        take("NODE_ROUTER_GATHER_BYTES", "router_gather_bytes", _int_between(1024, 1024 * MIB))
+        take("NODE_ROUTER_RCVHWM", "router_rcvhwm", _int_between(1, 1_000_000))
         take(
             "NODE_LOG_LEVEL",
             "log_level",
