@@ -261,7 +261,8 @@ class Hub:
             self._release(b"")
             if not self._everyone:  # keep dedup state only for devices still followed
                 self._last_seq = {d: s for d, s in self._last_seq.items() if d in self._followers}
-                self._seen_n = {t: n for t, n in self._seen_n.items() if t in self._topics}
+                for topic in [t for t in self._seen_n if t not in self._topics]:
+                    del self._seen_n[topic]  # in place: dispatch() holds this dict
             return
         for device_id in client.selection.devices:
             followers = self._followers[device_id]

@@ -19,9 +19,10 @@
   the live stream reads and sends nothing per record.  ``n`` counts the messages
   published on the topic since this process started (``epoch`` is drawn at start),
   so a subscriber sees what the high-water mark (``NODE_PUB_HWM``) dropped.  A
-  heartbeat ``[ring_id, published_position]`` every ``HEARTBEAT_INTERVAL``.  The
-  live stream starts where the durable subscribers' reads are when the first
-  subscription arrives (no history for a client app).
+  heartbeat ``[ring_id, published_position]`` every ``HEARTBEAT_INTERVAL``.  When
+  the first subscription arrives the live stream starts at the newest committed
+  record (it skips what the durable subscribers have not read yet: no backlog for
+  a client app).
 
 No spin: the loop blocks in ``zmq.Poller.poll``; a doorbell thread blocks in
 ``reader.wait`` (GIL released) and pokes an ``inproc://`` PAIR when records are
@@ -59,6 +60,7 @@ HEARTBEAT_INTERVAL = 0.5     # s
 IDLE_POLL = 0.2              # s: longest block in poll (bounds SIGTERM latency)
 REPLAY_BUDGET = 64           # replay-socket messages handled per loop step
 SUBSCRIPTION_BUDGET = 4096   # XPUB subscription messages handled per loop step
+SKIP_READS = 16              # ring reads per loop step while the live stream skips to the newest
 BAD_TOPIC = wire.device_topic("")  # a record whose envelope cannot be read still keeps its place
 # Plain-int flags: send_multipart ORs enum flags per frame, a measurable share per record.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -128,6 +130,7 @@ class Publisher:
         self.published = ring.head  # the live stream's position (everything before it was offered)
         self.read_end = self.published  # highest record end read so far (a record boundary)
         self.last_heartbeat = 0.0
+        self.catching_up = False  # the live stream skips to the newest records first
         self._read_cache: tuple[int, list[Any]] | None = None  # one step's read, shared
 
     # ------------------------------------------------------------------ ring reads
@@ -155,6 +158,10 @@ class Publisher:
             if self.read_end > self.published:
                 self.published = self.read_end
             return 0
+        if self.read_end > self.published:
+            self.published = self.read_end
+        if self.catching_up and not self.skip_to_newest():
+            return READ_RECORDS  # more to skip: come back at once
         records = self.read(self.published, READ_RECORDS, READ_BYTES)
         if not records:
             return 0
@@ -180,6 +187,19 @@ class Publisher:
         self.published = span
         return len(records)
 
+    def skip_to_newest(self) -> bool:
+        """Move the live position over committed records without publishing them (a first
+        subscriber gets live records, not a backlog nobody consumed); True once there."""
+        for _ in range(SKIP_READS):
+            records = self.read(self.published, FETCH_MAX_RECORDS, FETCH_MAX_BYTES)
+            if records:
+                self.published = records[-1].end
+            if len(records) < FETCH_MAX_RECORDS:
+                self.catching_up = False
+                self._read_cache = None
+                return True
+        return False
+
     def heartbeat(self) -> None:
         self.last_heartbeat = time.monotonic()
         self.pub.send_multipart(wire.encode_heartbeat(self.ring_id, self.published), zmq.NOBLOCK)
@@ -188,10 +208,10 @@ class Publisher:
         sub = wire.decode_subscription(frame)
         had = bool(self.topics)
         self.topics.update(sub)
-        if not sub.subscribe:
-            self._forget_counts()
-        if not had and self.topics and self.read_end > self.published:
-            self.published = self.read_end
+        if not sub.subscribe and not sub.prefix.endswith(wire.TOPIC_END):
+            self._forget_counts()  # "everything" (or a foreign prefix) left
+        if not had and self.topics:
+            self.catching_up = True  # start at the newest records, not at what nobody read yet
         log.info(
             "live subscriber %s %r (%s)",
             "subscribed to" if sub.subscribe else "unsubscribed from", sub.prefix[:64],
@@ -199,7 +219,10 @@ class Publisher:
         )
 
     def _forget_counts(self) -> None:
-        """Drop the counters of topics nobody subscribes to any more (bounded memory)."""
+        """Drop the counters of topics no remaining prefix matches (bounded memory once
+        ``device=*`` leaves).  A device topic's own counter is kept when it is
+        unsubscribed (one int per device ever followed), so a subscriber's numbers go on
+        where they stopped; the fanout starts its check afresh anyway."""
         topics = self.topics
         if topics.everything:
             return

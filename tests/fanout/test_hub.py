@@ -16,8 +16,10 @@ from node.record import pack_record
 DEVICES = ["a", "b", "ab"]
 
 
-def frames(device: str, seq: int) -> list[bytes]:
-    return wire.encode_published(wire.device_topic(device), b"R" * 16, 0, 1, pack_record(device, seq, None, 1.0, seq))
+def frames(device: str, seq: int, n: int = 0, epoch: int = 0) -> list[bytes]:
+    """A published record; ``n`` = 0 everywhere never looks like a gap (no numbering)."""
+    record = pack_record(device, seq, None, 1.0, seq)
+    return wire.encode_published(wire.device_topic(device), b"R" * 16, 0, 1, record, epoch=epoch, n=n)
 
 
 def with_hub(body: Callable[[Hub], None], queue_limit: int = 1_000_000) -> None:
@@ -103,5 +105,55 @@ def test_heartbeats_and_records_of_unfollowed_devices_are_not_streamed() -> None
         hub.add(client)
         hub.dispatch([wire.encode_heartbeat(b"R" * 16, 7), frames("b", 1), frames("a", 1)])
         assert streamed(client) == [("a", 1)]
+
+    with_hub(body)
+
+
+def test_a_jump_in_a_devices_numbers_closes_its_followers_naming_the_device_and_the_count() -> None:
+    def body(hub: Hub) -> None:
+        a = Client(Selection(False, frozenset({"a"})), 100)
+        star = Client(Selection(True, frozenset()), 100)
+        b = Client(Selection(False, frozenset({"b"})), 100)
+        for client in (a, star, b):
+            hub.add(client)
+        hub.dispatch([frames("a", 1, n=1), frames("b", 1, n=1), frames("a", 2, n=2)])
+        assert a.missed is None and streamed(a) == [("a", 1), ("a", 2)]
+        hub.dispatch([frames("a", 5, n=5), frames("b", 2, n=2)])  # messages 3 and 4 of "a" never came
+        for gone in (a, star):
+            assert gone.missed == "missed 2 live messages of device 'a'" and not gone.queue
+        assert b.missed is None and streamed(b) == [("b", 1), ("b", 2)]
+        hub.dispatch([frames("b", 3, n=3), frames("a", 6, n=6)])
+        assert streamed(b)[-1] == ("b", 3) and not a.queue and not star.queue  # closed ones get nothing more
+        # A new follower of "a" starts a fresh check: n = 6, 7 are not a gap for it.
+        later = Client(Selection(False, frozenset({"a"})), 100)
+        hub.add(later)
+        hub.dispatch([frames("a", 7, n=7)])
+        assert later.missed is None and streamed(later) == [("a", 7)]
+
+    with_hub(body)
+
+
+def test_a_restarted_publisher_numbering_from_1_again_is_not_a_gap() -> None:
+    def body(hub: Hub) -> None:
+        a = Client(Selection(False, frozenset({"a"})), 100)
+        hub.add(a)
+        hub.dispatch([frames("a", 1, n=1, epoch=10), frames("a", 2, n=2, epoch=10)])
+        hub.dispatch([frames("a", 3, n=1, epoch=11), frames("a", 4, n=2, epoch=11)])  # a new epoch
+        assert a.missed is None and [s for _, s in streamed(a)] == [1, 2, 3, 4]
+        hub.dispatch([frames("a", 5, n=4, epoch=11)])
+        assert a.missed == "missed 1 live messages of device 'a'"
+
+    with_hub(body)
+
+
+def test_close_reason_of_a_gap_fits_a_close_frame_for_a_long_device_id() -> None:
+    device = "é" * 100  # 200 UTF-8 bytes
+
+    def body(hub: Hub) -> None:
+        client = Client(Selection(False, frozenset({device})), 100)
+        hub.add(client)
+        hub.dispatch([frames(device, 1, n=1), frames(device, 2, n=9)])
+        assert client.missed is not None and client.missed.startswith("missed 7 live messages of device")
+        assert len(client.missed.encode()) <= 123
 
     with_hub(body)
