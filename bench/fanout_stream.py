@@ -125,7 +125,10 @@ class Publisher:
         topic = wire.device_topic(DEVICE)
         pad = "x" * payload
         frames = [
-            wire.encode_published(topic, RING, i * 64, i * 64 + 64, pack_record(DEVICE, i, 1.0 * i, 1.7e9 + i, {"i": i, "pad": pad}))
+            wire.encode_published(
+                topic, RING, i * 64, i * 64 + 64, pack_record(DEVICE, i, 1.0 * i, 1.7e9 + i, {"i": i, "pad": pad}),
+                epoch=1, n=i,  # numbered per topic like the publisher's: the fanout's gap check runs
+            )
             for i in range(1, records + 1)
         ]
         start = time.monotonic()

@@ -52,6 +52,18 @@ def _parse_float(name: str, raw: str, *, minimum: float | None = None) -> float:
     return value
 
 
+def _milliseconds_between(lo: float, hi: float) -> Callable[[str, str], float]:
+    """Milliseconds in ``[lo, hi]``, returned in seconds."""
+
+    def parse(name: str, raw: str) -> float:
+        value = _parse_float(name, raw, minimum=lo)
+        if value > hi:
+            raise ConfigError(name, raw, f"expected a number of milliseconds <= {hi:g}")
+        return value / 1000.0
+
+    return parse
+
+
 def _parse_port(name: str, raw: str) -> int:
     return _parse_int(name, raw, minimum=1, maximum=65535)
 
@@ -160,7 +172,7 @@ class Settings:
 
     # Publisher / store
     durable_subscribers: tuple[str, ...] = ("store",)  # names whose CONFIRM the publisher waits for
-    pub_hwm: int = 20000  # ZeroMQ high-water mark (messages) of the PUB socket and the store's SUB
+    pub_hwm: int = 20000  # ZeroMQ high-water mark (messages) of the publisher's XPUB and the fanout's SUB
 
     # Monitor (ingress ring -> router) and router (-> fan-in ring); docs/monitor-router.md
     monitor_batch_records: int = 256  # records per BATCH message
@@ -171,6 +183,9 @@ class Settings:
     router_gather_batches: int = 32  # BATCH messages appended with one append_batch (one persist)
     router_gather_bytes: int = 4 * MIB  # ... or fewer, once they hold this many bytes
     router_rcvhwm: int = 64  # BATCH messages ZeroMQ queues per monitor before the monitor's sends wait
+    # Seconds a drained monitor/publisher waits after a record is committed before it
+    # reads (node/workers/doorbell.py): fewer, larger batches down the pipeline.
+    pipeline_coalesce: float = 0.005
 
     log_level: str = "info"
 
@@ -262,6 +277,7 @@ class Settings:
         take("NODE_ROUTER_GATHER_BATCHES", "router_gather_batches", _int_between(1, 4096))
         take("NODE_ROUTER_GATHER_BYTES", "router_gather_bytes", _int_between(1024, 1024 * MIB))
         take("NODE_ROUTER_RCVHWM", "router_rcvhwm", _int_between(1, 1_000_000))
+        take("NODE_PIPELINE_COALESCE_MS", "pipeline_coalesce", _milliseconds_between(0, 1000))
         take(
             "NODE_LOG_LEVEL",
             "log_level",
