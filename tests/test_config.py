@@ -68,6 +68,9 @@ def test_every_contract_variable_is_read() -> None:
         ("NODE_MONITOR_ACK_TIMEOUT", "0", ">= 0.01"),
         ("NODE_MONITOR_ACK_TIMEOUT", "soon", "expected a number"),
         ("NODE_MONITOR_ACK_TIMEOUT_MAX", "inf", "finite"),
+        ("NODE_PIPELINE_COALESCE_MS", "-1", ">= 0"),
+        ("NODE_PIPELINE_COALESCE_MS", "2000", "<= 1000"),
+        ("NODE_PIPELINE_COALESCE_MS", "soon", "expected a number"),
         ("NODE_ROUTER_GATHER_BATCHES", "0", ">= 1"),
         ("NODE_ROUTER_GATHER_BYTES", "4 MiB", "expected an integer"),
         ("NODE_ROUTER_RCVHWM", "-1", ">= 1"),
@@ -102,6 +105,12 @@ def test_monitor_and_router_tunables_default_to_the_former_constants_and_are_rea
     assert (s.monitor_batch_records, s.monitor_batch_bytes, s.monitor_window) == (64, 65536, 16)
     assert (s.monitor_ack_timeout, s.monitor_ack_timeout_max) == (0.5, 30.0)
     assert (s.router_gather_batches, s.router_gather_bytes, s.router_rcvhwm) == (8, 1 << 20, 256)
+
+
+def test_pipeline_coalesce_is_read_in_milliseconds_and_defaults_to_5() -> None:
+    assert Settings.from_env({}).pipeline_coalesce == 0.005
+    assert Settings.from_env({"NODE_PIPELINE_COALESCE_MS": "0"}).pipeline_coalesce == 0.0
+    assert Settings.from_env({"NODE_PIPELINE_COALESCE_MS": "2.5"}).pipeline_coalesce == 0.0025
 
 
 def test_ack_timeout_ceiling_below_the_timeout_is_refused_and_an_unset_one_follows_it() -> None:

@@ -6,6 +6,19 @@ sockets plus ``doorbell.inbox``.  Once its ``read`` found nothing it calls
 wait, GIL released), pokes ``inbox`` once a record is committed past the last read
 position, and disarms, so it never spins on records the loop already knows about.
 
+**Coalescing.**  Once a record is committed the thread waits ``coalesce`` seconds
+(``NODE_PIPELINE_COALESCE_MS``, default 5 ms) before it pokes, so the loop wakes once for what
+a few producer groups committed instead of once per group.  At 10,000 devices x
+1 msg/s the web workers commit ~1,000 small groups a second; woken for each, the
+monitor and the publisher (and, downstream, the router and the store) spent most
+of their CPU on per-wake and per-batch overhead.  The delay applies only when the
+loop had drained the ring (an armed doorbell): under load the loop never waits
+for it.  It adds at most ``coalesce`` per stage to the device -> store/fanout
+latency, never to device acks (those follow the ingress persist).  Measured at
+10,000 devices x 1 msg/s (``python -m bench compare --scenario c10k --targets
+iotnode``, CPU-seconds of monitor + router + publisher + store per acked
+message, consecutive runs): 64 us without, 46 us at 2 ms, 33 us at 5 ms.
+
 The reader is never used by both threads at once: the loop arms the doorbell only
 after a ``read`` found nothing and does not ``read`` again until the thread has
 disarmed it (``pop`` meanwhile is fine: it touches neither the wait position nor
@@ -20,10 +33,16 @@ from typing import Any
 import zmq
 
 WAIT = 0.2  # s: longest single block, bounds how long close() waits for the thread
+COALESCE = 0.005  # s: from the first committed record to the poke (Settings.pipeline_coalesce)
 
 
 class Doorbell:
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], reader: Any, name: str) -> None:
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], reader: Any, name: str, coalesce: float = COALESCE
+    ) -> None:
+        if coalesce < 0:
+            raise ValueError(f"coalesce must be >= 0 seconds, got {coalesce!r}")
+        self._coalesce = coalesce
         endpoint = f"inproc://{name}-doorbell-{id(self)}"
         self.inbox = ctx.socket(zmq.PAIR)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -58,6 +77,8 @@ class Doorbell:
             if not self._armed.wait(WAIT):
                 continue
             if self._reader.wait(WAIT):
+                if self._coalesce:
+                    self._stop.wait(self._coalesce)  # let a few more groups commit
                 self._armed.clear()
                 try:
                     self._out.send(b"", zmq.NOBLOCK)

@@ -117,6 +117,7 @@ class Monitor:
         self.batch_bytes = settings.monitor_batch_bytes
         self.ack_timeout = settings.monitor_ack_timeout
         self.ack_timeout_max = settings.monitor_ack_timeout_max
+        self.coalesce = settings.pipeline_coalesce
         self.window = Window(ring.ring_id, ring.head, settings.monitor_window)  # type: ignore[attr-defined]
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -240,7 +241,7 @@ class Monitor:
 
     # ---------------------------------------------------------------- loop
     def run(self, stop: threading.Event) -> None:
-        doorbell = Doorbell(self.sock.context, self.reader, "monitor")
+        doorbell = Doorbell(self.sock.context, self.reader, "monitor", self.coalesce)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)

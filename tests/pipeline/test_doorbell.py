@@ -1,0 +1,63 @@
+"""node.workers.doorbell against a real ring file and real ZeroMQ inproc sockets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from node.ring import Ring
+from node.workers.doorbell import Doorbell
+
+
+def _poke_after_append(tmp_path: Path, coalesce: float, appends: int, spacing: float) -> tuple[float, int, int]:
+    """Arm, append ``appends`` records ``spacing`` s apart; return (seconds from the
+    first append to the poke, records readable at the poke, pokes queued)."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with Ring.open(tmp_path / "d.ring", capacity=1 << 20) as ring:
+        reader = ring.reader()
+        assert reader.read() == []
+        bell = Doorbell(ctx, reader, "test", coalesce)
+        try:
+            bell.arm()
+            time.sleep(0.05)  # the thread is blocked in reader.wait
+            t0 = time.monotonic()
+            for i in range(appends):
+                assert ring.append(b"r%d" % i)
+                time.sleep(spacing)
+            assert bell.inbox.poll(5000), "no poke within 5 s"
+            took = time.monotonic() - t0
+            readable = len(reader.read())
+            pokes = 0
+            while bell.inbox.poll(50):
+                bell.inbox.recv()
+                pokes += 1
+            assert not bell.armed, "a poke disarms the doorbell"
+            return took, readable, pokes
+        finally:
+            bell.close()
+            ctx.term()
+
+
+def test_a_drained_stage_is_poked_once_for_records_committed_within_the_coalescing_delay(tmp_path: Path) -> None:
+    took, readable, pokes = _poke_after_append(tmp_path, coalesce=0.2, appends=5, spacing=0.01)
+    assert took >= 0.2, "poked before the coalescing delay"
+    assert readable == 5, "the records committed during the delay are read with the first"
+    assert pokes == 1
+
+
+def test_without_coalescing_the_first_commit_pokes_at_once(tmp_path: Path) -> None:
+    took, readable, _ = _poke_after_append(tmp_path, coalesce=0.0, appends=1, spacing=0.0)
+    assert took < 0.2  # generous: a loaded machine; the 0.2 s delay above is the contrast
+    assert readable == 1
+
+
+def test_a_negative_delay_is_refused_naming_it() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        with pytest.raises(ValueError, match="-0.5"):
+            Doorbell(ctx, reader=None, name="bad", coalesce=-0.5)
+    finally:
+        ctx.term()
