@@ -118,7 +118,7 @@ class Publisher:
         self.replay.setsockopt(zmq.RCVHWM, 1000)
         self.replay.setsockopt(zmq.LINGER, 0)
         self.replay.bind(settings.replay_endpoint)
-        self.doorbell = Doorbell(ctx, self.reader, "publisher")
+        self.doorbell = Doorbell(ctx, self.reader, "publisher", settings.pipeline_coalesce)
         self.poller = zmq.Poller()
         self.poller.register(self.replay, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
