@@ -158,8 +158,6 @@ class Publisher:
             if self.read_end > self.published:
                 self.published = self.read_end
             return 0
-        if self.read_end > self.published:
-            self.published = self.read_end
         if self.catching_up and not self.skip_to_newest():
             return READ_RECORDS  # more to skip: come back at once
         records = self.read(self.published, READ_RECORDS, READ_BYTES)
@@ -301,12 +299,16 @@ class Publisher:
     def release(self) -> None:
         """Pop up to the minimum cursor confirmed by every durable subscriber.
 
-        Never past a position this reader has read (the ring's rule); a cursor not
+        Never past a position this reader has read (the ring's rule), nor, while live
+        subscribers listen, past the live stream's position (the store pulls on its own
+        and may be ahead: a popped record could no longer be published); a cursor not
         yet reached after a restart is popped to in steps as reading catches up.
         """
         if len(self.confirmed) < len(self.durable):
             return
         target = min(min(self.confirmed[name] for name in self.durable), self.read_end)
+        if self.topics and not self.catching_up:
+            target = min(target, self.published)  # live subscribers get every record first
         if target <= self.ring.head:
             return
         try:
