@@ -9,7 +9,9 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
@@ -56,20 +58,54 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
     return {k: after[k] - before[k] for k in after}
 
 
+def settled_counts(node: Node) -> dict[str, float]:
+    """Stage counts once the rings are empty and nothing moved for longer than the web
+    workers' flush interval (so a count taken now is not still on its way)."""
+    previous = stage_counts(node)
+    for _ in range(30):
+        time.sleep(1.2)
+        current = stage_counts(node)
+        if current == previous and current["ingress_depth"] == 0 and current["fanin_depth"] == 0:
+            return current
+        previous = current
+    raise AssertionError(f"the node's counts did not settle: {previous}")
+
+
+async def follow_live(node: Node, client: Any, device: str, tries: int = 100) -> int:
+    """Send ``device``'s messages one at a time (seq 0, 1, ...) until the client app
+    streams one: its subscription has reached the publisher.  Reads every frame up to
+    the last seq sent and returns the next seq."""
+    async with node.connect(device) as ws:
+        for seq in range(tries):
+            await ws.send(f'{{"seq": {seq}, "data": {{"warm-up": {seq}}}}}')
+            assert json.loads(await asyncio.wait_for(ws.recv(), 20)) == {"ack": seq}
+            try:
+                frame = json.loads(await asyncio.wait_for(client.recv(), 0.2))
+            except asyncio.TimeoutError:
+                continue
+            while frame["seq"] < seq:
+                frame = json.loads(await asyncio.wait_for(client.recv(), 20))
+            assert frame["seq"] == seq, frame
+            return seq + 1
+    raise AssertionError(f"the client app streamed none of {tries} messages of {device}")
+
+
 def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Node) -> None:
-    before = stage_counts(node)
     devices, per_device = [f"count-{i}" for i in range(4)], 150
     total = len(devices) * per_device
     followed = devices[0]
     streamed: list[dict[str, object]] = []
+    first: list[int] = []  # the first seq sent once the client app's subscription is live
+    before: dict[str, float] = {}
 
     async def go() -> None:
         token = issue_client_token(SECRET, [followed])
         url = f"ws://127.0.0.1:{node.port('fanout')}/v1/stream?device={followed}"
         async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
                                       open_timeout=20, ping_interval=None) as client:
-            await asyncio.sleep(0.3)  # the fanout subscribes before the first record is published
-            await asyncio.to_thread(send_messages, node, devices, per_device)
+            first.append(await follow_live(node, client, followed))
+            before.update(await asyncio.to_thread(settled_counts, node))  # the warm-up is not counted
+            await asyncio.to_thread(send_messages, node, devices, per_device, first[0])
             async with node.connect("count-bad") as ws:
                 await ws.send('{"seq": -1, "data": 1}')
                 assert "error" in json.loads(await asyncio.wait_for(ws.recv(), 20))
@@ -84,8 +120,8 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
             while len(streamed) < per_device:
                 streamed.append(json.loads(await asyncio.wait_for(client.recv(), 20)))
 
-    asyncio.run(asyncio.wait_for(go(), 90))
-    assert [m["seq"] for m in streamed] == list(range(per_device))
+    asyncio.run(asyncio.wait_for(go(), 120))
+    assert [m["seq"] for m in streamed] == list(range(first[0], first[0] + per_device))
 
     counts: dict[str, float] = {}
 
@@ -93,7 +129,8 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
         counts.update(delta(stage_counts(node), before))
         return (
             counts["stored"] >= total and counts["acked"] >= total and counts["streamed"] >= per_device
-            and counts["auth_401"] >= 1 and counts["oversize"] >= 1 and counts["ingress_depth"] == 0 and counts["fanin_depth"] == 0
+            and counts["auth_401"] >= 1 and counts["oversize"] >= 1 and counts["bad_seq"] >= 1
+            and counts["ingress_depth"] == 0 and counts["fanin_depth"] == 0
             and counts["ack_latency_count"] >= total
         )
 
