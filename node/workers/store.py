@@ -17,7 +17,8 @@ State, per fan-in ring id:
   is another position is stale (a resent FETCH answered twice) and ignored.
 
 An unanswered FETCH is resent after ``FETCH_TIMEOUT`` (publisher restarted, request
-lost); the publisher answers a parked one after at most its ``PARK_TIMEOUT``
+lost), one that could not be sent (no connection yet) after ``SEND_RETRY``; the
+publisher answers a parked one after at most its ``PARK_TIMEOUT``
 (shorter), so silence means it is gone.  An empty answer that comes back at once
 (not a long-poll timeout: e.g. the cursor is beyond the ring's tail) is asked
 again only after ``EMPTY_RETRY``.  The store starts with a probe FETCH to learn the
@@ -52,6 +53,7 @@ MAX_DELAY = 0.02          # s: longest a received record waits for its transacti
 FETCH_MAX = 2000          # records asked per FETCH
 FETCH_TIMEOUT = 1.5       # s: resend an unanswered FETCH (publisher restarted, request lost)
 EMPTY_RETRY = 0.5         # s: wait before asking again after an immediate empty answer
+SEND_RETRY = 0.05         # s: retry a FETCH the DEALER could not send (no connection: ZMQ_IMMEDIATE)
 QUICK_EMPTY = 0.05        # s: an empty answer faster than this was not a long-poll timeout
 CONFIRM_INTERVAL = 1.0    # s: re-confirm the cursor even when idle
 IDLE_POLL = 0.2           # s: longest block in poll (bounds SIGTERM latency)
@@ -123,8 +125,8 @@ class Store:
             frames = wire.encode_fetch(self.ring, self.fetch_from, FETCH_MAX, wait=True)
         try:
             self.dealer.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # resent after FETCH_TIMEOUT
+        except zmq.Again:  # not connected (yet, or the publisher restarts): try again soon
+            self.fetch_due = now + SEND_RETRY
 
     # ------------------------------------------------------------------ incoming
     def on_reply(self, frames: list[bytes]) -> None:
