@@ -125,6 +125,31 @@ def _parse_names(name: str, raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _parse_curve_key(name: str, raw: str) -> bytes:
+    """A CURVE public key: Z85 text (40 characters) or the path of a key file (node/curve.py)."""
+    from node.curve import KeyFileError, resolve_server_key
+
+    try:
+        return resolve_server_key(raw)
+    except KeyFileError as exc:
+        raise ConfigError(name, raw, str(exc)) from None
+
+
+def _parse_directory(name: str, raw: str) -> Path:
+    path = Path(raw.strip()).expanduser()
+    if not path.is_dir():
+        raise ConfigError(name, raw, "expected an existing directory (of *.key public key files)")
+    return path
+
+
+_LOOPBACK_HOSTS = ("localhost", "[::1]", "::1")
+
+
+def _is_loopback_tcp(endpoint: str) -> bool:
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
 def _parse_secret(name: str, raw: str) -> str:
     if len(raw) < 16:
         # The value itself is a secret: never echo it.
@@ -161,6 +186,12 @@ class Settings:
     router_connect: str | None = None  # where monitor connects (default: router_bind)
     pub_bind: str | None = None  # publisher's PUB socket
     replay_bind: str | None = None  # publisher's ROUTER for replay requests and confirms
+
+    # CURVE on tcp:// links (node/curve.py, docs/monitor-router.md).  "off" runs them
+    # unauthenticated and unencrypted (a loud warning at start; isolated lab networks only).
+    curve: bool = True
+    curve_server_key: bytes | None = None  # Z85 public key of the router a monitor connects to over tcp://
+    curve_clients_dir: Path | None = None  # *.key public keys of the monitors a tcp:// router accepts
 
     # Device connections
     ws_ping_interval: float = 20.0  # seconds; 0 disables keep-alive pings
@@ -263,6 +294,9 @@ class Settings:
         take("NODE_ROUTER_CONNECT", "router_connect", _parse_endpoint)
         take("NODE_PUB_BIND", "pub_bind", _parse_endpoint)
         take("NODE_REPLAY_BIND", "replay_bind", _parse_endpoint)
+        take("NODE_CURVE", "curve", lambda n, r: _parse_choice(("on", "off"))(n, r) == "on")
+        take("NODE_CURVE_SERVER_KEY", "curve_server_key", _parse_curve_key)
+        take("NODE_CURVE_CLIENTS_DIR", "curve_clients_dir", _parse_directory)
         take("NODE_WS_PING_INTERVAL", "ws_ping_interval", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_WS_PING_TIMEOUT", "ws_ping_timeout", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_CONN_WINDOW", "conn_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=65536))
@@ -316,6 +350,7 @@ class Settings:
                         f"the ipc:// socket path {path!r} would exceed {_IPC_PATH_MAX} bytes;"
                         " use a shorter data directory or set the NODE_*_BIND endpoints",
                     )
+        self._check_curve()
         ports = {
             "NODE_WEB_PORT": self.web_port,
             "NODE_FANOUT_PORT": self.fanout_port,
@@ -329,6 +364,32 @@ class Settings:
             if port in seen:
                 raise ConfigError(var, str(port), f"port already used by {seen[port]}")
             seen[port] = var
+
+    def _check_curve(self) -> None:
+        """A tcp:// link never runs open by accident (docs/monitor-router.md)."""
+        if not self.curve:
+            return
+        if self.router_bind_endpoint.startswith("tcp://") and self.curve_clients_dir is None:
+            raise ConfigError(
+                "NODE_CURVE_CLIENTS_DIR", "<unset>",
+                f"NODE_ROUTER_BIND={self.router_bind_endpoint} is tcp://: set NODE_CURVE_CLIENTS_DIR to a"
+                " directory holding the monitors' public keys (their curve_client.key files), or"
+                " NODE_CURVE=off to run the link unauthenticated (isolated lab networks only)",
+            )
+        if self.router_connect is not None and self.router_connect.startswith("tcp://") and not self.curve_server_key:
+            raise ConfigError(
+                "NODE_CURVE_SERVER_KEY", "<unset>",
+                f"NODE_ROUTER_CONNECT={self.router_connect} is tcp://: set NODE_CURVE_SERVER_KEY to the"
+                " router's public key (its NODE_DATA_DIR/curve_server.key file, or the Z85 text in it),"
+                " or NODE_CURVE=off on both sides (isolated lab networks only)",
+            )
+        for var, endpoint in (("NODE_PUB_BIND", self.pub_bind), ("NODE_REPLAY_BIND", self.replay_bind)):
+            if endpoint is not None and endpoint.startswith("tcp://") and not _is_loopback_tcp(endpoint):
+                raise ConfigError(
+                    var, endpoint,
+                    "the publisher has no CURVE yet, so a tcp:// bind must use a loopback address"
+                    " (tcp://127.0.0.1:PORT) or ipc://; NODE_CURVE=off allows it unauthenticated",
+                )
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -13,6 +13,10 @@ and when the oldest one has waited ``NODE_MONITOR_ACK_TIMEOUT`` seconds (doublin
 up to ``NODE_MONITOR_ACK_TIMEOUT_MAX`` while nothing is acked).  The tunables
 come from :class:`node.config.Settings`; see ``docs/monitor-router.md``.
 
+On a ``tcp://`` endpoint the DEALER is a CURVE client (``node.curve``): its own
+keypair from ``NODE_DATA_DIR`` and the router's public key from
+``NODE_CURVE_SERVER_KEY`` (or, for this node's own router, from the data dir).
+
 No spinning: the main loop blocks in ``zmq.Poller.poll``; while the ring is
 empty a doorbell thread blocks in ``reader.wait`` (GIL released) and pokes an
 ``inproc://`` PAIR socket the poller watches.
@@ -29,9 +33,9 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from node import wire
+from node import curve, wire
 from node.config import Settings
-from node.errors import NodeError
+from node.errors import ConfigError, NodeError
 from node.metrics import ERRORS, MESSAGES, watch_ring
 from node.workers.doorbell import Doorbell
 from node.workers.runtime import start
@@ -41,6 +45,12 @@ log = logging.getLogger("node.monitor")
 POLL_MS = 200
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
+# libzmq never reconnects after the peer refused the handshake (ZAP denial, mechanism
+# mismatch): the monitor connects again itself this long after a refusal.
+REFUSED_RETRY = 2.0
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 FINISH_WAIT = 1.0  # on SIGTERM, how long to collect acks of the batches in flight
 
 
@@ -130,9 +140,16 @@ class Monitor:
         # tcp://) drops the connection after HEARTBEAT_TIMEOUT, which triggers the resend.
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.events = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.events = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+        )
+        self.keypair = curve.secure_client(
+            self.sock, settings, self.endpoint, settings.curve_server_key, "NODE_ROUTER_CONNECT", log
+        )
         self.sock.connect(self.endpoint)
         self.connected = False
+        self.refused = False  # the last handshake failed (logged once until one succeeds)
+        self.retry_at: float | None = None  # connect again then (after a refused handshake)
         self.timeout = self.ack_timeout
         self.next_resend = 0.0
 
@@ -203,17 +220,49 @@ class Monitor:
                 event = recv_monitor_message(self.events, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event["event"] & HANDSHAKE_FAILED:
+                ERRORS.labels(stage="monitor", reason="handshake").inc()
+                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # libzmq retries the others itself
+                    self.retry_at = time.monotonic() + REFUSED_RETRY
+                if not self.refused:
+                    self.refused = True
+                    log.error(
+                        "the router at %s refused the connection handshake (%s): %s; retrying",
+                        self.endpoint, zmq.Event(event["event"]).name, self.handshake_hint(),
+                    )
+                continue
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused = False
                 self.connected = True
                 sent = self.resend_all()
                 log.info("connected to the router at %s; sent %d unacked batches", self.endpoint, sent)
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
+            elif event["event"] == zmq.EVENT_DISCONNECTED and (self.connected or not self.refused):
                 self.connected = False
                 for flight in self.window.flights:
                     flight.sent_at = None
                 log.warning(
                     "disconnected from the router at %s (%d batches unacked)", self.endpoint, len(self.window.flights)
                 )
+
+    def check_refused(self) -> None:
+        """Connect again ``REFUSED_RETRY`` s after a refused handshake (e.g. until the router lists our key)."""
+        if self.retry_at is None or time.monotonic() < self.retry_at:
+            return
+        self.retry_at = None
+        try:
+            self.sock.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # the refused session is already gone
+        self.sock.connect(self.endpoint)
+
+    def handshake_hint(self) -> str:
+        if self.keypair is None:
+            return "is the router using CURVE (NODE_CURVE must be the same on both sides)?"
+        return (
+            f"the router must list this monitor's public key {self.keypair.public_path} (fingerprint"
+            f" {self.keypair.fingerprint}) in its NODE_CURVE_CLIENTS_DIR, and NODE_CURVE_SERVER_KEY must be"
+            " the router's curve_server.key"
+        )
 
     def check_timeout(self) -> None:
         if not self.window.flights:
@@ -258,6 +307,7 @@ class Monitor:
                 if doorbell.inbox in ready:
                     doorbell.drain()
                 self.check_timeout()
+                self.check_refused()
             self.finish(FINISH_WAIT)
         finally:
             doorbell.close()
@@ -295,7 +345,10 @@ def main() -> None:
         except RingError as exc:
             raise MonitorError(f"cannot consume the ingress ring {path}: {exc}") from None
         watch_ring("ingress", ring)
-        monitor = Monitor(ring, reader, ctx, settings)
+        try:
+            monitor = Monitor(ring, reader, ctx, settings)
+        except ConfigError as exc:
+            raise MonitorError(f"configuration error: {exc}") from None
         log.info(
             "forwarding ingress ring %s (%s, id %s, head %d, tail %d) to %s"
             " (batches of <= %d records / %d bytes, window %d, ack timeout %gs..%gs)",

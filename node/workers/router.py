@@ -14,6 +14,10 @@ from its oldest unacked batch).  See ``docs/monitor-router.md``.
 Tunables (``NODE_ROUTER_GATHER_BATCHES``, ``NODE_ROUTER_GATHER_BYTES``,
 ``NODE_ROUTER_RCVHWM``) come from :class:`node.config.Settings`.
 
+On a ``tcp://`` bind the ROUTER is a CURVE server (``node.curve``): only monitors
+whose public key is in ``NODE_CURVE_CLIENTS_DIR`` (or this node's own) get a
+connection; anyone else's handshake fails before a message reaches this loop.
+
 When the fan-in ring is full the router stops reading its socket (ZeroMQ's
 bounded queues fill, then the monitors' windows, then the ingress rings) and
 retries the append with a short backoff; nothing is dropped.
@@ -31,8 +35,8 @@ from pathlib import Path
 
 import zmq
 
-from node import wire
-from node.errors import NodeError
+from node import curve, wire
+from node.errors import ConfigError, NodeError
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES
 from node.workers.runtime import start
@@ -147,18 +151,29 @@ def ensure_ipc_free(endpoint: str) -> None:
     raise RouterError(f"another process is serving {endpoint} (is a router already running?)")
 
 
-def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, rcvhwm: int) -> zmq.Socket[bytes]:
+def bind_router(
+    ctx: zmq.Context[zmq.Socket[bytes]], settings: Settings
+) -> tuple[zmq.Socket[bytes], curve.ServerLink | None]:
+    """The bound ROUTER and, on ``tcp://`` with CURVE, its running authenticator (stop it at exit)."""
+    endpoint = settings.router_bind_endpoint
     ensure_ipc_free(endpoint)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.setsockopt(zmq.RCVHWM, settings.router_rcvhwm)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    try:
+        link = curve.secure_server(ctx, sock, settings, endpoint, "NODE_ROUTER_BIND", "router", log)
+    except ConfigError:
+        sock.close()
+        raise
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close()
+        if link is not None:
+            link.stop()
         raise RouterError(f"cannot bind {endpoint} (NODE_ROUTER_BIND): {exc}") from None
-    return sock
+    return sock, link
 
 
 # --------------------------------------------------------------------- the stage
@@ -249,6 +264,7 @@ def main() -> None:
     from node.ring import Ring, RingError
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    link: curve.ServerLink | None = None
     try:
         try:
             ring = Ring.open(
@@ -256,7 +272,10 @@ def main() -> None:
             )
         except (RingError, OSError) as exc:
             raise RouterError(f"cannot open the fan-in ring {settings.ring_path('fanin')}: {exc}") from None
-        sock = bind_router(ctx, settings.router_bind_endpoint, settings.router_rcvhwm)
+        try:
+            sock, link = bind_router(ctx, settings)
+        except ConfigError as exc:
+            raise RouterError(f"configuration error: {exc}") from None
         log.info(
             "routing %s -> fan-in ring %s (%s, %d bytes, id %s, tail %d);"
             " <= %d batches / %d bytes per append, %d batches queued per monitor",
@@ -276,6 +295,8 @@ def main() -> None:
         log.error("%s", exc)
         raise SystemExit(exc.status) from None
     finally:
+        if link is not None:
+            link.stop()  # its thread's sockets must close before the context is destroyed
         ctx.destroy(linger=0)
 
 

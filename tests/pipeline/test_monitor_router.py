@@ -7,6 +7,7 @@ fan-in ring's consumer (as the publisher would).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ import zmq
 
 from node import wire
 from node.config import Settings
+from node.curve import CLIENT, SERVER, load_keypair
 from node.procmetrics import read_process
 from tests.pipeline.conftest import FaninConsumer, IngressProducer, Stages, check_delivery
 from tests.support import Processes, free_port, wait_for_port, wait_until
@@ -170,9 +172,15 @@ def test_ingress_ring_wrapping_many_times_with_padding_loses_nothing(stages: Cal
 
 
 def test_two_monitors_feed_one_router_over_tcp(stages: Callable[..., Stages], tmp_path: Path) -> None:
+    # CURVE on (the default): node-b's monitor is listed in the router's clients dir and
+    # knows the router's public key file; node-a's own monitor needs neither.
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    a = stages(tmp_path / "node-a", NODE_ROUTER_BIND=endpoint)
-    b = stages(tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint)
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    server = load_keypair(tmp_path / "node-a", SERVER)
+    shutil.copy(load_keypair(tmp_path / "node-b", CLIENT).public_path, clients / "node-b.key")
+    a = stages(tmp_path / "node-a", NODE_ROUTER_BIND=endpoint, NODE_CURVE_CLIENTS_DIR=clients)
+    b = stages(tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint, NODE_CURVE_SERVER_KEY=server.public_path)
     producer_a = IngressProducer(a.ingress_path, prefix="a")
     producer_b = IngressProducer(b.ingress_path, prefix="b")
     consumer = FaninConsumer(a.fanin_path)
