@@ -136,7 +136,7 @@ def _parse_curve_key(name: str, raw: str) -> bytes:
 
 
 def _parse_directory(name: str, raw: str) -> Path:
-    path = Path(raw.strip()).expanduser()
+    path = Path(raw.strip())
     if not path.is_dir():
         raise ConfigError(name, raw, "expected an existing directory (of *.key public key files)")
     return path

@@ -173,7 +173,7 @@ def read_public_key(path: Path) -> bytes:
 def resolve_server_key(raw: str) -> bytes:
     """``NODE_CURVE_SERVER_KEY``: an existing key file's public key, else Z85 text."""
     value = raw.strip()
-    path = Path(value).expanduser()
+    path = Path(value)
     if path.is_file():
         return read_public_key(path)
     if path.exists():

@@ -74,6 +74,12 @@ def test_every_contract_variable_is_read() -> None:
         ("NODE_ROUTER_GATHER_BATCHES", "0", ">= 1"),
         ("NODE_ROUTER_GATHER_BYTES", "4 MiB", "expected an integer"),
         ("NODE_ROUTER_RCVHWM", "-1", ">= 1"),
+        ("NODE_CURVE", "maybe", "expected one of on, off"),
+        ("NODE_CURVE_SERVER_KEY", "short", "40-character Z85 key, got 5"),
+        ("NODE_CURVE_SERVER_KEY", "~" * 40, "Z85 alphabet"),
+        ("NODE_CURVE_CLIENTS_DIR", "/nonexistent/iotnode-clients", "expected an existing directory"),
+        ("NODE_PUB_BIND", "tcp://0.0.0.0:5556", "loopback address"),
+        ("NODE_REPLAY_BIND", "tcp://10.0.0.5:5557", "the publisher has no CURVE yet"),
     ],
 )
 def test_bad_value_names_the_variable_and_the_value(variable: str, value: str, reason: str) -> None:
@@ -160,3 +166,33 @@ def test_load_settings_exits_2_with_a_message_naming_the_variable() -> None:
     )
     assert proc.returncode == 2
     assert "NODE_WEB_PORT='eighty'" in proc.stderr
+
+
+def test_curve_is_on_by_default_and_a_tcp_link_without_keys_names_what_to_set(tmp_path: Path) -> None:
+    d = Settings.from_env({})
+    assert d.curve is True and d.curve_server_key is None and d.curve_clients_dir is None
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555"})
+    assert info.value.variable == "NODE_CURVE_CLIENTS_DIR" and "NODE_CURVE=off" in info.value.reason
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"NODE_ROUTER_CONNECT": "tcp://router:5555"})
+    assert info.value.variable == "NODE_CURVE_SERVER_KEY" and "curve_server.key" in info.value.reason
+    # the node's own monitor of a tcp:// router needs no server key (it is in the data dir)
+    assert Settings.from_env({"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555", "NODE_CURVE_CLIENTS_DIR": str(tmp_path)})
+    assert Settings.from_env({"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555", "NODE_CURVE": "off"}).curve is False
+    assert Settings.from_env({"NODE_PUB_BIND": "tcp://127.0.0.1:5556"}).pub_bind == "tcp://127.0.0.1:5556"
+    assert Settings.from_env({"NODE_PUB_BIND": "tcp://0.0.0.0:5556", "NODE_CURVE": "off"}).pub_bind
+
+
+def test_curve_server_key_is_read_from_z85_text_or_a_key_file(tmp_path: Path) -> None:
+    import zmq
+
+    public, _ = zmq.curve_keypair()
+    key_file = tmp_path / "router.key"
+    key_file.write_text(f'# comment\nmetadata\ncurve\n    public-key = "{public.decode()}"\n')
+    env = {"NODE_ROUTER_CONNECT": "tcp://router:5555"}
+    assert Settings.from_env({**env, "NODE_CURVE_SERVER_KEY": public.decode()}).curve_server_key == public
+    assert Settings.from_env({**env, "NODE_CURVE_SERVER_KEY": str(key_file)}).curve_server_key == public
+    key_file.write_text("metadata\ncurve\n")
+    with pytest.raises(ConfigError, match="NODE_CURVE_SERVER_KEY.*no public-key"):
+        Settings.from_env({**env, "NODE_CURVE_SERVER_KEY": str(key_file)})
