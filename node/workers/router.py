@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from node import curve, wire
 from node.errors import ConfigError, NodeError
@@ -48,6 +49,11 @@ SNDHWM = 4096
 POLL_MS = 200
 FULL_BACKOFF_MIN = 0.001
 FULL_BACKOFF_MAX = 0.05
+# Handshakes refused by the CURVE server itself (a peer without CURVE, or not knowing our
+# public key); a refusal by the ZAP allow-list is logged by node.curve.  Logged at most
+# this often, counted always.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class RouterError(NodeError):
@@ -187,6 +193,37 @@ class Router:
         self.full_since: float | None = None
         self.backoff = FULL_BACKOFF_MIN
         self.gaps = 0
+        self.events: zmq.Socket[bytes] | None = None  # handshake failures, on a CURVE endpoint
+        self.refusals = 0  # since the last log line
+        self.refusal_logged_at: float | None = None
+
+    def watch_handshakes(self) -> None:
+        self.events = self.sock.get_monitor_socket(HANDSHAKE_FAILED)
+
+    def take_events(self) -> None:
+        assert self.events is not None
+        while True:
+            try:
+                event = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] & HANDSHAKE_FAILED:
+                ERRORS.labels(stage="router", reason="handshake").inc()
+                self.refusals += 1
+        now = time.monotonic()
+        if self.refusals and (self.refusal_logged_at is None or now - self.refusal_logged_at >= REFUSAL_LOG_INTERVAL):
+            log.warning(
+                "refused %d connection handshakes on %s from peers without CURVE or without this router's"
+                " public key (monitors need NODE_CURVE_SERVER_KEY = its curve_server.key)",
+                self.refusals, self.settings.router_bind_endpoint,
+            )
+            self.refusals = 0
+            self.refusal_logged_at = now
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.sock.disable_monitor()
+            self.events.close(linger=0)
 
     def receive(self) -> None:
         """Take up to ``router_gather_batches`` waiting messages into ``pending`` (no blocking)."""
@@ -247,16 +284,22 @@ class Router:
     def run(self, stop: object) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        if self.events is not None:
+            poller.register(self.events, zmq.POLLIN)
         while not stop.is_set():  # type: ignore[attr-defined]
             if self.pending:
                 if not self.flush():
                     stop.wait(self.backoff)  # type: ignore[attr-defined]
                     self.backoff = min(self.backoff * 2, FULL_BACKOFF_MAX)
                 continue
-            if not poller.poll(POLL_MS):
+            ready = dict(poller.poll(POLL_MS))
+            if not ready:
                 continue
-            self.receive()
-            self.flush()
+            if self.events is not None and self.events in ready:
+                self.take_events()
+            if self.sock in ready:
+                self.receive()
+                self.flush()
 
 
 def main() -> None:
@@ -284,11 +327,14 @@ def main() -> None:
             settings.router_rcvhwm,
         )
         router = Router(settings, ring, sock)
+        if link is not None:
+            router.watch_handshakes()
         try:
             router.run(stop)
         except RingError as exc:  # e.g. RingPersistError: nothing unpersisted was acked
             raise RouterError(f"fan-in ring {settings.ring_path('fanin')} failed: {exc}", status=1) from None
         log.info("stopping: %d batches pending, %d source rings seen", len(router.pending), len(router.sources))
+        router.close()
         sock.close(linger=500)  # let the last acks reach the monitors
         ring.close()
     except RouterError as exc:

@@ -149,6 +149,7 @@ def test_unknown_key_and_plain_dealers_cannot_inject_batches_and_the_router_keep
 
     intruders = intrude(sockets, endpoint, server.public)
     wait_until(lambda: "refused a CURVE client" in processes.log("router"), 10, what="router refusing the key")
+    wait_until(lambda: "peers without CURVE" in processes.log("router"), 10, what="router reporting the plain peer")
     fanin_stays_empty(consumer)
     for name, sock in intruders.items():
         assert not sock.poll(0), f"{name}: the router answered"
