@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from node.curve import (
 )
 from node.record import pack_record
 from tests.pipeline.conftest import FaninConsumer, IngressProducer, Stages, check_delivery
+from tests.pipeline.test_monitor_router import cpu_seconds
 from tests.support import REPO, Processes, free_port, node_env, wait_until
 
 QUIET = 1.5  # seconds an attack is given to get something into the fan-in ring
@@ -135,7 +137,18 @@ def test_front_node_authorized_while_the_router_runs_gets_every_record_through(
     consumer.until_distinct(2000, timeout=20)
     assert check_delivery(producer.sent, consumer.got) == 0, a.logs()
     assert "authorized client keys reloaded" in processes.log("router")
-    assert processes.procs["router"].poll() is None and processes.procs["monitor-b"].poll() is None
+
+    # Idle over CURVE: no spinning (ZMTP heartbeats every 2 s, the ZAP thread blocks).
+    time.sleep(1.0)
+    pids = [processes.procs["router"].pid, processes.procs["monitor-b"].pid]
+    before = sum(cpu_seconds(pid) for pid in pids)
+    time.sleep(3.0)
+    used = sum(cpu_seconds(pid) for pid in pids) - before
+    assert used < 0.1, f"idle monitor + router over CURVE used {used:.2f}s of CPU in 3 s"
+    # SIGTERM: the authenticator thread stops with the router, both exit 0.
+    processes.kill("monitor-b", signal.SIGTERM)
+    processes.kill("router", signal.SIGTERM)
+    assert processes.procs["monitor-b"].returncode == 0 and processes.procs["router"].returncode == 0, a.logs()
 
 
 def test_unknown_key_and_plain_dealers_cannot_inject_batches_and_the_router_keeps_serving(
