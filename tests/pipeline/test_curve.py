@@ -214,9 +214,11 @@ def test_router_killed_mid_stream_over_curve_comes_back_with_its_key_and_loses_n
     assert duplicates <= 2 * DUPLICATES_PER_ROUTER_CRASH, s.logs()
     wait_until(lambda: producer.ring.depth == 0, 10, what="ingress ring popped to empty")
     server = load_keypair(Path(s.data_dir).resolve(), SERVER)
+    # (a router killed while still starting logs nothing: at least the first and the last did)
     line = f"server key fingerprint {server.fingerprint}"
-    wait_until(lambda: processes.log("router").count(line) == 3, 15, what="the third router started with the same key")
-    assert processes.log("router").count("server key fingerprint") == 3
+    wait_until(lambda: processes.log("router").count(line) >= 2, 15, what="a restarted router with the same key")
+    assert processes.log("router").count("server key fingerprint") == processes.log("router").count(line)
+    assert processes.log("monitor").count("INFO node.monitor: connected to the router") >= 2  # a CURVE handshake again
 
 
 def test_curve_off_runs_the_tcp_link_open_and_warns_on_both_sides(
