@@ -245,10 +245,13 @@ def load_keypair(data_path: Path, role: str) -> Keypair:
     try:
         pair = _read_keypair(public_path, secret_path)
     except FileNotFoundError:
-        data_path.mkdir(parents=True, exist_ok=True)
         public, secret = zmq.curve_keypair()
-        if _write_private(secret_path, _certificate(public, secret), 0o600):
-            _fsync_dir(data_path)
+        try:
+            data_path.mkdir(parents=True, exist_ok=True)
+            if _write_private(secret_path, _certificate(public, secret), 0o600):
+                _fsync_dir(data_path)
+        except OSError as exc:
+            raise KeyFileError(f"cannot create {secret_path}: {exc.strerror or exc}") from None
         pair = _read_keypair(public_path, secret_path)
     try:
         current = read_public_key(public_path)
@@ -256,9 +259,14 @@ def load_keypair(data_path: Path, role: str) -> Keypair:
         current = None
     if current != pair.public:
         tmp = public_path.with_name(f".{public_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        tmp.write_bytes(_certificate(pair.public, None))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, public_path)  # same content whoever writes it
+        try:
+            tmp.write_bytes(_certificate(pair.public, None))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, public_path)  # same content whoever writes it
+        except OSError as exc:
+            raise KeyFileError(f"cannot write {public_path}: {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
     return pair
 
 
