@@ -10,6 +10,7 @@ Tree (the ring has its own root, :class:`node.ring.errors.RingError`)::
     ├── SinkError                       a store sink failed (node.sinks.base); RecordRejected
     ├── ClientError                     the device client library (node.client)
     ├── MonitorError, RouterError       a stage cannot run (node.workers)
+    ├── KeyFileError (also ValueError)  a CURVE key or key file is unusable (node.curve)
 
 Protocol violations by devices are not exceptions that escape: the protocol
 module turns them into error replies (see ``node.protocol``).
