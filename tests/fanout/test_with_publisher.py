@@ -130,7 +130,7 @@ def test_client_streams_from_the_real_publisher_without_duplicates_across_ring_d
             assert metric(node, "iotnode_fanout_duplicates_total") == len(followed(nxt - 140, nxt - 70))
 
             node.processes.kill("publisher", signal.SIGKILL)
-            node.start("publisher")  # republishes the whole un-popped ring: all duplicates
+            node.start("publisher")  # its live stream starts at the newest record: nothing old again
             more, nxt2 = await first_live(node, ws, nxt)
             node.append(nxt2, nxt2 + 140)
             end = nxt2 + 140
@@ -148,3 +148,25 @@ def test_client_streams_from_the_real_publisher_without_duplicates_across_ring_d
     while time.monotonic() < deadline and not node.processes.log("fanout"):
         time.sleep(0.05)
     assert "Traceback" not in node.processes.log("fanout")
+
+
+def test_sigkilled_fanout_is_unsubscribed_at_the_publisher_and_a_restarted_one_streams_live_again(node: Node) -> None:
+    async def stream_some(start: int) -> int:
+        async with connect(node.url(), open_timeout=TIMEOUT, compression=None) as ws:
+            got, nxt = await first_live(node, ws, start)
+            node.append(nxt, nxt + 70)
+            expected = since_live(got, start, nxt + 70)
+            got += keys(await receive(ws, len(expected) - len(got)))
+            assert got == expected
+            return nxt + 70
+
+    nxt = asyncio.run(asyncio.wait_for(stream_some(0), 60))
+    node.processes.kill("fanout", signal.SIGKILL)
+    # The XPUB reports the dead connection's topics as unsubscribed: nothing is sent for them.
+    wait_until(lambda: node.processes.log("publisher").count("unsubscribed from b'dev") == 2, 15,
+               what="the publisher to see the killed fanout's topics go")
+    node.start("fanout")
+    wait_for_port(node.port)
+    asyncio.run(asyncio.wait_for(stream_some(nxt), 60))
+    assert metric(node, "iotnode_fanout_gaps_total") == 0
+    assert node.processes.log("publisher").count("subscribed to b'dev0\\x00'") == 2
