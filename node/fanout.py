@@ -210,7 +210,7 @@ class Hub:
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
-        self._sync = zmq.Socket.shadow(self._sock.underlying)  # non-blocking drains
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)  # non-blocking drains
         self._topics: dict[bytes, int] = {}
         self._followers: dict[str, set[Client]] = {}
         self._everyone: set[Client] = set()

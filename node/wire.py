@@ -68,7 +68,8 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 
 def _pack(obj: Any) -> bytes:
-    return _packer.pack(obj)
+    data: bytes = _packer.pack(obj)
+    return data
 
 
 def _unpack(frame: bytes, what: str) -> Any:
@@ -173,7 +174,7 @@ class Published(NamedTuple):
 
 
 def encode_meta(ring: bytes, pos: int, end: int, epoch: int = 0, n: int = 0) -> bytes:
-    return _packer.pack((ring, pos, end, epoch, n))
+    return _pack((ring, pos, end, epoch, n))
 
 
 def decode_meta(frame: bytes) -> tuple[bytes, int, int, int, int]:

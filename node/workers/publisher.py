@@ -139,7 +139,7 @@ class Publisher:
         cache = self._read_cache
         if cache is not None and cache[0] == start and cache[1]:
             return cache[1][:max_records]
-        records = self.reader.read(start, max_records=max_records, max_bytes=max_bytes)
+        records: list[Any] = self.reader.read(start, max_records=max_records, max_bytes=max_bytes)
         if records:
             self._read_cache = (start, records)
             read_end = self.read_end
