@@ -39,10 +39,11 @@ The policy (one per worker, started by the front's lifespan):
   bounded, and a steady set of connections never triggers one.  Growth alone is
   not garbage: a ramp of new connections doubles memory without a single dead
   cycle, so a doubling compacts only if some connection has *ended* since the last
-  compaction (its frozen objects are the cyclic garbage); growth to
-  ``COMPACT_GROWTH ** 2`` compacts regardless, a safety net for cycles made
-  elsewhere.  (A ramp to 5,000 connections per worker used to compact 3-4 times,
-  the last one 0.4-0.7 s just as the devices started sending.)  (Counting the
+  compaction (its frozen objects are the cyclic garbage); while connections only
+  begin, their memory is live and becomes the new baseline; growth to
+  ``COMPACT_GROWTH ** 2`` that neither explains compacts anyway, a safety net for
+  cycles made elsewhere.  (A ramp to 5,000 connections per worker used to compact
+  3-4 times, the last one 0.4-0.7 s just as the devices started sending.)  (Counting the
   permanent generation instead, :func:`gc.get_freeze_count`, walks a linked list
   of every frozen object: 120-175 ms of stalled loop every 5 s at 5,000
   connections per worker, the periodic stall that kept p99 over 100 ms.)
@@ -105,6 +106,7 @@ class GcPolicy:
         self._ticks = 0
         self._dirty = False  # cyclic garbage may have been made since the last tick
         self._ended = 0  # connections ended since start-up or the last compaction
+        self._begun = 0  # connections begun since the last growth check
         self._saved_threshold: tuple[int, int, int] | None = None
 
     def start(self) -> None:
@@ -123,6 +125,8 @@ class GcPolicy:
         self._dirty = True
         if ended:
             self._ended += 1
+        else:
+            self._begun += 1
 
     def tick(self) -> None:
         """One period: a young collection if dirty, freeze, now and then the growth check."""
@@ -132,11 +136,20 @@ class GcPolicy:
         gc.freeze()
         self._ticks += 1
         if self._ticks % self.check_every == 0:
-            blocks = sys.getallocatedblocks()
-            if blocks >= self.floor and blocks >= self.growth * self._baseline and (
-                self._ended or blocks >= self.growth**2 * self._baseline
-            ):
+            self._check_growth(sys.getallocatedblocks())
+
+    def _check_growth(self, blocks: int) -> None:
+        begun, self._begun = self._begun, 0
+        if self._ended:
+            # Connections died: their frozen cycles are garbage.  Compact once that can
+            # have doubled memory.
+            if blocks >= self.floor and blocks >= self.growth * self._baseline:
                 self.compact()
+        elif begun:
+            # Only new connections: their growth is live memory, the new baseline.
+            self._baseline = max(self._baseline, blocks)
+        elif blocks >= self.floor and blocks >= self.growth**2 * self._baseline:
+            self.compact()  # growth nothing explains: a safety net for cycles made elsewhere
 
     def compact(self) -> int:
         """Unfreeze, run a full collection, freeze again; return the objects collected."""

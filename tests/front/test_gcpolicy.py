@@ -52,12 +52,12 @@ def test_connections_accepted_after_start_are_frozen_and_a_ramp_runs_no_full_pas
     policy.start()
     frozen_at_start = gc.get_freeze_count()
     fulls = _full_collections()
-    # "Connections" accepted after start-up: more live objects than survived start-up
-    # (CPython's 25 % rule would then allow a full collection; 2+ memory blocks each,
-    # so the allocated blocks more than double), and allocations that trigger
-    # automatic young collections (each of which, under CPython's default
-    # threshold2, may escalate to a full one).
-    conns = _grow_to(2.5, sys.getallocatedblocks())
+    # A ramp: "connections" accepted after start-up, more live objects than survived
+    # start-up (CPython's 25 % rule would then allow a full collection; memory blocks
+    # grow 4x, past the safety net), and allocations that trigger automatic young
+    # collections (each of which, under CPython's default threshold2, may escalate
+    # to a full one).
+    conns = _grow_to(4.2, sys.getallocatedblocks())
     n = len(conns)
     for _ in range(n // 1000):
         policy.note_garbage()  # connections began
@@ -67,15 +67,25 @@ def test_connections_accepted_after_start_are_frozen_and_a_ramp_runs_no_full_pas
         junk = [[i] for i in range(30_000)]  # lives through automatic young collections, then dies
         policy.tick()
         del junk
-    # Memory doubled, but no connection ended: nothing died, nothing to compact.
+    # Memory grew 4x, but only by new connections: live memory, nothing to compact.
     assert policy.compactions == 0
     assert _full_collections() == fulls, "an automatic full collection ran"
-    # Then connections end: their frozen objects are garbage, the doubling compacts.
-    policy.note_garbage(ended=True)
+    # Churn: those connections end (their cycles are garbage, still frozen) and new
+    # ones take their place; once that doubled memory, a compaction reclaims the dead.
+    probe = weakref.ref(conns[0])
+    ramp_blocks = sys.getallocatedblocks()
+    for _ in range(n // 1000):
+        policy.note_garbage(ended=True)
+    del conns
+    policy.tick()
+    assert policy.compactions == 0 and probe() is not None, "dead but frozen; memory has not doubled"
+    replacements = _grow_to(2.05, ramp_blocks)
+    policy.note_garbage()
     policy.tick()
     assert policy.compactions == 1
+    assert probe() is None
     assert _full_collections() - fulls == policy.compactions
-    assert len(conns) == n
+    assert replacements
 
 
 def test_growth_to_four_times_compacts_even_without_ended_connections(policy: GcPolicy) -> None:
