@@ -14,12 +14,11 @@ least disturbed).  tcp:// goes to 127.0.0.1 only.  Every wait is bounded.
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.monitor_router import RING_BYTES, consume, env_for, envelopes, fill, start
+from bench.monitor_router import RING_BYTES, consume, envelopes, fill
+from bench.stages import stage_env, start, stop
 from bench.targets import free_port
 from node.ring import Ring
 
@@ -27,7 +26,7 @@ LINKS = ("ipc", "tcp-open", "tcp-curve")
 
 
 def link_env(data: Path, durability: str, link: str) -> dict[str, str]:
-    env = env_for(data, durability)
+    env = stage_env(data, durability, RING_BYTES, "monitor", "router")
     if link == "ipc":
         return env
     env["NODE_ROUTER_BIND"] = f"tcp://127.0.0.1:{free_port()}"
@@ -52,14 +51,7 @@ def catch_up(records: list[bytes], d: Path, durability: str, link: str, round_: 
         first, last = consume(fanin, len(records))
         return (len(records) - 1) / (last - first)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop(procs)
         ingress.close()
         fanin.close()
 

@@ -22,20 +22,15 @@ processes and ipc:// sockets in a temporary data dir; every wait is bounded.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.targets import free_port
+from bench.stages import stage_env, start, stop
 from node.record import pack_record
 from node.ring import Ring
 
-REPO = Path(__file__).resolve().parent.parent
 RING_BYTES = 64 << 20
 TIMEOUT = 120.0
 
@@ -78,29 +73,6 @@ def baseline(records: list[bytes], d: Path, durability: str) -> float:
     return len(records) / elapsed
 
 
-def env_for(data_dir: Path, durability: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    env.update(
-        NODE_DATA_DIR=str(data_dir),
-        NODE_INGRESS_RING_BYTES=str(RING_BYTES),
-        NODE_FANIN_RING_BYTES=str(RING_BYTES),
-        NODE_DURABILITY=durability,
-        NODE_METRICS_PORT_MONITOR=str(free_port()),
-        NODE_METRICS_PORT_ROUTER=str(free_port()),
-        NODE_LOG_LEVEL="warning",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    return env
-
-
-def start(stage: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", f"node.workers.{stage}"], env=env, cwd=str(REPO), stdout=fh, stderr=fh,
-            start_new_session=True,
-        )  # fmt: skip
-
-
 def consume(fanin: Ring, total: int) -> tuple[float, float]:
     """Read and pop the fan-in ring until ``total`` records; (first arrival, last arrival) times."""
     reader = fanin.reader()
@@ -128,7 +100,7 @@ def consume(fanin: Ring, total: int) -> tuple[float, float]:
 def stages_run(records: list[bytes], d: Path, durability: str, live: bool) -> float:
     data = d / ("live" if live else "catchup")
     data.mkdir()
-    env = env_for(data, durability)
+    env = stage_env(data, durability, RING_BYTES, "monitor", "router")
     ingress = Ring.open(data / "ingress.ring", capacity=RING_BYTES, durability=durability)
     fanin = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability=durability)
     if not live:
@@ -146,14 +118,7 @@ def stages_run(records: list[bytes], d: Path, durability: str, live: bool) -> fl
         first, last = consume(fanin, len(records))
         return (len(records) - 1) / (last - first)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop(procs)
         ingress.close()
         fanin.close()
 
@@ -161,7 +126,7 @@ def stages_run(records: list[bytes], d: Path, durability: str, live: bool) -> fl
 def latency(d: Path, durability: str, count: int = 2000) -> list[float]:
     data = d / "latency"
     data.mkdir()
-    env = env_for(data, durability)
+    env = stage_env(data, durability, RING_BYTES, "monitor", "router")
     ingress = Ring.open(data / "ingress.ring", capacity=RING_BYTES, durability=durability)
     fanin = Ring.open(data / "fanin.ring", capacity=RING_BYTES, durability=durability)
     procs = [start("router", env, d / "router.log"), start("monitor", env, d / "monitor.log")]
@@ -198,14 +163,7 @@ def latency(d: Path, durability: str, count: int = 2000) -> list[float]:
         reader.close()
         return sorted(a - s for a, s in zip(arrived, sent))
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop(procs)
         ingress.close()
         fanin.close()
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.targets import free_port
+from bench.stages import stage_env, start, stop
 from node.record import pack_record, unpack_record
 from node.ring import Ring
 from node.sinks.sqlite import SqliteSink
 
-REPO = Path(__file__).resolve().parent.parent
 RING_BYTES = 64 << 20
 
 
@@ -48,36 +44,6 @@ def baseline(records: list[bytes], path: Path, durability: str) -> float:
     elapsed = time.perf_counter() - started
     sink.close()
     return len(records) / elapsed
-
-
-def env_for(data_dir: Path, durability: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    env.update(
-        NODE_DATA_DIR=str(data_dir),
-        NODE_FANIN_RING_BYTES=str(RING_BYTES),
-        NODE_DURABILITY=durability,
-        NODE_METRICS_PORT_PUBLISHER=str(free_port()),
-        NODE_METRICS_PORT_STORE=str(free_port()),
-        NODE_LOG_LEVEL="warning",
-        PYTHONPATH=str(REPO),
-    )
-    return env
-
-
-def start(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", f"node.workers.{name}"], env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -108,7 +74,7 @@ def fill(ring: Ring, records: list[bytes], timeout: float) -> None:
 def catch_up(records: list[bytes], root: Path, durability: str) -> tuple[float, float, float]:
     data = root / "catchup"
     data.mkdir()
-    env = env_for(data, durability)
+    env = stage_env(data, durability, RING_BYTES, "publisher", "store")
     pub = start("publisher", env, root / "catchup.log")
     try:
         deadline = time.monotonic() + 15
@@ -137,7 +103,7 @@ def catch_up(records: list[bytes], root: Path, durability: str) -> tuple[float, 
 def live(records: list[bytes], root: Path, durability: str) -> tuple[float, float, float]:
     data = root / "live"
     data.mkdir()
-    env = env_for(data, durability)
+    env = stage_env(data, durability, RING_BYTES, "publisher", "store")
     procs = [start("publisher", env, root / "live.log"), start("store", env, root / "live.log")]
     try:
         deadline = time.monotonic() + 15
