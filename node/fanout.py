@@ -60,6 +60,7 @@ from node import wire
 from node.auth import ALL_DEVICES, check_device_id, client_allows, token_from_request, verify_client_token
 from node.config import Settings
 from node.errors import AuthError, NodeError
+from node.gcpolicy import GcPolicy
 from node.metrics import (
     ERRORS,
     FANOUT_CLIENTS,
@@ -438,6 +439,9 @@ async def _drain_incoming(websocket: WebSocket) -> None:
 def create_app(settings: Settings, secret: str) -> Starlette:
     """The fanout's ASGI app: ``/v1/stream`` and ``/metrics`` (one process, default registry)."""
     hub_holder: list[Hub] = []
+    # The web workers' GC policy (node/gcpolicy.py): many client connections must not
+    # make full collections stall the stream either.
+    gc_policy = GcPolicy()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -445,10 +449,14 @@ def create_app(settings: Settings, secret: str) -> Starlette:
         hub.start()
         hub_holder.append(hub)
         app.state.hub = hub
+        gc_policy.start()
+        gc_task = asyncio.get_running_loop().create_task(gc_policy.run(), name="iotnode-gc")
         try:
             yield
         finally:
+            gc_task.cancel()
             await hub.close()
+            gc_policy.restore()
 
     async def refuse(websocket: WebSocket, status: int, reason: str) -> None:
         response = PlainTextResponse(reason + "\n", status_code=status)
@@ -458,6 +466,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             await websocket.close(code=1008)
 
     async def stream(websocket: WebSocket) -> None:
+        gc_policy.note_garbage()  # a handshake leaves a few cycles
         try:
             try:
                 token = token_from_request(websocket.headers, websocket.query_params)
@@ -482,6 +491,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             pass
         finally:
             hub.remove(client)
+            gc_policy.note_garbage(ended=True)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
