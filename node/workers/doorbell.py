@@ -32,8 +32,10 @@ from typing import Any
 
 import zmq
 
+from node.config import Settings
+
 WAIT = 0.2  # s: longest single block, bounds how long close() waits for the thread
-COALESCE = 0.005  # s: from the first committed record to the poke (Settings.pipeline_coalesce)
+COALESCE = Settings.pipeline_coalesce  # s: from the first committed record to the poke (its one default)
 
 
 class Doorbell:
