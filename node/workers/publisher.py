@@ -153,6 +153,12 @@ class Publisher:
     # ------------------------------------------------------------------ live stream
     def publish_some(self) -> int:
         """Publish the next batch of committed records to matching subscribers; returns how many were read."""
+        head = self.ring.head
+        if self.published < head:
+            # A pop to the end of the last record before the wrap also releases the
+            # padding after it once the reader scanned past it: the head can land
+            # beyond the live position, with nothing but padding in between.
+            self.published = head
         topics = self.topics
         if not topics:  # nobody listens: follow the durable subscribers' reads for free
             if self.read_end > self.published:

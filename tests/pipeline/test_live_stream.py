@@ -126,3 +126,37 @@ def test_empty_prefix_follows_every_device_and_heartbeats_keep_coming(live: Live
         if live.sub.poll(200) and live.sub.recv_multipart()[0] == wire.HEARTBEAT_TOPIC:
             beats += 1
     assert beats == 2, "no heartbeats on the live stream"
+
+
+def test_live_position_below_the_ring_head_moves_to_the_head_instead_of_crashing(data_dir: Path) -> None:
+    """Regression (seen once in CI, test_node_backpressure): the publisher died with
+    ``RingPositionError: read from 1048320: below the ring head 1048576``.  A pop to the
+    end of the last record before the wrap releases the padding after it too when the
+    reader has already scanned past that padding (the next record was not committed
+    yet), so the ring's head can land beyond the live position.  That interleaving is
+    a race; here the state it leaves is made directly, on a real Publisher in this
+    process and a real 1 MiB fan-in ring, and the next step must carry on."""
+    from node.config import Settings
+    from node.workers.publisher import Publisher
+
+    settings = Settings.from_env(node_env(data_dir))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ring = Ring.open(settings.ring_path("fanin"), capacity=1 << 20, durability="process")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    publisher = Publisher(settings, ring, ctx)
+    try:
+        for i in range(20):
+            assert ring.append(pack_record("dev", i, None, 1.0, i))
+        records = publisher.read(ring.head, 100, 1 << 20)
+        publisher.confirmed = {"store": records[10].end}
+        publisher.release()  # no live subscriber yet: popped to the store's cursor
+        for catching_up in (True, False):
+            publisher.on_subscription(b"\x01")  # a live subscriber ("everything")
+            publisher.catching_up = catching_up
+            publisher.published = records[5].end  # below the head, as after the padding pop
+            publisher.step()  # must not read below the head
+            assert publisher.published >= ring.head
+    finally:
+        publisher.close()
+        ctx.term()
+        ring.close()

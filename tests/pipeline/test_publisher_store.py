@@ -474,3 +474,46 @@ def test_records_across_several_ring_wraps_with_padding_are_stored_exactly_once(
     assert pipeline.ring.head > 2 * pipeline.ring.capacity  # wrapped at least twice
     wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
     assert "released before the store had them" not in processes.log("store")  # padding is not a gap
+
+
+def test_ring_wraps_with_padding_while_a_live_subscriber_listens_keep_the_publisher_streaming(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    """Regression: with a live subscriber the ring is popped only to the live position;
+    when that sits right before wrap padding the ring's head moves past the padding,
+    and the publisher once read from below the head and crashed (RingPositionError)."""
+    pipeline = make(data_dir, processes, request, NODE_FANIN_RING_BYTES=1 << 20)
+    pipeline.start("publisher")
+    pipeline.start("store")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)  # the test never loses live messages on its side
+    sub.setsockopt(zmq.SUBSCRIBE, b"")  # every device, as the fanout does for device=*
+    sub.connect(f"ipc://{data_dir.resolve()}/pub.sock")
+    received = [0]
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            if sub.poll(100) and sub.recv_multipart()[0] != wire.HEARTBEAT_TOPIC:
+                received[0] += 1
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: "live subscriber subscribed" in processes.log("publisher"), 10, what="the subscription")
+        n = 30000  # about 3 MiB of records through a 1 MiB ring
+        producer = Producer(pipeline, n, per_batch=200)
+        producer.start()
+        producer.finish()
+        pipeline.wait_stored(n, timeout=60)
+        pipeline.assert_exactly(n)
+        assert pipeline.ring.head > 2 * pipeline.ring.capacity  # wrapped at least twice
+        assert "Traceback" not in processes.log("publisher"), processes.log("publisher")[-3000:]
+        wait_until(lambda: received[0] > 0, 10, what="live records")
+    finally:
+        stop.set()
+        reader.join(5)
+        sub.close(linger=0)
+        ctx.term()
