@@ -307,12 +307,24 @@ class Publisher:
 
         Never past a position this reader has read (the ring's rule), nor, while live
         subscribers listen, past the live stream's position (the store pulls on its own
-        and may be ahead: a popped record could no longer be published); a cursor not
-        yet reached after a restart is popped to in steps as reading catches up.
+        and may be ahead: a popped record could no longer be published); a cursor
+        beyond what this process has read (after a restart) is read up to here, a
+        batch per call, and popped to in steps.
         """
         if len(self.confirmed) < len(self.durable):
             return
-        target = min(min(self.confirmed[name] for name in self.durable), self.read_end)
+        confirmed = min(self.confirmed[name] for name in self.durable)
+        if self.read_end < confirmed:
+            # Restarted after the durable subscribers stored records this process never
+            # read: nobody will FETCH them, so read them here (a batch per step) to be
+            # allowed to pop them.  Waiting for new traffic instead deadlocks a full
+            # ring: the router cannot append until something is popped.
+            start = max(self.read_end, self.ring.head)
+            try:
+                self.read(start, FETCH_MAX_RECORDS, FETCH_MAX_BYTES)
+            except RingError as exc:
+                log.error("cannot read from %d towards the confirmed cursor %d: %s", start, confirmed, exc)
+        target = min(confirmed, self.read_end)
         if self.topics and not self.catching_up:
             target = min(target, self.published)  # live subscribers get every record first
         if target <= self.ring.head:

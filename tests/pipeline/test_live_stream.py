@@ -160,3 +160,31 @@ def test_live_position_below_the_ring_head_moves_to_the_head_instead_of_crashing
         publisher.close()
         ctx.term()
         ring.close()
+
+
+def test_a_restarted_publisher_releases_what_the_store_already_holds_without_new_traffic(data_dir: Path) -> None:
+    """Regression (a CI run of test_repeated_sigkills_of_both_stages): a publisher
+    restarted after the store had stored everything never read those records itself,
+    so it popped nothing until new records came; with a full ring none could come
+    (the router waits for room): a deadlock.  Real Publisher, real fan-in ring."""
+    from node.config import Settings
+    from node.workers.publisher import Publisher
+
+    settings = Settings.from_env(node_env(data_dir))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ring = Ring.open(settings.ring_path("fanin"), capacity=1 << 20, durability="process")
+    for i in range(5000):
+        assert ring.append(pack_record("dev", i, None, 1.0, i))
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    publisher = Publisher(settings, ring, ctx)  # starts at the head: read nothing yet
+    try:
+        publisher.on_confirm(wire.Confirm("store", ring.ring_id, ring.tail))  # the store holds it all
+        for _ in range(20):  # bounded: a few reads of up to 2,048 records each
+            if ring.depth == 0:
+                break
+            publisher.step()
+        assert ring.depth == 0 and ring.head == ring.tail
+    finally:
+        publisher.close()
+        ctx.term()
+        ring.close()
