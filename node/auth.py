@@ -36,7 +36,6 @@ Secrets and tokens are never logged or put into exception messages.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import warnings
@@ -48,6 +47,7 @@ import jwt
 
 from node.config import Settings
 from node.errors import AuthError, NodeError
+from node.privatefile import create_once
 
 __all__ = [
     "ALL_DEVICES",
@@ -220,22 +220,7 @@ def load_secret(settings: Settings) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            os.write(fd, (secrets.token_urlsafe(_SECRET_BYTES) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process won the race: use its secret
-        else:
-            _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    create_once(path, (secrets.token_urlsafe(_SECRET_BYTES) + "\n").encode("ascii"))  # or use the winner's
     return _read_secret(path)
 
 
@@ -245,10 +230,3 @@ def _read_secret(path: Path) -> str:
         raise SecretError(f"{path} holds {len(value)} characters, expected at least 16; delete it to regenerate")
     return value
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

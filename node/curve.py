@@ -44,6 +44,7 @@ import zmq
 from zmq.utils import z85
 
 from node.errors import ConfigError, NodeError
+from node.privatefile import create_once
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -205,34 +206,6 @@ def _read_keypair(public_path: Path, secret_path: Path) -> Keypair:
     return Keypair(public, secret, public_path)
 
 
-def _write_private(path: Path, content: bytes, mode: int) -> bool:
-    """Create ``path`` with ``content`` unless it exists; True if this call created it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # not narrowed or widened by the umask
-            os.write(fd, content)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False  # another process won the race
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_keypair(data_path: Path, role: str) -> Keypair:
     """This node's ``role`` keypair, generated on first use.
 
@@ -248,8 +221,7 @@ def load_keypair(data_path: Path, role: str) -> Keypair:
         public, secret = zmq.curve_keypair()
         try:
             data_path.mkdir(parents=True, exist_ok=True)
-            if _write_private(secret_path, _certificate(public, secret), 0o600):
-                _fsync_dir(data_path)
+            create_once(secret_path, _certificate(public, secret), 0o600)  # or use the winner's
         except OSError as exc:
             raise KeyFileError(f"cannot create {secret_path}: {exc.strerror or exc}") from None
         pair = _read_keypair(public_path, secret_path)

@@ -1,0 +1,47 @@
+"""Create a private file exactly once, even when several processes start together.
+
+Used for the generated secrets in ``NODE_DATA_DIR`` (``jwt_secret`` in
+:mod:`node.auth`, CURVE keypairs in :mod:`node.curve`): the content is written to a
+private temporary file (``mode``, not narrowed or widened by the umask), fsynced,
+then hard-linked into place.  The link either creates ``path`` whole or fails
+because another process got there first, so no reader ever sees a partial file and
+concurrent first starts agree on one content (the loser reads the winner's).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["create_once"]
+
+
+def create_once(path: Path, content: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``content`` unless it exists; True if this call created it
+    (the directory entry is then fsynced too)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False  # another process won the race
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
