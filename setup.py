@@ -10,5 +10,7 @@ from setuptools import Extension, setup
 setup(
     cffi_modules=["node/ring/_cbuild.py:ffibuilder"],
     # Ring.append_batch hands its list of bytes to the C helper through this (no join)
-    ext_modules=[Extension("node.ring._gather", ["node/ring/_gather.c"], extra_compile_args=["-O2", "-Wall"])],
+    ext_modules=[
+        Extension("node.ring._gather", ["node/ring/_gather.c"], extra_compile_args=["-O2", "-Wall"])
+    ],
 )

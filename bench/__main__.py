@@ -22,31 +22,61 @@ from bench import e2e, proto, report, runner, targets
 from bench.loadgen import raise_nofile_limit
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "c10k": {"mode": "rate", "connections": 10_000, "rate": 1.0, "window": 1000, "duration": 30.0, "ramp": 2000.0},
+    "c10k": {
+        "mode": "rate",
+        "connections": 10_000,
+        "rate": 1.0,
+        "window": 1000,
+        "duration": 30.0,
+        "ramp": 2000.0,
+    },
     "max": {"mode": "max", "connections": 100, "rate": 1.0, "window": 32, "duration": 15.0, "ramp": 2000.0},
-    "soak": {"mode": "rate", "connections": 1000, "rate": 10.0, "window": 1000, "duration": 600.0, "ramp": 1000.0},
+    "soak": {
+        "mode": "rate",
+        "connections": 1000,
+        "rate": 10.0,
+        "window": 1000,
+        "duration": 600.0,
+        "ramp": 1000.0,
+    },
 }
 
 
 def _scenario_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load")
-    g.add_argument("--connections", "-n", type=int, help="device connections (c10k 10000, max 100, soak 1000)")
-    g.add_argument("--rate", "-r", type=float, help="messages per second per connection, open loop (c10k 1, soak 10)")
-    g.add_argument("--window", "-w", type=int, help="messages in flight per connection (max: W=32; rate: cap 1000)")
+    g.add_argument(
+        "--connections", "-n", type=int, help="device connections (c10k 10000, max 100, soak 1000)"
+    )
+    g.add_argument(
+        "--rate", "-r", type=float, help="messages per second per connection, open loop (c10k 1, soak 10)"
+    )
+    g.add_argument(
+        "--window", "-w", type=int, help="messages in flight per connection (max: W=32; rate: cap 1000)"
+    )
     g.add_argument("--duration", "-d", type=float, help="seconds of steady load (c10k 30, max 15, soak 600)")
     g.add_argument("--ramp", type=float, help="connections opened per second (2000)")
     g.add_argument("--payload", type=int, default=64, help="approximate message size in bytes (64)")
     g.add_argument("--encoding", choices=proto.ENCODINGS, default="msgpack")
     g.add_argument("--processes", "-p", type=int, default=2, help="load-generator processes (2)")
-    g.add_argument("--sources", type=int, default=8, help="127.0.0.x source addresses to spread connections over (8)")
-    g.add_argument("--drain", type=float, default=5.0, help="seconds to wait for outstanding acks at the end (5)")
+    g.add_argument(
+        "--sources", type=int, default=8, help="127.0.0.x source addresses to spread connections over (8)"
+    )
+    g.add_argument(
+        "--drain", type=float, default=5.0, help="seconds to wait for outstanding acks at the end (5)"
+    )
     g.add_argument("--metrics-every", type=float, default=5.0, help="seconds between /metrics scrapes (5)")
     t = p.add_argument_group("system under test")
-    t.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="web worker processes of a target the harness starts (default: CPUs, like NODE_WEB_WORKERS)")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="web worker processes of a target the harness starts (default: CPUs, like NODE_WEB_WORKERS)",
+    )
     t.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress display")
-    t.add_argument("--keep", type=Path, help="keep targets' data and logs (and the generators' logs) in this directory")
+    t.add_argument(
+        "--keep", type=Path, help="keep targets' data and logs (and the generators' logs) in this directory"
+    )
 
 
 def _scenario(name: str, args: argparse.Namespace) -> runner.Scenario:
@@ -55,8 +85,14 @@ def _scenario(name: str, args: argparse.Namespace) -> runner.Scenario:
         if getattr(args, key) is not None:
             d[key] = getattr(args, key)
     scn = runner.Scenario(
-        name=name, payload=args.payload, encoding=args.encoding, processes=args.processes, sources=args.sources,
-        drain=args.drain, metrics_every=args.metrics_every, **d,
+        name=name,
+        payload=args.payload,
+        encoding=args.encoding,
+        processes=args.processes,
+        sources=args.sources,
+        drain=args.drain,
+        metrics_every=args.metrics_every,
+        **d,
     )
     scn.check()
     return scn
@@ -65,19 +101,34 @@ def _scenario(name: str, args: argparse.Namespace) -> runner.Scenario:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, help_ in (("c10k", "many devices at a paced rate (open loop)"),
-                        ("max", "closed-loop maximum throughput, W in flight per connection"),
-                        ("soak", "long run at a fixed rate; latency, RSS and ring-depth drift")):
+    for name, help_ in (
+        ("c10k", "many devices at a paced rate (open loop)"),
+        ("max", "closed-loop maximum throughput, W in flight per connection"),
+        ("soak", "long run at a fixed rate; latency, RSS and ring-depth drift"),
+    ):
         p = sub.add_parser(name, help=help_)
         _scenario_args(p)
         g = p.add_argument_group("target (one of --target or --url)")
         g.add_argument("--target", choices=targets.NAMES, help="start this system on loopback and load it")
         g.add_argument("--url", help="an already running device endpoint, e.g. ws://127.0.0.1:8000/v1/ingest")
-        g.add_argument("--kind", choices=("iotnode", "mqtt"), default="iotnode", help="protocol spoken to --url")
+        g.add_argument(
+            "--kind", choices=("iotnode", "mqtt"), default="iotnode", help="protocol spoken to --url"
+        )
         g.add_argument("--secret", help="HS256 key for device tokens (default: --data-dir/jwt_secret)")
         g.add_argument("--data-dir", type=Path, help="the node's NODE_DATA_DIR, to read jwt_secret from")
-        g.add_argument("--pid", type=int, action="append", default=[], help="sample CPU/RSS of this process tree (repeat)")
-        g.add_argument("--metrics", action="append", default=[], help="a /metrics URL to scrape ring depths from (repeat)")
+        g.add_argument(
+            "--pid",
+            type=int,
+            action="append",
+            default=[],
+            help="sample CPU/RSS of this process tree (repeat)",
+        )
+        g.add_argument(
+            "--metrics",
+            action="append",
+            default=[],
+            help="a /metrics URL to scrape ring depths from (repeat)",
+        )
     p = sub.add_parser("compare", help="no-op, iotnode, redis and mosquitto, same load, one table")
     p.add_argument("--scenario", choices=("c10k", "max"), default="c10k")
     p.add_argument("--targets", default=",".join(targets.NAMES), help="comma-separated subset, in order")
@@ -123,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                     return 3
             else:
                 secret = proto.read_secret(args.secret, args.data_dir) if args.kind == "iotnode" else None
-                target = runner.Target("url", args.url, kind=args.kind, secret=secret, pids=args.pid, metrics=args.metrics)
+                target = runner.Target(
+                    "url", args.url, kind=args.kind, secret=secret, pids=args.pid, metrics=args.metrics
+                )
                 result = runner.run(scn, target, Path(tmp) / "logs", progress)
         paths = report.save([result], f"{scn.name}-{result['target']['name']}", args.out, command)
         print(report.format_table(report.table_rows([result])))
@@ -156,7 +209,9 @@ def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     for n in names:
         if n not in targets.NAMES:
-            raise proto.BenchError(f"--targets: unknown target {n!r}, expected some of {', '.join(targets.NAMES)}")
+            raise proto.BenchError(
+                f"--targets: unknown target {n!r}, expected some of {', '.join(targets.NAMES)}"
+            )
     if args.rounds < 1:
         raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
     rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -193,7 +248,9 @@ def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
     return 0
 
 
-def combine_rounds(names: list[str], rounds: dict[str, list[dict[str, Any]]], skipped: dict[str, str]) -> list[dict[str, Any]]:
+def combine_rounds(
+    names: list[str], rounds: dict[str, list[dict[str, Any]]], skipped: dict[str, str]
+) -> list[dict[str, Any]]:
     """One result per target (its median round by throughput) with every round's
     throughput and p99, and per-round ratios to the no-op baseline."""
     results: list[dict[str, Any]] = []
@@ -205,10 +262,14 @@ def combine_rounds(names: list[str], rounds: dict[str, list[dict[str, Any]]], sk
         rs = rounds[name]
         ordered = sorted(rs, key=lambda r: r["acked_msg_s"])
         chosen = dict(ordered[(len(ordered) - 1) // 2])
-        chosen["rounds"] = [{"acked_msg_s": r["acked_msg_s"], "p99_ms": r["latency_ms"].get("p99")} for r in rs]
+        chosen["rounds"] = [
+            {"acked_msg_s": r["acked_msg_s"], "p99_ms": r["latency_ms"].get("p99")} for r in rs
+        ]
         if base and len(base) == len(rs):
-            chosen["thr_vs_noop_rounds"] = [round(r["acked_msg_s"] / b["acked_msg_s"], 3) if b["acked_msg_s"] else None
-                                            for r, b in zip(rs, base)]
+            chosen["thr_vs_noop_rounds"] = [
+                round(r["acked_msg_s"] / b["acked_msg_s"], 3) if b["acked_msg_s"] else None
+                for r, b in zip(rs, base, strict=True)
+            ]
         results.append(chosen)
     return results
 

@@ -69,9 +69,15 @@ def main() -> None:
             for link in LINKS:
                 best[link] = max(best[link], catch_up(records, Path(tmp), args.durability, link, round_))
     base = best["ipc"]
-    print(f"records={args.records} durability={args.durability} rounds={args.rounds} (payload ~{len(records[0])} bytes)")
+    print(
+        f"records={args.records} durability={args.durability} rounds={args.rounds} (payload "
+        f"~{len(records[0])} bytes)"
+    )
     for link in LINKS:
-        print(f"monitor + router catch-up, {link:9s}: {best[link]:12,.0f} records/s  ({best[link] / base:.2f}x ipc)")
+        print(
+            f"monitor + router catch-up, {link:9s}: {best[link]:12,.0f} records/s  ({best[link] / base:.2f}x "
+            f"ipc)"
+        )
 
 
 if __name__ == "__main__":

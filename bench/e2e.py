@@ -41,23 +41,32 @@ DRAIN_TIMEOUT = 60.0  # seconds the store may take to catch up after a run
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("e2e", help="whole node: stored msg/s vs the no-op front, and device → fanout-client latency")
+    p = sub.add_parser(
+        "e2e", help="whole node: stored msg/s vs the no-op front, and device → fanout-client latency"
+    )
     g = p.add_argument_group("throughput (closed loop, like max)")
     g.add_argument("--connections", "-n", type=int, default=100, help="device connections (100)")
     g.add_argument("--window", "-w", type=int, default=32, help="messages in flight per connection (32)")
     g.add_argument("--duration", "-d", type=float, default=10.0, help="seconds of steady load (10)")
-    g.add_argument("--client-during-throughput", action="store_true",
-                   help="a client app follows device=* on the fanout during the node's throughput run too")
+    g.add_argument(
+        "--client-during-throughput",
+        action="store_true",
+        help="a client app follows device=* on the fanout during the node's throughput run too",
+    )
     g = p.add_argument_group("latency to the fanout (open loop)")
     g.add_argument("--devices", type=int, default=1000, help="device connections (1000)")
-    g.add_argument("--rates", default="1000,5000", help="offered msg/s over all devices, comma-separated (1000,5000)")
+    g.add_argument(
+        "--rates", default="1000,5000", help="offered msg/s over all devices, comma-separated (1000,5000)"
+    )
     g.add_argument("--latency-duration", type=float, default=10.0, help="seconds per offered rate (10)")
     g = p.add_argument_group("common")
     g.add_argument("--rounds", type=int, default=3, help="rounds, each measuring everything once (3)")
     g.add_argument("--payload", type=int, default=64, help="approximate message size in bytes (64)")
     g.add_argument("--encoding", choices=proto.ENCODINGS, default="msgpack")
     g.add_argument("--processes", "-p", type=int, default=2, help="load-generator processes (2)")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="web workers of both fronts (CPUs)")
+    g.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="web workers of both fronts (CPUs)"
+    )
     g.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g.add_argument("--keep", type=Path, help="keep the targets' data and logs in this directory")
@@ -69,7 +78,9 @@ def parse_rates(text: str) -> list[float]:
         try:
             rate = float(part)
         except ValueError:
-            raise proto.BenchError(f"--rates: expected comma-separated numbers, got {part!r} in {text!r}") from None
+            raise proto.BenchError(
+                f"--rates: expected comma-separated numbers, got {part!r} in {text!r}"
+            ) from None
         if not rate > 0:
             raise proto.BenchError(f"--rates: expected msg/s > 0, got {part!r}")
         rates.append(rate)
@@ -81,11 +92,28 @@ def scenarios(args: argparse.Namespace) -> tuple[runner.Scenario, list[runner.Sc
     if args.rounds < 1:
         raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
     common = dict(payload=args.payload, encoding=args.encoding, processes=args.processes, metrics_every=1.0)
-    thr = runner.Scenario(name="e2e-max", mode="max", connections=args.connections, window=args.window,
-                          duration=args.duration, ramp=2000.0, drain=5.0, **common)
+    thr = runner.Scenario(
+        name="e2e-max",
+        mode="max",
+        connections=args.connections,
+        window=args.window,
+        duration=args.duration,
+        ramp=2000.0,
+        drain=5.0,
+        **common,
+    )
     lat = [
-        runner.Scenario(name=f"e2e-{rate:g}", mode="rate", connections=args.devices, rate=rate / args.devices,
-                        window=1000, duration=args.latency_duration, ramp=2000.0, drain=10.0, **common)
+        runner.Scenario(
+            name=f"e2e-{rate:g}",
+            mode="rate",
+            connections=args.devices,
+            rate=rate / args.devices,
+            window=1000,
+            duration=args.latency_duration,
+            ramp=2000.0,
+            drain=10.0,
+            **common,
+        )
         for rate in parse_rates(args.rates)
     ]
     for scn in (thr, *lat):
@@ -104,11 +132,16 @@ def stored_rate(result: dict[str, Any]) -> dict[str, Any]:
     duration = result["scenario"]["duration"]
     rows = [s for s in result.get("stage_counts", []) if -0.5 <= s["t"] <= duration + 0.5 and "stored" in s]
     if len(rows) < 2:
-        raise proto.BenchError(f"fewer than two scrapes of the store's counter in the window: {result.get('stage_counts')}")
+        raise proto.BenchError(
+            f"fewer than two scrapes of the store's counter in the window: {result.get('stage_counts')}"
+        )
     first, last = rows[0], rows[-1]
     span = last["t"] - first["t"]
-    out = {"window_s": round(span, 2), "stored": int(last["stored"] - first["stored"]),
-           "stored_msg_s": round((last["stored"] - first["stored"]) / span, 1) if span > 0 else None}
+    out = {
+        "window_s": round(span, 2),
+        "stored": int(last["stored"] - first["stored"]),
+        "stored_msg_s": round((last["stored"] - first["stored"]) / span, 1) if span > 0 else None,
+    }
     if "acked" in first and "acked" in last and span > 0:
         out["node_acked_msg_s"] = round((last["acked"] - first["acked"]) / span, 1)
     return out
@@ -125,9 +158,14 @@ def wait_drained(target: runner.Target, timeout: float = DRAIN_TIMEOUT) -> dict[
         depths = procstat.scrape_ring_depths(target.metrics)
         done = counts.get("stored", 0) >= counts.get("acked", float("inf")) and not any(depths.values())
         if done or time.monotonic() - t0 >= timeout:
-            return {"drained": done, "catch_up_s": round(time.monotonic() - t0, 2),
-                    "acked_total": counts.get("acked"), "stored_total": counts.get("stored"), "depths": depths,
-                    "counts": counts}
+            return {
+                "drained": done,
+                "catch_up_s": round(time.monotonic() - t0, 2),
+                "acked_total": counts.get("acked"),
+                "stored_total": counts.get("stored"),
+                "depths": depths,
+                "counts": counts,
+            }
         time.sleep(0.2)
 
 
@@ -139,14 +177,25 @@ class FanoutClient:
     def __init__(self, target: runner.Target, log: Path) -> None:
         if not target.fanout_url or not target.secret:
             raise proto.BenchError(f"target {target.name!r} has no fanout stream to follow")
-        spec = {"url": target.fanout_url, "token": issue_client_token(target.secret, ["*"], ttl=3600),
-                "prefix": "bench-", "since": time.time()}
+        spec = {
+            "url": target.fanout_url,
+            "token": issue_client_token(target.secret, ["*"], ttl=3600),
+            "prefix": "bench-",
+            "since": time.time(),
+        }
         env = dict(os.environ)
         env["PYTHONPATH"] = str(runner.REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.log = log
         with open(log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bench.fanout_client"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, cwd=str(runner.REPO), env=env, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.fanout_client"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=str(runner.REPO),
+                env=env,
+                text=True,
+            )
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self._send(json.dumps(spec))
@@ -176,8 +225,10 @@ class FanoutClient:
                 if time.monotonic() < deadline:
                     continue
             if msg is None:
-                raise proto.BenchError(f"fanout client: no {kind!r} line (exit {self.proc.poll()}):\n"
-                                       f"{self.log.read_text(errors='replace')[-2000:]}")
+                raise proto.BenchError(
+                    f"fanout client: no {kind!r} line (exit {self.proc.poll()}):\n"
+                    f"{self.log.read_text(errors='replace')[-2000:]}"
+                )
             if msg.get("type") == kind:
                 return msg
 
@@ -191,8 +242,14 @@ class FanoutClient:
 
 
 # ------------------------------------------------------------------ one measurement each
-def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.Target, log_dir: Path,
-                       progress: TextIO | None, with_client: bool = False) -> dict[str, Any]:
+def measure_throughput(
+    scn: runner.Scenario,
+    noop: runner.Target,
+    node: runner.Target,
+    log_dir: Path,
+    progress: TextIO | None,
+    with_client: bool = False,
+) -> dict[str, Any]:
     """One round: the no-op front, then the node, same closed-loop load (with a
     client app on the fanout during the node's run if ``with_client``)."""
     base = runner.run(scn, noop, log_dir / "noop", progress)
@@ -219,7 +276,9 @@ def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.T
         "acked_msg_s": r["acked_msg_s"],
         **stored,
         "acked_vs_noop": round(r["acked_msg_s"] / base["acked_msg_s"], 3) if base["acked_msg_s"] else None,
-        "stored_vs_noop": round(stored["stored_msg_s"] / base["acked_msg_s"], 3) if base["acked_msg_s"] and stored["stored_msg_s"] else None,
+        "stored_vs_noop": round(stored["stored_msg_s"] / base["acked_msg_s"], 3)
+        if base["acked_msg_s"] and stored["stored_msg_s"]
+        else None,
         "ingress_depth_end": end_depths.get("ingress"),
         "fanin_depth_end": end_depths.get("fanin"),
         "fanin_depth_max": max((d.get("fanin", 0) for d in depths), default=None),
@@ -235,7 +294,9 @@ def measure_throughput(scn: runner.Scenario, noop: runner.Target, node: runner.T
     return {"row": row, "noop": base, "iotnode": r, "drain": drain}
 
 
-def measure_latency(scn: runner.Scenario, node: runner.Target, log_dir: Path, progress: TextIO | None) -> dict[str, Any]:
+def measure_latency(
+    scn: runner.Scenario, node: runner.Target, log_dir: Path, progress: TextIO | None
+) -> dict[str, Any]:
     """Open loop at a fixed offered rate with a client app on the fanout; the
     pipeline is drained first so that no earlier run's frames arrive in this one."""
     before = wait_drained(node)
@@ -266,8 +327,13 @@ def measure_latency(scn: runner.Scenario, node: runner.Target, log_dir: Path, pr
         "drained": drain["drained"],
         "drained_before": before["drained"],
     }
-    return {"row": row, "iotnode": r, "client": {k: v for k, v in got.items() if k != "lat"}, "fanout_latency_ms": lat,
-            "drain": drain}
+    return {
+        "row": row,
+        "iotnode": r,
+        "client": {k: v for k, v in got.items() if k != "lat"},
+        "fanout_latency_ms": lat,
+        "drain": drain,
+    }
 
 
 # ------------------------------------------------------------------ the command
@@ -283,11 +349,36 @@ def markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-THR_COLS = ["round", "noop_acked_msg_s", "acked_msg_s", "stored_msg_s", "acked_vs_noop", "stored_vs_noop",
-            "ingress_depth_end", "fanin_depth_end", "fanin_depth_max", "catch_up_s", "fanout_frames", "fanout_delivered", "fanout_p99_ms",
-            "fanout_client_closed"]
-LAT_COLS = ["round", "offered_msg_s", "devices", "acked_msg_s", "fanout_frames", "delivered", "fanout_p50_ms",
-            "fanout_p99_ms", "fanout_max_ms", "ack_p50_ms", "ack_p99_ms", "out_of_order"]
+THR_COLS = [
+    "round",
+    "noop_acked_msg_s",
+    "acked_msg_s",
+    "stored_msg_s",
+    "acked_vs_noop",
+    "stored_vs_noop",
+    "ingress_depth_end",
+    "fanin_depth_end",
+    "fanin_depth_max",
+    "catch_up_s",
+    "fanout_frames",
+    "fanout_delivered",
+    "fanout_p99_ms",
+    "fanout_client_closed",
+]
+LAT_COLS = [
+    "round",
+    "offered_msg_s",
+    "devices",
+    "acked_msg_s",
+    "fanout_frames",
+    "delivered",
+    "fanout_p50_ms",
+    "fanout_p99_ms",
+    "fanout_max_ms",
+    "ack_p50_ms",
+    "ack_p99_ms",
+    "out_of_order",
+]
 
 
 def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO | None) -> dict[str, Any]:
@@ -295,25 +386,40 @@ def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO 
     thr_rows: list[dict[str, Any]] = []
     lat_rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
-    with targets.start("noop", workdir / "noop", args.workers) as noop, \
-            targets.start("iotnode", workdir / "iotnode", args.workers) as node:
+    with (
+        targets.start("noop", workdir / "noop", args.workers) as noop,
+        targets.start("iotnode", workdir / "iotnode", args.workers) as node,
+    ):
         for k in range(args.rounds):
             if progress:
                 print(f"--- e2e round {k + 1}/{args.rounds}: throughput (no-op, then iotnode)", file=progress)
-            t = measure_throughput(thr, noop, node, workdir / "logs" / f"thr-{k}", progress,
-                                   with_client=getattr(args, "client_during_throughput", False))
+            t = measure_throughput(
+                thr,
+                noop,
+                node,
+                workdir / "logs" / f"thr-{k}",
+                progress,
+                with_client=getattr(args, "client_during_throughput", False),
+            )
             thr_rows.append({"round": k + 1, **t["row"]})
             raw.append(t)
             for scn in lats:
                 if progress:
-                    print(f"--- e2e round {k + 1}/{args.rounds}: fanout latency at {scn.connections * scn.rate:g} msg/s", file=progress)
+                    print(
+                        f"--- e2e round {k + 1}/{args.rounds}: fanout latency at "
+                        f"{scn.connections * scn.rate:g} msg/s",
+                        file=progress,
+                    )
                 m = measure_latency(scn, node, workdir / "logs" / f"{scn.name}-{k}", progress)
                 lat_rows.append({"round": k + 1, **m["row"]})
                 raw.append(m)
     summary = {
         "stored_vs_noop_median": _median([r["stored_vs_noop"] for r in thr_rows]),
         "acked_vs_noop_median": _median([r["acked_vs_noop"] for r in thr_rows]),
-        "stored_vs_noop_range": [min((r["stored_vs_noop"] or 0) for r in thr_rows), max((r["stored_vs_noop"] or 0) for r in thr_rows)],
+        "stored_vs_noop_range": [
+            min((r["stored_vs_noop"] or 0) for r in thr_rows),
+            max((r["stored_vs_noop"] or 0) for r in thr_rows),
+        ],
     }
     doc = {"command": command, "throughput": thr_rows, "latency": lat_rows, "summary": summary, "runs": raw}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +434,10 @@ def print_doc(doc: dict[str, Any], out: TextIO = sys.stdout) -> None:
     print(file=out)
     print(markdown(doc["latency"], LAT_COLS), file=out)
     s = doc["summary"]
-    print(f"\nstored vs no-op (median of rounds): {s['stored_vs_noop_median']} "
-          f"(range {s['stored_vs_noop_range'][0]}–{s['stored_vs_noop_range'][1]}); "
-          f"acked vs no-op: {s['acked_vs_noop_median']}", file=out)
+    print(
+        f"\nstored vs no-op (median of rounds): {s['stored_vs_noop_median']} "
+        f"(range {s['stored_vs_noop_range'][0]}–{s['stored_vs_noop_range'][1]}); "
+        f"acked vs no-op: {s['acked_vs_noop_median']}",
+        file=out,
+    )
     print(f"results: {doc['path']}", file=out)

@@ -85,8 +85,12 @@ async def run(spec: dict[str, Any]) -> None:
     client = Client(spec.get("prefix", ""), float(spec.get("since", 0.0)))
     url = spec["url"] + ("&" if "?" in spec["url"] else "?") + "device=*"
     transport, _ = await ws_connect(
-        lambda: client, url, extra_headers={"Authorization": f"Bearer {spec['token']}"},
-        websocket_handshake_timeout=30, enable_auto_pong=True, max_frame_size=1 << 24,
+        lambda: client,
+        url,
+        extra_headers={"Authorization": f"Bearer {spec['token']}"},
+        websocket_handshake_timeout=30,
+        enable_auto_pong=True,
+        max_frame_size=1 << 24,
     )
     _emit({"type": "ready"})
     await loop.run_in_executor(None, sys.stdin.readline)  # "stop" (or EOF)

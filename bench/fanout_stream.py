@@ -91,7 +91,10 @@ def _role_clients(url: str, clients: int, records: int) -> None:
         done.append(time.monotonic())
 
     async def main() -> None:
-        conns = [await connect(url, compression=None, max_queue=None, open_timeout=30).__aenter__() for _ in range(clients)]
+        conns = [
+            await connect(url, compression=None, max_queue=None, open_timeout=30).__aenter__()
+            for _ in range(clients)
+        ]
         print("ready", flush=True)
         done: list[float] = []
         cpu0 = time.process_time()
@@ -126,8 +129,13 @@ class Publisher:
         pad = "x" * payload
         frames = [
             wire.encode_published(
-                topic, RING, i * 64, i * 64 + 64, pack_record(DEVICE, i, 1.0 * i, 1.7e9 + i, {"i": i, "pad": pad}),
-                epoch=1, n=i,  # numbered per topic like the publisher's: the fanout's gap check runs
+                topic,
+                RING,
+                i * 64,
+                i * 64 + 64,
+                pack_record(DEVICE, i, 1.0 * i, 1.7e9 + i, {"i": i, "pad": pad}),
+                epoch=1,
+                n=i,  # numbered per topic like the publisher's: the fanout's gap check runs
             )
             for i in range(1, records + 1)
         ]
@@ -144,7 +152,10 @@ class Publisher:
 
 def _child(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.fanout_stream", *args], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "bench.fanout_stream", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 
@@ -182,8 +193,12 @@ def run_fanout(data_dir: Path, records: int, clients: int, payload: int) -> dict
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
     env.update(
-        NODE_DATA_DIR=str(data_dir), NODE_FANOUT_PORT=str(port), NODE_JWT_SECRET=SECRET,
-        NODE_PUB_HWM="10000000", NODE_FANOUT_QUEUE="1000000", NODE_LOG_LEVEL="warning",
+        NODE_DATA_DIR=str(data_dir),
+        NODE_FANOUT_PORT=str(port),
+        NODE_JWT_SECRET=SECRET,
+        NODE_PUB_HWM="10000000",
+        NODE_FANOUT_QUEUE="1000000",
+        NODE_LOG_LEVEL="warning",
         PYTHONPATH=str(REPO),
     )
     settings = Settings.from_env(env)
@@ -203,8 +218,15 @@ def run_fanout(data_dir: Path, records: int, clients: int, payload: int) -> dict
                     raise SystemExit("fanout did not start") from None
                 time.sleep(0.05)
         token = issue_client_token(SECRET, [DEVICE])
-        cl = _child(["--role", "clients", f"ws://127.0.0.1:{port}/v1/stream?device={DEVICE}&token={token}",
-                     str(clients), str(records)])
+        cl = _child(
+            [
+                "--role",
+                "clients",
+                f"ws://127.0.0.1:{port}/v1/stream?device={DEVICE}&token={token}",
+                str(clients),
+                str(records),
+            ]
+        )
         _wait_ready(cl)
         pub.wait_subscribed()
         cpu0 = _cpu_seconds(fanout.pid)
@@ -244,7 +266,10 @@ def main() -> None:
     try:
         endpoint = Settings.from_env({"NODE_DATA_DIR": str(data_dir)}).pub_endpoint
         base = run_baseline(endpoint, a.records, a.payload)
-        print(f"command: python -m bench.fanout_stream --records {a.records} --clients {a.clients} --payload {a.payload}")
+        print(
+            f"command: python -m bench.fanout_stream --records {a.records} --clients {a.clients} --payload "
+            f"{a.payload}"
+        )
         print(f"baseline  bare pyzmq SUB         {base:>10,.0f} records/s")
         for k in (int(x) for x in a.clients.split(",")):
             r = run_fanout(data_dir, a.records, k, a.payload)

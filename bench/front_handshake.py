@@ -61,9 +61,15 @@ def cpu_seconds(pid: int) -> float:
 def front_env(data_dir: Path) -> dict[str, str]:
     """The one-worker front's environment: no inherited NODE_*, a private data dir, a free port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    env.update(NODE_DATA_DIR=str(data_dir), NODE_HOST="127.0.0.1", NODE_WEB_PORT=str(free_port()),
-               NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS="1", NODE_LOG_LEVEL="warning",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(
+        NODE_DATA_DIR=str(data_dir),
+        NODE_HOST="127.0.0.1",
+        NODE_WEB_PORT=str(free_port()),
+        NODE_JWT_SECRET=SECRET,
+        NODE_WEB_WORKERS="1",
+        NODE_LOG_LEVEL="warning",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -74,7 +80,10 @@ async def load(url: str, pid: int, n: int) -> tuple[float, float]:
     async def connect() -> websockets.ClientConnection:
         async with gate:
             return await websockets.connect(
-                url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=120, ping_interval=None
+                url,
+                additional_headers={"Authorization": f"Bearer {token}"},
+                open_timeout=120,
+                ping_interval=None,
             )
 
     c0 = cpu_seconds(pid)
@@ -109,19 +118,31 @@ def run(workdir: Path, n: int, rounds: int) -> None:
         ([sys.executable, "-m", "bench.front_variant", "auto"], logs[1], env),
     ):
         with open(log, "ab") as fh:
-            procs.append(subprocess.Popen(argv, env=proc_env, cwd=str(REPO), stdout=fh, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    env=proc_env,
+                    cwd=str(REPO),
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     try:
         wait_for_port(base_port, procs[0], logs[0])
         wait_for_port(int(env["NODE_WEB_PORT"]), procs[1], logs[1])
         time.sleep(2)
-        targets = [("baseline", f"ws://127.0.0.1:{base_port}/v1/ingest", procs[0].pid),
-                   ("front", f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest", procs[1].pid)]
+        targets = [
+            ("baseline", f"ws://127.0.0.1:{base_port}/v1/ingest", procs[0].pid),
+            ("front", f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest", procs[1].pid),
+        ]
         for r in range(rounds):
             for name, url, pid in targets:
                 hs, msg = asyncio.run(load(url, pid, n))
-                print(f"round {r + 1} {name:8s}: {hs * 1e3:.2f} ms CPU per handshake, "
-                      f"{msg * 1e6:.0f} us CPU per message (one per connection, {n} connections)")
+                print(
+                    f"round {r + 1} {name:8s}: {hs * 1e3:.2f} ms CPU per handshake, "
+                    f"{msg * 1e6:.0f} us CPU per message (one per connection, {n} connections)"
+                )
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -3,7 +3,8 @@
     python -m bench.front_spread [CONNECTIONS] [ROUNDS]
 
 Starts ``python -m node.workers.web`` with NODE_WEB_WORKERS=2 on a free loopback
-port (the harness's ``front-msync`` target, :func:`bench.targets.start`), opens CONNECTIONS device WebSockets at once (default 2000), counts the
+port (the harness's ``front-msync`` target, :func:`bench.targets.start`), opens
+CONNECTIONS device WebSockets at once (default 2000), counts the
 sockets each worker holds (/proc/PID/fd, minus its idle count) and the workers'
 RSS growth per connection (over the idle RSS; later rounds reuse freed memory),
 closes them, and repeats ROUNDS times (default 3).  Results: docs/front.md.
@@ -47,11 +48,20 @@ def workers(parent: int) -> list[int]:
     return [p for p in procstat.descendants([parent]) if "spawn_main" in procstat.cmdline(p)]
 
 
-async def burst(url: str, secret: str, n: int, pids: list[int], idle: dict[int, int]) -> tuple[dict[int, int], int]:
+async def burst(
+    url: str, secret: str, n: int, pids: list[int], idle: dict[int, int]
+) -> tuple[dict[int, int], int]:
     token = issue_device_token(secret, "spread")
     conns = await asyncio.gather(
-        *(websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=60,
-                             ping_interval=None) for _ in range(n))
+        *(
+            websockets.connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {token}"},
+                open_timeout=60,
+                ping_interval=None,
+            )
+            for _ in range(n)
+        )
     )
     await asyncio.sleep(0.5)
     counts = {pid: sockets(pid) - idle[pid] for pid in pids}
@@ -65,8 +75,10 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with tempfile.TemporaryDirectory(prefix="spread-") as workdir, \
-            targets.start("front-msync", Path(workdir), workers=2) as target:
+    with (
+        tempfile.TemporaryDirectory(prefix="spread-") as workdir,
+        targets.start("front-msync", Path(workdir), workers=2) as target,
+    ):
         time.sleep(2)
         pids = workers(target.pids[0])
         if len(pids) != 2:
@@ -78,7 +90,10 @@ def main() -> None:
             counts, memory = asyncio.run(burst(target.url, target.secret, n, pids, idle))
             shares = ", ".join(f"{c} ({100 * c / n:.0f}%)" for c in counts.values())
             per_conn = (memory - idle_rss) / n / 1024
-            print(f"round {r + 1}: {n} connections -> workers: {shares}; RSS of workers +{per_conn:.1f} KiB/connection")
+            print(
+                f"round {r + 1}: {n} connections -> workers: {shares}; RSS of workers +{per_conn:.1f} "
+                f"KiB/connection"
+            )
             time.sleep(1)
 
 

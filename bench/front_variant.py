@@ -15,8 +15,8 @@ import sys
 import uvicorn
 from starlette.applications import Starlette
 
-from node.app import create_app
 from node.config import load_settings
+from node.front.app import create_app
 from node.workers.web import uvicorn_options
 
 MODE = "auto"

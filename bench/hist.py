@@ -16,7 +16,20 @@ _HALF = _SUB >> 1
 
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
 CURVE_PERCENTILES: tuple[float, ...] = (
-    0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 100.0,
+    0.0,
+    10.0,
+    25.0,
+    50.0,
+    75.0,
+    90.0,
+    95.0,
+    99.0,
+    99.5,
+    99.9,
+    99.95,
+    99.99,
+    99.999,
+    100.0,
 )
 
 
@@ -67,7 +80,7 @@ class Histogram:
     def record(self, seconds: float) -> None:
         self.record_us(int(seconds * 1e6))
 
-    def merge(self, other: "Histogram") -> None:
+    def merge(self, other: Histogram) -> None:
         counts = self.counts
         for idx, n in other.counts.items():
             counts[idx] = counts.get(idx, 0) + n
@@ -120,7 +133,7 @@ class Histogram:
         }
 
     @classmethod
-    def from_json(cls, obj: dict[str, object]) -> "Histogram":
+    def from_json(cls, obj: dict[str, object]) -> Histogram:
         h = cls()
         pairs = obj.get("counts")
         if not isinstance(pairs, list):

@@ -385,7 +385,7 @@ async def _report(gen: Gen, t_start: float, until: asyncio.Event) -> None:
         due = t_start + k
         try:
             await asyncio.wait_for(until.wait(), max(0.0, due - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         interval = gen.lat
         gen.lat = Histogram()
@@ -414,7 +414,7 @@ async def run(spec: dict[str, Any]) -> None:
     nofile = raise_nofile_limit(len(spec["devices"]) + 64)
     gen = Gen(spec)
     sources = spec.get("sources") or ["127.0.0.1"]
-    for (index, device_id, token) in spec["devices"]:
+    for index, device_id, token in spec["devices"]:
         gen.conns.append(Conn(gen, index, device_id, token, sources[index % len(sources)]))
     t_ramp = time.monotonic()
     await _ramp(gen, spec)

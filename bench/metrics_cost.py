@@ -1,6 +1,6 @@
 """CPU cost of observing the device ack latency, in prometheus_client's multiprocess
 mode (what the web workers run): ``Histogram.observe`` per message vs the web
-front's way (node.webmetrics: local buckets per group, one flush per second).
+front's way (node.front.metrics: local buckets per group, one flush per second).
 
     python -m bench.metrics_cost [--groups 2000] [--group-size 32] [--rounds 5]
 
@@ -44,16 +44,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, Histogram, values
 
-    from node.committer import FrontStats
+    from node.front.committer import FrontStats
+    from node.front.metrics import FrontMetrics
     from node.metrics import LATENCY_BUCKETS
-    from node.webmetrics import FrontMetrics
 
     assert values.ValueClass.__name__ != "MutexValue", "not in multiprocess mode"
     rng = random.Random(1)
     now = 1000.0
     groups = [[now - rng.lognormvariate(-7, 1.5) for _ in range(args.group_size)] for _ in range(args.groups)]
     n = args.groups * args.group_size
-    per_message_h = Histogram("cost_per_message_seconds", "x", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    per_message_h = Histogram(
+        "cost_per_message_seconds", "x", buckets=LATENCY_BUCKETS, registry=CollectorRegistry()
+    )
     batched_h = Histogram("cost_batched_seconds", "x", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
     metrics = FrontMetrics(FrontStats())
 
@@ -83,12 +85,17 @@ def _run(args: argparse.Namespace) -> int:
             fn()
             results[name].append((time.process_time() - t0) / n * 1e9)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"{n} latencies per round in groups of {args.group_size}, {args.rounds} rounds, CPU ns per message (median):")
+    print(
+        f"{n} latencies per round in groups of {args.group_size}, {args.rounds} rounds, CPU ns per message "
+        f"(median):"
+    )
     for k, v in med.items():
         print(f"  {k:12s} {v:8.1f}   rounds: {', '.join(f'{x:.0f}' for x in results[k])}")
     cost_pm, cost_b = med["per_message"] - med["baseline"], med["batched"] - med["baseline"]
-    print(f"  observe() per message costs {cost_pm:.0f} ns above the bare loop, local buckets {cost_b:.0f} ns:"
-          f" {cost_pm / max(cost_b, 1e-9):.1f}x less")
+    print(
+        f"  observe() per message costs {cost_pm:.0f} ns above the bare loop, local buckets {cost_b:.0f} ns:"
+        f" {cost_pm / max(cost_b, 1e-9):.1f}x less"
+    )
     return 0
 
 

@@ -32,19 +32,41 @@ SECRET = "bench-metrics-overhead-secret-0123"
 def start_node(workdir: Path, metrics: str, workers: int) -> tuple[subprocess.Popen[bytes], str, Path]:
     data = workdir / f"data-{metrics}"
     data.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    ports = {var: free_port() for var in ("NODE_WEB_PORT", "NODE_FANOUT_PORT", "NODE_METRICS_PORT_MONITOR",
-                                          "NODE_METRICS_PORT_ROUTER", "NODE_METRICS_PORT_PUBLISHER",
-                                          "NODE_METRICS_PORT_STORE")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("NODE_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    ports = {
+        var: free_port()
+        for var in (
+            "NODE_WEB_PORT",
+            "NODE_FANOUT_PORT",
+            "NODE_METRICS_PORT_MONITOR",
+            "NODE_METRICS_PORT_ROUTER",
+            "NODE_METRICS_PORT_PUBLISHER",
+            "NODE_METRICS_PORT_STORE",
+        )
+    }
     env.update({k: str(v) for k, v in ports.items()})
-    env.update(NODE_DATA_DIR=str(data), NODE_HOST="127.0.0.1", NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS=str(workers),
-               NODE_LOG_LEVEL="warning", NODE_METRICS=metrics,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(
+        NODE_DATA_DIR=str(data),
+        NODE_HOST="127.0.0.1",
+        NODE_JWT_SECRET=SECRET,
+        NODE_WEB_WORKERS=str(workers),
+        NODE_LOG_LEVEL="warning",
+        NODE_METRICS=metrics,
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     log = workdir / f"node-{metrics}.log"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "honcho", "start", "-f", str(REPO / "Procfile"), "-d", str(REPO)],
-                                env=env, cwd=str(REPO), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", str(REPO / "Procfile"), "-d", str(REPO)],
+            env=env,
+            cwd=str(REPO),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     wait_for_port(ports["NODE_WEB_PORT"], proc, log, timeout=60)
     return proc, f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest", log
 
@@ -52,15 +74,39 @@ def start_node(workdir: Path, metrics: str, workers: int) -> tuple[subprocess.Po
 def load(url: str, pid: int, out: Path, args: argparse.Namespace) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.glob("*.json"))
-    cmd = [sys.executable, "-m", "bench", "max", "--url", url, "--secret", SECRET, "--pid", str(pid),
-           "-n", str(args.connections), "-w", str(args.window), "-d", str(args.duration), "-q", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "max",
+        "--url",
+        url,
+        "--secret",
+        SECRET,
+        "--pid",
+        str(pid),
+        "-n",
+        str(args.connections),
+        "-w",
+        str(args.window),
+        "-d",
+        str(args.duration),
+        "-q",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, cwd=str(REPO), check=True, stdout=subprocess.DEVNULL, timeout=args.duration + 120)
     (result,) = set(out.glob("*.json")) - before
     row = json.loads(result.read_text())["table"][0]
     acked = float(row["acked_msg_s"])
     cpu_us = float(row["target_cpu_pct"]) / 100 / acked * 1e6 if acked else float("nan")
-    return {"acked_msg_s": acked, "p99_ms": float(row["p99_ms"]), "cpu_us_per_msg": cpu_us,
-            "errors": float(row["errors"]), "unacked": float(row["unacked"])}
+    return {
+        "acked_msg_s": acked,
+        "p99_ms": float(row["p99_ms"]),
+        "cpu_us_per_msg": cpu_us,
+        "errors": float(row["errors"]),
+        "unacked": float(row["unacked"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,18 +130,26 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2)
         rows: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
         for r in range(args.rounds):
-            for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 proc, url, _ = nodes[mode]
                 rows[mode].append(load(url, proc.pid, workdir / "results", args))
-                print(f"round {r + 1} metrics={mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[mode][-1].items()),
-                      flush=True)
-        print(f"\nmedian of {args.rounds} rounds (bench max -n {args.connections} -w {args.window} -d {args.duration},"
-              f" {args.workers} web workers):")
+                print(
+                    f"round {r + 1} metrics={mode}: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in rows[mode][-1].items()),
+                    flush=True,
+                )
+        print(
+            f"\nmedian of {args.rounds} rounds (bench max -n {args.connections} -w {args.window} -d "
+            f"{args.duration},"
+            f" {args.workers} web workers):"
+        )
         for key in ("acked_msg_s", "p99_ms", "cpu_us_per_msg"):
             on, off = (statistics.median(x[key] for x in rows[m]) for m in ("on", "off"))
-            ratios = [a[key] / b[key] for a, b in zip(rows["on"], rows["off"]) if b[key]]
-            print(f"  {key:15s} on {on:10.1f}  off {off:10.1f}  on/off {on / off:.3f}"
-                  f"  (per round {', '.join(f'{x:.3f}' for x in ratios)})")
+            ratios = [a[key] / b[key] for a, b in zip(rows["on"], rows["off"], strict=False) if b[key]]
+            print(
+                f"  {key:15s} on {on:10.1f}  off {off:10.1f}  on/off {on / off:.3f}"
+                f"  (per round {', '.join(f'{x:.3f}' for x in ratios)})"
+            )
         return 0
     finally:
         for proc, _, _ in nodes.values():

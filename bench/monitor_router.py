@@ -161,7 +161,7 @@ def latency(d: Path, durability: str, count: int = 2000) -> list[float]:
             reader.pop(pos)
         feeder.join(timeout=TIMEOUT)
         reader.close()
-        return sorted(a - s for a, s in zip(arrived, sent))
+        return sorted(a - s for a, s in zip(arrived, sent, strict=False))
     finally:
         stop(procs)
         ingress.close()
@@ -182,11 +182,17 @@ def main() -> None:
         lat = latency(d, args.durability)
     print(f"records={args.records} durability={args.durability} (payload ~{len(records[0])} bytes)")
     print(f"baseline ring->ring copy, one process : {base:12,.0f} records/s")
-    print(f"monitor + router, catch-up            : {catchup:12,.0f} records/s  ({catchup / base:.2f}x baseline)")
+    print(
+        f"monitor + router, catch-up            : {catchup:12,.0f} records/s  ({catchup / base:.2f}x "
+        f"baseline)"
+    )
     print(f"monitor + router, live                : {live:12,.0f} records/s  ({live / base:.2f}x baseline)")
     if lat:
         p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
-        print(f"ingress -> fan-in latency at 1000/s   : p50 {p50 * 1e3:.2f} ms  p99 {p99 * 1e3:.2f} ms  max {lat[-1] * 1e3:.2f} ms")
+        print(
+            f"ingress -> fan-in latency at 1000/s   : p50 {p50 * 1e3:.2f} ms  p99 {p99 * 1e3:.2f} ms  max "
+            f"{lat[-1] * 1e3:.2f} ms"
+        )
 
 
 if __name__ == "__main__":

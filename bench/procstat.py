@@ -149,7 +149,7 @@ def scrape_ring_depths(urls: list[str], timeout: float = 1.0) -> dict[str, float
     """``iotnode_ring_depth{ring=...}`` from each ``/metrics`` URL that answers (loopback only)."""
     depths: dict[str, float] = {}
     for text in _scrape(urls, timeout):
-        for name, ring, value in _METRIC.findall(text):
+        for _name, ring, value in _METRIC.findall(text):
             depths[ring] = max(depths.get(ring, 0.0), float(value))
     return depths
 
@@ -180,7 +180,9 @@ def scrape_ack_latency(urls: list[str], timeout: float = 1.0) -> dict[str, float
     return out
 
 
-def bucket_quantiles(before: dict[str, float], after: dict[str, float], qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, str]:
+def bucket_quantiles(
+    before: dict[str, float], after: dict[str, float], qs: tuple[float, ...] = (0.5, 0.99)
+) -> dict[str, str]:
     """Quantiles of the observations between two scrapes, as the bucket bound they fall
     under (``"<= 0.005 s"``); Prometheus buckets give no finer answer."""
     delta = sorted(

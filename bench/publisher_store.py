@@ -118,7 +118,7 @@ def live(records: list[bytes], root: Path, durability: str) -> tuple[float, floa
         fill(ring, records, 300)
         wait_empty(ring, 300)
         elapsed = time.perf_counter() - started
-        used = [cpu_seconds(p.pid) - b for p, b in zip(procs, before)]
+        used = [cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True)]
         ring.close()
     finally:
         stop(procs)

@@ -16,7 +16,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 
-def save(results: list[dict[str, Any]], name: str, out_dir: Path = RESULTS, command: str = "") -> tuple[Path, Path]:
+def save(
+    results: list[dict[str, Any]], name: str, out_dir: Path = RESULTS, command: str = ""
+) -> tuple[Path, Path]:
     """Write ``<stamp>-<name>.json`` and ``.html``; returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -32,8 +34,12 @@ def save(results: list[dict[str, Any]], name: str, out_dir: Path = RESULTS, comm
 # ----------------------------------------------------------------------------- tables
 def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per target; ratios against the no-op baseline of the same run."""
-    base = next((r for r in results if r.get("target", {}).get("name") == "noop" and "skipped" not in r), None)
-    node = next((r for r in results if r.get("target", {}).get("name") == "iotnode" and "skipped" not in r), None)
+    base = next(
+        (r for r in results if r.get("target", {}).get("name") == "noop" and "skipped" not in r), None
+    )
+    node = next(
+        (r for r in results if r.get("target", {}).get("name") == "iotnode" and "skipped" not in r), None
+    )
     rows = []
     for r in results:
         name = r.get("target", {}).get("name", "?")
@@ -71,8 +77,24 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["target", "acked_msg_s", "thr_vs_noop", "thr_vs_noop_by_round", "p50_ms", "p99_ms", "p99.9_ms", "max_ms", "p99_vs_noop",
-            "iotnode_thr_vs_this", "iotnode_p99_vs_this", "errors", "unacked", "open", "target_cpu_pct", "gen_cpu_pct"]
+    cols = [
+        "target",
+        "acked_msg_s",
+        "thr_vs_noop",
+        "thr_vs_noop_by_round",
+        "p50_ms",
+        "p99_ms",
+        "p99.9_ms",
+        "max_ms",
+        "p99_vs_noop",
+        "iotnode_thr_vs_this",
+        "iotnode_p99_vs_this",
+        "errors",
+        "unacked",
+        "open",
+        "target_cpu_pct",
+        "gen_cpu_pct",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         if "skipped" in row:
@@ -123,9 +145,12 @@ def svg_chart(
             step *= 2
         yticks = [(k * step, f"{k * step:g}") for k in range(int(ymax / step) + 1)]
     fx = lambda x: left + (x - x0) / (x1 - x0) * pw  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11">',
+        f'<text x="{left}" y="18" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',
+    ]
     for y, label in yticks:
         py = fy(y)
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py:.1f}" y2="{py:.1f}" stroke="#eee"/>')
@@ -137,14 +162,22 @@ def svg_chart(
         px = fx(x)
         out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>')
         out.append(f'<text x="{px:.1f}" y="{top + ph + 15}" text-anchor="middle">{html.escape(label)}</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" text-anchor="middle">{html.escape(ylabel)}</text>')
+    out.append(
+        f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+    )
+    out.append(
+        f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>'
+    )
     for i, (name, s) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in s if (y > 0 or not ylog))
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
         ly = top + 14 + 16 * i
-        out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 30}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>')
+        out.append(
+            f'<line x1="{left + pw + 10}" x2="{left + pw + 30}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
+            f'stroke-width="3"/>'
+        )
         short = name if len(name) <= 22 else "…" + name[-21:]
         out.append(f'<text x="{left + pw + 35}" y="{ly}">{html.escape(short)}</text>')
     out.append("</svg>")
@@ -154,12 +187,24 @@ def svg_chart(
 def render_html(doc: dict[str, Any]) -> str:
     results = [r for r in doc["results"] if "skipped" not in r]
     curve = [(r["target"]["name"], [(_nines(p), v) for p, v in r["latency_curve_ms"]]) for r in results]
-    ticks = [(_nines(p), lbl) for p, lbl in ((0, "0"), (90, "90"), (99, "99"), (99.9, "99.9"), (99.99, "99.99"), (99.999, "99.999"), (100, "max"))]
+    ticks = [
+        (_nines(p), lbl)
+        for p, lbl in (
+            (0, "0"),
+            (90, "90"),
+            (99, "99"),
+            (99.9, "99.9"),
+            (99.99, "99.99"),
+            (99.999, "99.999"),
+            (100, "max"),
+        )
+    ]
     thr = [(r["target"]["name"], [(t["t"], t["acked"]) for t in r["timeline"]]) for r in results]
     p99t = [(r["target"]["name"], [(t["t"], t["p99_ms"]) for t in r["timeline"]]) for r in results]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>iotnode bench</title>",
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
+        "table{border-collapse:collapse;font-size:12px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f4f4f4}</style>",
         "<h1>iotnode bench</h1>",
         f"<p>Command: <code>{html.escape(doc.get('command', ''))}</code></p>",
@@ -168,16 +213,34 @@ def render_html(doc: dict[str, Any]) -> str:
         scn = doc["results"][0].get("scenario", {})
         parts.append(f"<p>Scenario: <code>{html.escape(json.dumps(scn))}</code></p>")
     parts.append(_html_table(doc["table"]))
-    parts.append(svg_chart(curve, "Ack latency by percentile (latency from the scheduled send time)", "percentile", "ms (log)", ylog=True, xticks=ticks))
+    parts.append(
+        svg_chart(
+            curve,
+            "Ack latency by percentile (latency from the scheduled send time)",
+            "percentile",
+            "ms (log)",
+            ylog=True,
+            xticks=ticks,
+        )
+    )
     parts.append(svg_chart(thr, "Acked messages per second", "seconds", "msg/s"))
     parts.append(svg_chart(p99t, "p99 ack latency per second", "seconds", "ms (log)", ylog=True))
     for r in results:
-        parts.append(f"<h2>{html.escape(r['target']['name'])}</h2><p>{html.escape(r['target'].get('note', ''))}</p>")
+        parts.append(
+            f"<h2>{html.escape(r['target']['name'])}</h2><p>{html.escape(r['target'].get('note', ''))}</p>"
+        )
         cpu = r["target_procs"].get("cpu_s_by_role") or r["target_procs"]["cpu_s"]
         if cpu:
             dur = r["scenario"]["duration"]
-            rows = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{v}</td><td>{100 * v / dur:.0f}%</td></tr>" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
-            parts.append(f"<p>Where the target's CPU went (summed per role):</p><table><tr><th>process</th><th>CPU s</th><th>% of a core</th></tr>{rows}</table>")
+            rows = "".join(
+                f"<tr><td style='text-align:left'>{html.escape(k)}</td>"
+                f"<td>{v}</td><td>{100 * v / dur:.0f}%</td></tr>"
+                for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+            )
+            parts.append(
+                f"<p>Where the target's CPU went (summed per role):</p><table><tr><th>process</th><th>CPU "
+                f"s</th><th>% of a core</th></tr>{rows}</table>"
+            )
         samples = r["target_procs"].get("samples") or []
         if len(samples) > 2:
             rss: dict[str, list[tuple[float, float]]] = {}
@@ -191,15 +254,22 @@ def render_html(doc: dict[str, Any]) -> str:
             top = sorted(rss.items(), key=lambda kv: -max(v for _, v in kv[1]))[:7]
             parts.append(svg_chart(top, f"{r['target']['name']}: RSS per role (MB)", "seconds", "MB"))
         gen = r["generator"]
-        parts.append(f"<p>Load generator: {gen['processes']} processes, {gen['cpu_s']} CPU-s "
-                     f"({gen['cpu_pct_of_one_core']}% of one core, {gen.get('cpu_us_per_msg')} µs per acked message).</p>")
+        parts.append(
+            f"<p>Load generator: {gen['processes']} processes, {gen['cpu_s']} CPU-s "
+            f"({gen['cpu_pct_of_one_core']}% of one core, {gen.get('cpu_us_per_msg')} µs per acked "
+            f"message).</p>"
+        )
         if r.get("target_ack_latency"):
-            parts.append("<p>The target's own ack latency (iotnode_ack_latency_seconds, received → ack sent): "
-                         f"<code>{html.escape(json.dumps(r['target_ack_latency']))}</code></p>")
+            parts.append(
+                "<p>The target's own ack latency (iotnode_ack_latency_seconds, received → ack sent): "
+                f"<code>{html.escape(json.dumps(r['target_ack_latency']))}</code></p>"
+            )
         for w in r.get("warnings", []):
             parts.append(f"<p style='color:#b00'>warning: {html.escape(w)}</p>")
         if r.get("drift"):
-            parts.append(f"<p>Drift (first vs last fifth): <code>{html.escape(json.dumps(r['drift']))}</code></p>")
+            parts.append(
+                f"<p>Drift (first vs last fifth): <code>{html.escape(json.dumps(r['drift']))}</code></p>"
+            )
         if r.get("ring_depths"):
             depth_series = {}
             for s in r["ring_depths"]:
@@ -208,10 +278,16 @@ def render_html(doc: dict[str, Any]) -> str:
                         depth_series.setdefault(k, []).append((s["t"], v))
             parts.append(svg_chart(list(depth_series.items()), "Ring depth (records)", "seconds", "records"))
         if r.get("error_samples"):
-            parts.append("<p>Errors (samples):</p><ul>" + "".join(f"<li><code>{html.escape(e)}</code></li>" for e in r["error_samples"]) + "</ul>")
+            parts.append(
+                "<p>Errors (samples):</p><ul>"
+                + "".join(f"<li><code>{html.escape(e)}</code></li>" for e in r["error_samples"])
+                + "</ul>"
+            )
     for r in doc["results"]:
         if "skipped" in r:
-            parts.append(f"<p><b>{html.escape(r['target']['name'])}</b> skipped: {html.escape(r['skipped'])}</p>")
+            parts.append(
+                f"<p><b>{html.escape(r['target']['name'])}</b> skipped: {html.escape(r['skipped'])}</p>"
+            )
     return "\n".join(parts)
 
 
@@ -222,5 +298,8 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
             if c not in cols:
                 cols.append(c)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in cols) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in cols) + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"

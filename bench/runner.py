@@ -84,7 +84,7 @@ class Target:
             raise proto.BenchError(f"target URL must start with ws://, got {self.url!r}")
 
 
-def end_child(proc: "subprocess.Popen[Any]", grace: float = 0.0) -> None:
+def end_child(proc: subprocess.Popen[Any], grace: float = 0.0) -> None:
     """Let ``proc`` exit by itself for ``grace`` s, then SIGTERM, then SIGKILL."""
     if proc.poll() is not None:
         return
@@ -102,7 +102,7 @@ def end_child(proc: "subprocess.Popen[Any]", grace: float = 0.0) -> None:
         proc.wait(timeout=5)
 
 
-def close_pipes(proc: "subprocess.Popen[Any]") -> None:
+def close_pipes(proc: subprocess.Popen[Any]) -> None:
     for pipe in (proc.stdin, proc.stdout):
         if pipe is not None:
             try:
@@ -112,7 +112,13 @@ def close_pipes(proc: "subprocess.Popen[Any]") -> None:
 
 
 class _Worker:
-    def __init__(self, k: int, spec: dict[str, Any], log_dir: Path, lines: "queue.Queue[tuple[int, dict[str, Any] | None]]"):
+    def __init__(
+        self,
+        k: int,
+        spec: dict[str, Any],
+        log_dir: Path,
+        lines: queue.Queue[tuple[int, dict[str, Any] | None]],
+    ):
         self.k = k
         self.log = log_dir / f"loadgen-{k}.log"
         env = dict(os.environ)
@@ -133,7 +139,7 @@ class _Worker:
         self.thread = threading.Thread(target=self._read, args=(lines,), daemon=True)
         self.thread.start()
 
-    def _read(self, lines: "queue.Queue[tuple[int, dict[str, Any] | None]]") -> None:
+    def _read(self, lines: queue.Queue[tuple[int, dict[str, Any] | None]]) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             try:
@@ -211,7 +217,12 @@ def run(
             w.stop()
 
 
-def _next(lines: "queue.Queue[tuple[int, dict[str, Any] | None]]", deadline: float, what: str, workers: list[_Worker]) -> tuple[int, dict[str, Any] | None]:
+def _next(
+    lines: queue.Queue[tuple[int, dict[str, Any] | None]],
+    deadline: float,
+    what: str,
+    workers: list[_Worker],
+) -> tuple[int, dict[str, Any] | None]:
     try:
         return lines.get(timeout=max(0.01, deadline - time.monotonic()))
     except queue.Empty:
@@ -223,7 +234,7 @@ def _drive(
     scn: Scenario,
     target: Target,
     workers: list[_Worker],
-    lines: "queue.Queue[tuple[int, dict[str, Any] | None]]",
+    lines: queue.Queue[tuple[int, dict[str, Any] | None]],
     progress: TextIO | None,
     started: float,
 ) -> dict[str, Any]:
@@ -240,7 +251,9 @@ def _drive(
     opened = sum(m["open"] for m in connected.values())
     ramp_s = max(m["ramp_s"] for m in connected.values())
     if progress:
-        print(f"[{target.name}] {opened}/{scn.connections} connections open after {ramp_s:.1f}s", file=progress)
+        print(
+            f"[{target.name}] {opened}/{scn.connections} connections open after {ramp_s:.1f}s", file=progress
+        )
     if opened == 0:
         for w in workers:
             w.send({"go": time.time()})
@@ -283,7 +296,9 @@ def _drive(
                 stage_counts.append({"t": round(now - t0, 2), **counts})
             next_metrics += scn.metrics_every
         try:
-            wake = min(next_sample, next_print, next_metrics) if target.metrics else min(next_sample, next_print)
+            wake = (
+                min(next_sample, next_print, next_metrics) if target.metrics else min(next_sample, next_print)
+            )
             k, msg = lines.get(timeout=max(0.01, wake - time.monotonic()))
         except queue.Empty:
             k, msg = -1, None
@@ -295,8 +310,20 @@ def _drive(
             elif msg.get("type") == "tick":
                 # Keyed by the tick's index, not its (jittery) emission time.
                 sec = int(msg.get("k") or max(1, round(msg["t"])))
-                agg = ticks.setdefault(sec, {"t": sec, "sent": 0, "acked": 0, "errors": 0, "open": 0, "backlog": 0, "n": 0,
-                                             "lag_ms": 0.0, "lat": Histogram()})
+                agg = ticks.setdefault(
+                    sec,
+                    {
+                        "t": sec,
+                        "sent": 0,
+                        "acked": 0,
+                        "errors": 0,
+                        "open": 0,
+                        "backlog": 0,
+                        "n": 0,
+                        "lag_ms": 0.0,
+                        "lat": Histogram(),
+                    },
+                )
                 agg["lag_ms"] = max(agg["lag_ms"], msg.get("lag_ms", 0.0))
                 for key in ("sent", "acked", "errors", "open", "backlog"):
                     agg[key] += msg[key]
@@ -309,18 +336,45 @@ def _drive(
             next_print += 1.0
             _print_progress(progress, target, scn, ticks, node_samples, gen_samples)
         if time.monotonic() > deadline:
-            raise proto.BenchError(f"[{target.name}] the run did not finish within {scn.duration + scn.drain + 60:.0f}s")
+            raise proto.BenchError(
+                f"[{target.name}] the run did not finish within {scn.duration + scn.drain + 60:.0f}s"
+            )
     node_samples.append(sampler.sample(time.monotonic() - t0))
-    result = _merge(scn, target, connected, results, ticks, node_samples, gen_samples, sampler, gen_sampler, ring_depths, started)
+    result = _merge(
+        scn,
+        target,
+        connected,
+        results,
+        ticks,
+        node_samples,
+        gen_samples,
+        sampler,
+        gen_sampler,
+        ring_depths,
+        started,
+    )
     if target.metrics:
         # The node's own view (received → ack sent): tells the node's time from the network's and ours.
-        result["target_ack_latency"] = procstat.bucket_quantiles(node_lat_before, procstat.scrape_ack_latency(target.metrics))
+        result["target_ack_latency"] = procstat.bucket_quantiles(
+            node_lat_before, procstat.scrape_ack_latency(target.metrics)
+        )
         result["stage_counts"] = stage_counts
     return result
 
 
-def _print_progress(out: TextIO, target: Target, scn: Scenario, ticks: dict[int, dict[str, Any]], node: list[dict[str, Any]], gen: list[dict[str, Any]]) -> None:
-    complete = [sec for sec, t in ticks.items() if t["n"] >= len(gen[-1]["procs"]) or sec < max(ticks)] if gen else list(ticks)
+def _print_progress(
+    out: TextIO,
+    target: Target,
+    scn: Scenario,
+    ticks: dict[int, dict[str, Any]],
+    node: list[dict[str, Any]],
+    gen: list[dict[str, Any]],
+) -> None:
+    complete = (
+        [sec for sec, t in ticks.items() if t["n"] >= len(gen[-1]["procs"]) or sec < max(ticks)]
+        if gen
+        else list(ticks)
+    )
     if not complete:
         return
     last = ticks[max(complete)]
@@ -330,7 +384,8 @@ def _print_progress(out: TextIO, target: Target, scn: Scenario, ticks: dict[int,
     print(
         f"[{target.name} {scn.name}] t={last['t']:>4}/{scn.duration:.0f}s open={last['open']:>6} "
         f"sent/s={last['sent']:>7} acked/s={last['acked']:>7} p99={p99:8.2f}ms backlog={last['backlog']:>6} "
-        f"err={last['errors']} lag={last['lag_ms']:.0f}ms target-cpu={node_cpu:5.0f}% gen-cpu={gen_cpu:5.0f}%",
+        f"err={last['errors']} lag={last['lag_ms']:.0f}ms target-cpu={node_cpu:5.0f}% "
+        f"gen-cpu={gen_cpu:5.0f}%",
         file=out,
         flush=True,
     )
@@ -351,7 +406,17 @@ def _merge(
 ) -> dict[str, Any]:
     lat = Histogram()
     conn = Histogram()
-    totals = {"sent": 0, "acked": 0, "ack_frames": 0, "unacked": 0, "in_flight_at_end": 0, "errors": 0, "reconnects": 0, "disconnects": 0, "connect_failures": 0}
+    totals = {
+        "sent": 0,
+        "acked": 0,
+        "ack_frames": 0,
+        "unacked": 0,
+        "in_flight_at_end": 0,
+        "errors": 0,
+        "reconnects": 0,
+        "disconnects": 0,
+        "connect_failures": 0,
+    }
     cpu_s = 0.0
     max_lag = 0.0
     samples: list[str] = []
@@ -409,7 +474,9 @@ def _merge(
         "target_procs": {
             "cpu_s": node_cpu,
             "cpu_s_by_role": procstat.by_role(node_cpu),
-            "cpu_pct_of_one_core": round(100 * sum(node_cpu.values()) / scn.duration, 1) if node_cpu else None,
+            "cpu_pct_of_one_core": round(100 * sum(node_cpu.values()) / scn.duration, 1)
+            if node_cpu
+            else None,
             "samples": node_samples,
         },
         "ring_depths": ring_depths,
@@ -427,16 +494,24 @@ def warnings(result: dict[str, Any]) -> list[str]:
         for p in s["procs"].values():
             busiest = max(busiest, p["cpu_pct"])
     if busiest >= 85.0:
-        out.append(f"a load-generator process reached {busiest:.0f}% of a core: add --processes, the "
-                   "generator may be the bottleneck")
+        out.append(
+            f"a load-generator process reached {busiest:.0f}% of a core: add --processes, the "
+            "generator may be the bottleneck"
+        )
     lag = result["generator"].get("max_lag_ms", 0.0)
     if lag >= 100.0:
-        out.append(f"the generator's pacing ran up to {lag:.0f} ms behind schedule (a busy or starved generator); "
-                   "those messages still count from their scheduled time, but the target saw them late")
+        out.append(
+            f"the generator's pacing ran up to {lag:.0f} ms behind schedule (a busy or starved generator); "
+            "those messages still count from their scheduled time, but the target saw them late"
+        )
     if result["unacked"]:
-        out.append(f"{result['unacked']} messages were still unacked {result['scenario']['drain']}s after the end")
+        out.append(
+            f"{result['unacked']} messages were still unacked {result['scenario']['drain']}s after the end"
+        )
     if result["connections_open"] < result["scenario"]["connections"]:
-        out.append(f"only {result['connections_open']} of {result['scenario']['connections']} connections opened")
+        out.append(
+            f"only {result['connections_open']} of {result['scenario']['connections']} connections opened"
+        )
     if result["errors"]:
         out.append(f"{result['errors']} errors, e.g. {result['error_samples'][:2]}")
     return out
@@ -461,6 +536,7 @@ def drift(result: dict[str, Any]) -> dict[str, Any]:
     }
     samples = result["target_procs"]["samples"]
     if len(samples) >= 2:
+
         def rss(s: dict[str, Any]) -> float:
             return round(sum(p["rss_mb"] for p in s["procs"].values()), 1)
 

@@ -50,7 +50,9 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"server exited with status {proc.returncode} before listening on {port}:\n{_tail(log)}")
+            raise BenchError(
+                f"server exited with status {proc.returncode} before listening on {port}:\n{_tail(log)}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -129,12 +131,16 @@ class _Group:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.cleanup: list[Callable[[], None]] = []  # run after the processes stopped
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
         full_env = dict(os.environ if env is None else env)
         full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
         with open(log, "ab") as fh:
-            proc = subprocess.Popen(argv, cwd=str(cwd), env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv, cwd=str(cwd), env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.procs.append(proc)
         return proc, log
 
@@ -153,9 +159,28 @@ class _Group:
             undo()
 
 
-def front_argv(port: int, workers: int, sink: str = "noop", redis_port: int = 0, ack_delay_ms: float = 0.0,
-               coalesce: bool = False, close_after: int = 0) -> list[str]:
-    argv = [sys.executable, "-m", "bench.servers.front", "--port", str(port), "--workers", str(workers), "--secret", SECRET, "--sink", sink]
+def front_argv(
+    port: int,
+    workers: int,
+    sink: str = "noop",
+    redis_port: int = 0,
+    ack_delay_ms: float = 0.0,
+    coalesce: bool = False,
+    close_after: int = 0,
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.servers.front",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--secret",
+        SECRET,
+        "--sink",
+        sink,
+    ]
     if redis_port:
         argv += ["--redis-port", str(redis_port)]
     if ack_delay_ms:
@@ -179,8 +204,13 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
             port = free_port()
             proc, log = group.start("noop", front_argv(port, workers, "noop", **front_opts))  # type: ignore[arg-type]
             wait_for_port(port, proc, log)
-            target = Target("noop", f"ws://127.0.0.1:{port}/v1/ingest", secret=SECRET, pids=[proc.pid],
-                            note=f"uvicorn+Starlette, {workers} workers, ack without persisting")
+            target = Target(
+                "noop",
+                f"ws://127.0.0.1:{port}/v1/ingest",
+                secret=SECRET,
+                pids=[proc.pid],
+                note=f"uvicorn+Starlette, {workers} workers, ack without persisting",
+            )
         elif name == "redis":
             exe = shutil.which("redis-server")
             if exe is None:
@@ -188,17 +218,43 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
             rport = free_port()
             rdir = workdir / "redis"
             rdir.mkdir(exist_ok=True)
-            rproc, rlog = group.start("redis-server", [exe, "--port", str(rport), "--bind", "127.0.0.1", "--protected-mode", "yes",
-                                                       "--dir", str(rdir), "--appendonly", "yes", "--appendfsync", "always",
-                                                       "--save", "", "--daemonize", "no"])
+            rproc, rlog = group.start(
+                "redis-server",
+                [
+                    exe,
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--protected-mode",
+                    "yes",
+                    "--dir",
+                    str(rdir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                ],
+            )
             wait_for_port(rport, rproc, rlog)
             port = free_port()
             proc, log = group.start("redis-front", front_argv(port, workers, "redis", redis_port=rport))
             wait_for_port(port, proc, log)
-            target = Target("redis", f"ws://127.0.0.1:{port}/v1/ingest", secret=SECRET, pids=[rproc.pid, proc.pid],
-                            note=f"uvicorn+Starlette ({workers} workers) → XADD, redis-server appendfsync always")
+            target = Target(
+                "redis",
+                f"ws://127.0.0.1:{port}/v1/ingest",
+                secret=SECRET,
+                pids=[rproc.pid, proc.pid],
+                note=f"uvicorn+Starlette ({workers} workers) → XADD, redis-server appendfsync always",
+            )
         elif name == "mosquitto":
-            exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+            exe = shutil.which("mosquitto") or (
+                "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+            )
             if exe is None:
                 raise Skip("mosquitto: not installed (Debian package mosquitto)")
             port = free_port()
@@ -232,8 +288,13 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
             )
             proc, log = group.start("mosquitto", [exe, "-c", str(conf)])
             wait_for_port(port, proc, log)
-            target = Target("mosquitto", f"ws://127.0.0.1:{port}/mqtt", kind="mqtt", pids=[proc.pid],
-                            note="Mosquitto, WebSocket listener, persistence on (autosave 1 s; PUBACK is not an fsync)")
+            target = Target(
+                "mosquitto",
+                f"ws://127.0.0.1:{port}/mqtt",
+                kind="mqtt",
+                pids=[proc.pid],
+                note="Mosquitto, WebSocket listener, persistence on (autosave 1 s; PUBACK is not an fsync)",
+            )
         elif name in ("front-pmem", "front-msync"):
             target = _start_front(group, workdir, workers, pmem=name == "front-pmem")
         else:  # iotnode
@@ -257,39 +318,85 @@ def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Targ
     data.mkdir(exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    env.update(NODE_DATA_DIR=str(data), NODE_HOST="127.0.0.1", NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS=str(workers),
-               NODE_LOG_LEVEL="warning", NODE_WEB_PORT=str(port), NODE_INGRESS_RING_BYTES=str(FRONT_RING_BYTES))
+    env.update(
+        NODE_DATA_DIR=str(data),
+        NODE_HOST="127.0.0.1",
+        NODE_JWT_SECRET=SECRET,
+        NODE_WEB_WORKERS=str(workers),
+        NODE_LOG_LEVEL="warning",
+        NODE_WEB_PORT=str(port),
+        NODE_INGRESS_RING_BYTES=str(FRONT_RING_BYTES),
+    )
     if pmem:
         env["PMEM_IS_PMEM_FORCE"] = "1"
     proc, log = group.start("front", [sys.executable, "-m", "node.workers.web"], env=env)
     wait_for_port(port, proc, log, timeout=60)
     backend = "libpmem on /dev/shm (PMEM_IS_PMEM_FORCE=1)" if pmem else "libpmem msync on the data dir"
-    return Target("front-pmem" if pmem else "front-msync", f"ws://127.0.0.1:{port}/v1/ingest", secret=SECRET,
-                  pids=[proc.pid], metrics=[f"http://127.0.0.1:{port}/metrics"],
-                  note=f"web front alone, {workers} workers, ingress ring {backend}")
+    return Target(
+        "front-pmem" if pmem else "front-msync",
+        f"ws://127.0.0.1:{port}/v1/ingest",
+        secret=SECRET,
+        pids=[proc.pid],
+        metrics=[f"http://127.0.0.1:{port}/metrics"],
+        note=f"web front alone, {workers} workers, ingress ring {backend}",
+    )
 
 
 def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
     data = workdir / "data"
     data.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    ports = {var: free_port() for var in ("NODE_WEB_PORT", "NODE_FANOUT_PORT", "NODE_METRICS_PORT_MONITOR",
-                                           "NODE_METRICS_PORT_ROUTER", "NODE_METRICS_PORT_PUBLISHER", "NODE_METRICS_PORT_STORE")}
+    ports = {
+        var: free_port()
+        for var in (
+            "NODE_WEB_PORT",
+            "NODE_FANOUT_PORT",
+            "NODE_METRICS_PORT_MONITOR",
+            "NODE_METRICS_PORT_ROUTER",
+            "NODE_METRICS_PORT_PUBLISHER",
+            "NODE_METRICS_PORT_STORE",
+        )
+    }
     env.update({k: str(v) for k, v in ports.items()})
-    env.update(NODE_DATA_DIR=str(data), NODE_HOST="127.0.0.1", NODE_JWT_SECRET=SECRET, NODE_WEB_WORKERS=str(workers),
-               NODE_LOG_LEVEL="warning")
+    env.update(
+        NODE_DATA_DIR=str(data),
+        NODE_HOST="127.0.0.1",
+        NODE_JWT_SECRET=SECRET,
+        NODE_WEB_WORKERS=str(workers),
+        NODE_LOG_LEVEL="warning",
+    )
     procfile = REPO / "Procfile"
-    names = [line.split(":", 1)[0] for line in procfile.read_text().splitlines() if ":" in line and not line.startswith("#")]
+    names = [
+        line.split(":", 1)[0]
+        for line in procfile.read_text().splitlines()
+        if ":" in line and not line.startswith("#")
+    ]
     present = [n for n in names if (REPO / "node" / "workers" / f"{n}.py").exists()]
-    proc, log = group.start("iotnode", [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(REPO), *present], env=env)
+    proc, log = group.start(
+        "iotnode",
+        [sys.executable, "-m", "honcho", "start", "-f", str(procfile), "-d", str(REPO), *present],
+        env=env,
+    )
     wait_for_port(ports["NODE_WEB_PORT"], proc, log, timeout=60)
     metrics = [f"http://127.0.0.1:{ports['NODE_WEB_PORT']}/metrics"] + [
-        f"http://127.0.0.1:{ports[v]}/metrics" for v in ("NODE_METRICS_PORT_MONITOR", "NODE_METRICS_PORT_ROUTER",
-                                                          "NODE_METRICS_PORT_PUBLISHER", "NODE_METRICS_PORT_STORE")
+        f"http://127.0.0.1:{ports[v]}/metrics"
+        for v in (
+            "NODE_METRICS_PORT_MONITOR",
+            "NODE_METRICS_PORT_ROUTER",
+            "NODE_METRICS_PORT_PUBLISHER",
+            "NODE_METRICS_PORT_STORE",
+        )
     ]
     missing = sorted(set(names) - set(present))
     note = f"honcho start ({', '.join(present)}), {workers} web workers"
     if missing:
         note += f"; not yet built, not running: {', '.join(missing)}"
-    return Target("iotnode", f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest", secret=SECRET, pids=[proc.pid],
-                  metrics=metrics, note=note, fanout_url=f"ws://127.0.0.1:{ports['NODE_FANOUT_PORT']}/v1/stream")
+    return Target(
+        "iotnode",
+        f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest",
+        secret=SECRET,
+        pids=[proc.pid],
+        metrics=metrics,
+        note=note,
+        fanout_url=f"ws://127.0.0.1:{ports['NODE_FANOUT_PORT']}/v1/stream",
+    )

@@ -44,7 +44,9 @@ def reading(i: int) -> dict[str, object]:
 
 
 async def baseline(url: str, token: str, n: int, first: int) -> float:
-    async with ws_connect(url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None) as ws:
+    async with ws_connect(
+        url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None
+    ) as ws:
         started = time.perf_counter()
         acked = first - 1
         sent = 0
@@ -75,7 +77,9 @@ async def library(url: str, token: str, n: int, outbox: Path | None, sync: str, 
     return elapsed
 
 
-async def measure(url: str, secret: str, n: int, outbox_n: int, work: Path, rounds: int) -> list[dict[str, object]]:
+async def measure(
+    url: str, secret: str, n: int, outbox_n: int, work: Path, rounds: int
+) -> list[dict[str, object]]:
     cases = [  # name, messages, outbox?, synchronous, batch
         ("client (memory)", n, False, "FULL", 1),
         ("client+outbox NORMAL", outbox_n, True, "NORMAL", 1),
@@ -85,14 +89,18 @@ async def measure(url: str, secret: str, n: int, outbox_n: int, work: Path, roun
     best: dict[str, float] = {}  # case -> best messages/s over the rounds (interleaved)
     for r in range(rounds):
         tok = issue_device_token(secret, f"bench-base-{r}")
-        best["baseline"] = max(best.get("baseline", 0.0), n / await asyncio.wait_for(baseline(url, tok, n, 1), 300))
+        best["baseline"] = max(
+            best.get("baseline", 0.0), n / await asyncio.wait_for(baseline(url, tok, n, 1), 300)
+        )
         for k, (name, count, with_outbox, sync, batch) in enumerate(cases):
             outbox = work / f"o{r}-{k}.sqlite3" if with_outbox else None
             tok = issue_device_token(secret, f"bench-{r}-{k}")
             rate = count / await library(url, tok, count, outbox, sync, batch)
             best[name] = max(best.get(name, 0.0), rate)
     base = best.pop("baseline")
-    results: list[dict[str, object]] = [{"case": "baseline (bare websockets)", "messages": n, "per_second": round(base)}]
+    results: list[dict[str, object]] = [
+        {"case": "baseline (bare websockets)", "messages": n, "per_second": round(base)}
+    ]
     for name, count, *_ in cases:
         results.append({"case": name, "messages": count, "per_second": round(best[name]),
                         "ratio_to_baseline": round(best[name] / base, 3)})  # fmt: skip
@@ -101,9 +109,15 @@ async def measure(url: str, secret: str, n: int, outbox_n: int, work: Path, roun
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--messages", type=int, default=20000, help="messages per case (default 20000, max 1000000)")
-    p.add_argument("--outbox-messages", type=int, default=2000, help="for the one-commit-per-send outbox cases")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each case is kept (1..20)")
+    p.add_argument(
+        "--messages", type=int, default=20000, help="messages per case (default 20000, max 1000000)"
+    )
+    p.add_argument(
+        "--outbox-messages", type=int, default=2000, help="for the one-commit-per-send outbox cases"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; the best of each case is kept (1..20)"
+    )
     args = p.parse_args()
     if not 1 <= args.rounds <= 20:
         p.error(f"--rounds must be in 1..20, got {args.rounds}")
@@ -119,7 +133,9 @@ def main() -> int:
             procs.start("web", "node.workers.web", env, work)
             wait_for_port(int(env["NODE_WEB_PORT"]), timeout=30)
             url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
-            results = asyncio.run(measure(url, env["NODE_JWT_SECRET"], args.messages, args.outbox_messages, work, args.rounds))
+            results = asyncio.run(
+                measure(url, env["NODE_JWT_SECRET"], args.messages, args.outbox_messages, work, args.rounds)
+            )
         finally:
             procs.stop_all()
     for row in results:

@@ -118,7 +118,10 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*(c.start(wait=True, timeout=args.connect_timeout) for c in clients))
         deadline = time.monotonic() + args.duration
         counts = await asyncio.gather(
-            *(run_sensor(c, m, deadline, args.interval, random.Random(rng.random())) for c, m in zip(clients, models))
+            *(
+                run_sensor(c, m, deadline, args.interval, random.Random(rng.random()))
+                for c, m in zip(clients, models, strict=True)
+            )
         )
         flush_deadline = time.monotonic() + args.flush_timeout
         for c in clients:
@@ -144,9 +147,15 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="ws://127.0.0.1:8000/v1/ingest")
-    p.add_argument("--sensors", type=int, default=200, help=f"simulated devices (1..{MAX_SENSORS}, default 200)")
-    p.add_argument("--duration", type=float, default=10.0, help=f"seconds of sending (<= {MAX_DURATION:g}, default 10)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between readings of one sensor (default 1)")
+    p.add_argument(
+        "--sensors", type=int, default=200, help=f"simulated devices (1..{MAX_SENSORS}, default 200)"
+    )
+    p.add_argument(
+        "--duration", type=float, default=10.0, help=f"seconds of sending (<= {MAX_DURATION:g}, default 10)"
+    )
+    p.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between readings of one sensor (default 1)"
+    )
     p.add_argument("--gps-share", type=float, default=0.3, help="fraction of sensors that are GPS trackers")
     p.add_argument("--prefix", default="sim-", help="device id prefix (default sim-)")
     p.add_argument("--json", action="store_true", help="JSON text frames instead of MessagePack")

@@ -24,9 +24,13 @@ Run = Callable[[argparse.Namespace], int]
 def _configure_token(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("device_id", nargs="?", help="device id (the token's sub claim)")
     parser.add_argument("--client", action="store_true", help="issue a client-app token (fanout) instead")
-    parser.add_argument("--devices", help="with --client: comma-separated device ids the client may follow, or '*'")
+    parser.add_argument(
+        "--devices", help="with --client: comma-separated device ids the client may follow, or '*'"
+    )
     parser.add_argument("--subject", default="client", help="with --client: the sub claim (default: client)")
-    parser.add_argument("--ttl", type=float, default=None, help="seconds until the token expires (default: never)")
+    parser.add_argument(
+        "--ttl", type=float, default=None, help="seconds until the token expires (default: never)"
+    )
 
 
 def _run_token(args: argparse.Namespace) -> int:

@@ -227,6 +227,7 @@ def load_secret(settings: Settings) -> str:
 def _read_secret(path: Path) -> str:
     value = path.read_text(encoding="ascii").strip()
     if len(value) < 16:
-        raise SecretError(f"{path} holds {len(value)} characters, expected at least 16; delete it to regenerate")
+        raise SecretError(
+            f"{path} holds {len(value)} characters, expected at least 16; delete it to regenerate"
+        )
     return value
-

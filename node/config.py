@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from node.errors import ConfigError
+from node.keyfile import KeyFileError, resolve_server_key
 
 T = TypeVar("T")
 
@@ -127,8 +128,6 @@ def _parse_names(name: str, raw: str) -> tuple[str, ...]:
 
 def _parse_curve_key(name: str, raw: str) -> bytes:
     """A CURVE public key: Z85 text (40 characters) or the path of a key file (node/curve.py)."""
-    from node.curve import KeyFileError, resolve_server_key
-
     try:
         return resolve_server_key(raw)
     except KeyFileError as exc:
@@ -215,7 +214,7 @@ class Settings:
     router_gather_bytes: int = 4 * MIB  # ... or fewer, once they hold this many bytes
     router_rcvhwm: int = 64  # BATCH messages ZeroMQ queues per monitor before the monitor's sends wait
     # Seconds a drained monitor/publisher waits after a record is committed before it
-    # reads (node/workers/doorbell.py): fewer, larger batches down the pipeline.
+    # reads (node/pipeline/doorbell.py): fewer, larger batches down the pipeline.
     pipeline_coalesce: float = 0.005
 
     log_level: str = "info"
@@ -262,7 +261,7 @@ class Settings:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
 
@@ -371,14 +370,20 @@ class Settings:
             return
         if self.router_bind_endpoint.startswith("tcp://") and self.curve_clients_dir is None:
             raise ConfigError(
-                "NODE_CURVE_CLIENTS_DIR", "<unset>",
+                "NODE_CURVE_CLIENTS_DIR",
+                "<unset>",
                 f"NODE_ROUTER_BIND={self.router_bind_endpoint} is tcp://: set NODE_CURVE_CLIENTS_DIR to a"
                 " directory holding the monitors' public keys (their curve_client.key files), or"
                 " NODE_CURVE=off to run the link unauthenticated (isolated lab networks only)",
             )
-        if self.router_connect is not None and self.router_connect.startswith("tcp://") and not self.curve_server_key:
+        if (
+            self.router_connect is not None
+            and self.router_connect.startswith("tcp://")
+            and not self.curve_server_key
+        ):
             raise ConfigError(
-                "NODE_CURVE_SERVER_KEY", "<unset>",
+                "NODE_CURVE_SERVER_KEY",
+                "<unset>",
                 f"NODE_ROUTER_CONNECT={self.router_connect} is tcp://: set NODE_CURVE_SERVER_KEY to the"
                 " router's public key (its NODE_DATA_DIR/curve_server.key file, or the Z85 text in it),"
                 " or NODE_CURVE=off on both sides (isolated lab networks only)",
@@ -386,7 +391,8 @@ class Settings:
         for var, endpoint in (("NODE_PUB_BIND", self.pub_bind), ("NODE_REPLAY_BIND", self.replay_bind)):
             if endpoint is not None and endpoint.startswith("tcp://") and not _is_loopback_tcp(endpoint):
                 raise ConfigError(
-                    var, endpoint,
+                    var,
+                    endpoint,
                     "the publisher has no CURVE yet, so a tcp:// bind must use a loopback address"
                     " (tcp://127.0.0.1:PORT) or ipc://; NODE_CURVE=off allows it unauthenticated",
                 )

@@ -30,7 +30,6 @@ one node the data directory's file permissions protect them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -41,9 +40,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import zmq
-from zmq.utils import z85
 
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError
+from node.keyfile import (
+    KeyFileError,
+    certificate,
+    fingerprint,
+    parse_certificate,
+    parse_public_key,
+    read_public_key,
+    resolve_server_key,
+)
 from node.privatefile import create_once
 
 if TYPE_CHECKING:
@@ -71,13 +78,8 @@ __all__ = [
 
 SERVER: Final = "server"
 CLIENT: Final = "client"
-KEY_CHARS: Final = 40  # a 32-byte Curve25519 key in Z85
 ZAP_DOMAIN: Final = b"iotnode"
 _MAX_REFUSED_LOGGED: Final = 1024  # distinct refused keys remembered (each is logged once)
-
-
-class KeyFileError(NodeError, ValueError):
-    """A CURVE key (text or file) is malformed, unreadable or not private enough."""
 
 
 @dataclass(frozen=True)
@@ -93,96 +95,12 @@ class Keypair:
         return fingerprint(self.public)
 
 
-# --------------------------------------------------------------------- keys, no I/O
-def fingerprint(public: bytes) -> str:
-    """A short, loggable name of a public key: the first 16 hex digits of its SHA-256."""
-    return hashlib.sha256(public).hexdigest()[:16]
-
-
-def parse_public_key(text: str | bytes) -> bytes:
-    """A Z85 CURVE key (40 characters) as bytes, or :class:`KeyFileError` saying why."""
-    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
-    key = raw.strip().strip(b"'\"")
-    if len(key) != KEY_CHARS:
-        raise KeyFileError(f"expected a {KEY_CHARS}-character Z85 key, got {len(key)} characters")
-    try:
-        decoded = z85.decode(key)
-    except (ValueError, KeyError, TypeError, OverflowError):
-        raise KeyFileError("not a Z85 key (characters outside the Z85 alphabet)") from None
-    if len(decoded) != 32 or z85.encode(decoded) != key:
-        raise KeyFileError("not a Z85 key (it does not decode to 32 bytes)")
-    return key
-
-
-def _certificate(public: bytes, secret: bytes | None) -> bytes:
-    """The text of a key file in the zmq.auth / czmq certificate format."""
-    lines = [
-        "#   iotnode ZeroMQ CURVE " + ("**secret** key: never copy or share this file" if secret else "public key"),
-        "#   (zmq.auth certificate format; a public .key file may be given to the other side of the link)",
-        "",
-        "metadata",
-        "curve",
-        f'    public-key = "{public.decode("ascii")}"',
-    ]
-    if secret is not None:
-        lines.append(f'    secret-key = "{secret.decode("ascii")}"')
-    return ("\n".join(lines) + "\n").encode("ascii")
-
-
-def _parse_certificate(text: bytes, path: Path) -> tuple[bytes, bytes | None]:
-    """``(public, secret or None)`` of a certificate file's text; a bare Z85 key is a public key."""
-    public: bytes | None = None
-    secret: bytes | None = None
-    meaningful = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(b"#")]
-    for line in meaningful:
-        name, sep, value = line.partition(b"=")
-        try:
-            if sep and name.strip() == b"public-key":
-                public = parse_public_key(value)
-            elif sep and name.strip() == b"secret-key":
-                secret = parse_public_key(value)  # same encoding rules
-        except KeyFileError as exc:
-            # never echo the value: it may be a secret key
-            raise KeyFileError(f"{path}: {name.strip().decode('ascii', 'replace')}: {exc}") from None
-    if public is None and len(meaningful) == 1:
-        try:
-            public = parse_public_key(meaningful[0])
-        except KeyFileError as exc:
-            raise KeyFileError(f"{path}: {exc}") from None
-    if public is None:
-        raise KeyFileError(f'{path}: no public-key = "..." line and not a bare Z85 key')
-    return public, secret
-
-
 # --------------------------------------------------------------------- key files
 def key_paths(data_path: Path, role: str) -> tuple[Path, Path]:
     """``(public key file, secret key file)`` of this node's ``role`` keypair."""
     if role not in (SERVER, CLIENT):
         raise ValueError(f"role must be {SERVER!r} or {CLIENT!r}, got {role!r}")
     return data_path / f"curve_{role}.key", data_path / f"curve_{role}.key_secret"
-
-
-def read_public_key(path: Path) -> bytes:
-    """The public key in a key file (certificate or bare Z85 text)."""
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return _parse_certificate(text, path)[0]
-
-
-def resolve_server_key(raw: str) -> bytes:
-    """``NODE_CURVE_SERVER_KEY``: an existing key file's public key, else Z85 text."""
-    value = raw.strip()
-    path = Path(value)
-    if path.is_file():
-        return read_public_key(path)
-    if path.exists():
-        raise KeyFileError(f"{path} is not a regular file")
-    try:
-        return parse_public_key(value)
-    except KeyFileError as exc:
-        raise KeyFileError(f"neither a key file nor a Z85 public key: {exc}") from None
 
 
 def _read_keypair(public_path: Path, secret_path: Path) -> Keypair:
@@ -198,11 +116,13 @@ def _read_keypair(public_path: Path, secret_path: Path) -> Keypair:
             f"{secret_path} is accessible by others (mode {stat.S_IMODE(info.st_mode):04o});"
             f" run: chmod 600 {secret_path}"
         )
-    public, secret = _parse_certificate(text, secret_path)
+    public, secret = parse_certificate(text, secret_path)
     if secret is None:
         raise KeyFileError(f"{secret_path} holds no secret-key line; delete it to generate a new keypair")
     if zmq.curve_public(secret) != public:
-        raise KeyFileError(f"{secret_path}: its public-key does not match its secret-key; delete it to regenerate")
+        raise KeyFileError(
+            f"{secret_path}: its public-key does not match its secret-key; delete it to regenerate"
+        )
     return Keypair(public, secret, public_path)
 
 
@@ -221,7 +141,7 @@ def load_keypair(data_path: Path, role: str) -> Keypair:
         public, secret = zmq.curve_keypair()
         try:
             data_path.mkdir(parents=True, exist_ok=True)
-            create_once(secret_path, _certificate(public, secret), 0o600)  # or use the winner's
+            create_once(secret_path, certificate(public, secret), 0o600)  # or use the winner's
         except OSError as exc:
             raise KeyFileError(f"cannot create {secret_path}: {exc.strerror or exc}") from None
         pair = _read_keypair(public_path, secret_path)
@@ -232,7 +152,7 @@ def load_keypair(data_path: Path, role: str) -> Keypair:
     if current != pair.public:
         tmp = public_path.with_name(f".{public_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            tmp.write_bytes(_certificate(pair.public, None))
+            tmp.write_bytes(certificate(pair.public, None))
             os.chmod(tmp, 0o644)
             os.replace(tmp, public_path)  # same content whoever writes it
         except OSError as exc:
@@ -253,7 +173,9 @@ class AllowList:
     start, :meth:`load` raises instead).
     """
 
-    def __init__(self, directory: Path | None, fixed: dict[bytes, str], log: logging.Logger, stage: str) -> None:
+    def __init__(
+        self, directory: Path | None, fixed: dict[bytes, str], log: logging.Logger, stage: str
+    ) -> None:
         self.directory = directory
         self.fixed = dict(fixed)
         self.log = log
@@ -312,8 +234,10 @@ class AllowList:
             if key not in self._refused and len(self._refused) < _MAX_REFUSED_LOGGED:
                 self._refused.add(key)
                 self.log.warning(
-                    "refused a CURVE client whose public key (fingerprint %s) is not in NODE_CURVE_CLIENTS_DIR=%s",
-                    fingerprint(key), self.directory,
+                    "refused a CURVE client whose public key (fingerprint %s) is not in "
+                    "NODE_CURVE_CLIENTS_DIR=%s",
+                    fingerprint(key),
+                    self.directory,
                 )
         return allowed
 
@@ -327,7 +251,7 @@ def is_tcp(endpoint: str) -> bool:
 class ServerLink:
     """A CURVE server socket's running authenticator (stop it before destroying the context)."""
 
-    authenticator: "ThreadAuthenticator"
+    authenticator: ThreadAuthenticator
     keypair: Keypair
     allow: AllowList
 
@@ -336,8 +260,13 @@ class ServerLink:
 
 
 def secure_server(
-    ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], settings: "Settings", endpoint: str,
-    variable: str, stage: str, log: logging.Logger,
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    sock: zmq.Socket[bytes],
+    settings: Settings,
+    endpoint: str,
+    variable: str,
+    stage: str,
+    log: logging.Logger,
 ) -> ServerLink | None:
     """Make ``sock`` (not yet bound) a CURVE server when ``endpoint`` is ``tcp://`` and CURVE is on.
 
@@ -352,11 +281,15 @@ def secure_server(
     if not settings.curve:
         log.warning(
             "NODE_CURVE=off: %s=%s is neither authenticated nor encrypted; anyone who can reach it can"
-            " connect (use only on an isolated lab network)", variable, endpoint,
+            " connect (use only on an isolated lab network)",
+            variable,
+            endpoint,
         )
         return None
     if not zmq.has("curve"):
-        raise ConfigError("NODE_CURVE", "on", "this libzmq has no CURVE support (install a pyzmq wheel with libsodium)")
+        raise ConfigError(
+            "NODE_CURVE", "on", "this libzmq has no CURVE support (install a pyzmq wheel with libsodium)"
+        )
     directory = settings.curve_clients_dir
     try:
         pair = load_keypair(settings.data_path, SERVER)
@@ -371,7 +304,8 @@ def secure_server(
     if count == 0:
         log.warning(
             "NODE_CURVE_CLIENTS_DIR=%s holds no *.key file yet: every other node's monitor is refused until"
-            " its curve_client.key is copied there (read again on change, no restart needed)", directory,
+            " its curve_client.key is copied there (read again on change, no restart needed)",
+            directory,
         )
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -386,14 +320,22 @@ def secure_server(
     log.info(
         "CURVE on %s: server key fingerprint %s (give %s to the clients); %d authorized client keys in %s"
         " + this node's own client key",
-        endpoint, pair.fingerprint, pair.public_path, count, directory,
+        endpoint,
+        pair.fingerprint,
+        pair.public_path,
+        count,
+        directory,
     )
     return ServerLink(auth, pair, allow)
 
 
 def secure_client(
-    sock: zmq.Socket[bytes], settings: "Settings", endpoint: str, server_key: bytes | None,
-    variable: str, log: logging.Logger,
+    sock: zmq.Socket[bytes],
+    settings: Settings,
+    endpoint: str,
+    server_key: bytes | None,
+    variable: str,
+    log: logging.Logger,
 ) -> Keypair | None:
     """Make ``sock`` (not yet connected) a CURVE client of ``server_key`` when ``endpoint`` is ``tcp://``.
 
@@ -405,7 +347,8 @@ def secure_client(
     if not settings.curve:
         log.warning(
             "NODE_CURVE=off: the link to %s=%s is neither authenticated nor encrypted (lab use only)",
-            variable, endpoint,
+            variable,
+            endpoint,
         )
         return None
     try:
@@ -419,7 +362,10 @@ def secure_client(
     sock.curve_serverkey = server_key
     log.info(
         "CURVE on %s: this client's key fingerprint %s (the server must list %s), server key fingerprint %s",
-        endpoint, pair.fingerprint, pair.public_path, fingerprint(server_key),
+        endpoint,
+        pair.fingerprint,
+        pair.public_path,
+        fingerprint(server_key),
     )
     return pair
 

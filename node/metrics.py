@@ -14,7 +14,7 @@ metric is constructed -- in multiprocess mode that writes a file entry in every
 process that constructed it -- so metrics built at import time here would put a
 store gauge with ``{pid=...}`` into the web front's ``/metrics``, and the web's
 counters at 0 into every stage's.  Instead each process exports only what it
-owns (the stage modules import their own metrics; ``node.webmetrics`` the web's).
+owns (the stage modules import their own metrics; ``node.front.metrics`` the web's).
 
 Every gauge names its ``multiprocess_mode`` (never the default ``all``, which
 would add a ``pid`` label): the web's are ``livesum`` (a dead worker's value
@@ -22,7 +22,7 @@ drops out); the single-process stages' say how they would merge.
 
 Every process also exports its CPU and RSS (``iotnode_process_*``, see
 :mod:`node.procmetrics`); the web front's counters are fed from the committer's
-``FrontStats`` by :mod:`node.webmetrics`.  Meanings and queries: docs/metrics.md.
+``FrontStats`` by :mod:`node.front.metrics`.  Meanings and queries: docs/metrics.md.
 
 Hot paths count in batches (``inc(n)`` once per batch), never per message under
 a lock.  Ring gauges are computed at scrape time from the ring header.
@@ -40,7 +40,21 @@ from node.procmetrics import ProcessStatsCollector, this_process
 
 # Buckets that resolve 100 µs .. 1 s (and a little beyond) for device ack latency.
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 BATCH_RECORD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -92,18 +106,24 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
     ),
     # The ring gauges read one shared ring header: any reader reports the same value.
     "RING_DEPTH": lambda: Gauge(
-        "iotnode_ring_depth", "Records in the ring not yet consumed (popped)", ["ring"],
+        "iotnode_ring_depth",
+        "Records in the ring not yet consumed (popped)",
+        ["ring"],
         multiprocess_mode="livemax",
     ),
     "RING_BYTES_USED": lambda: Gauge(
-        "iotnode_ring_used_bytes", "Bytes of the ring holding un-popped records", ["ring"],
+        "iotnode_ring_used_bytes",
+        "Bytes of the ring holding un-popped records",
+        ["ring"],
         multiprocess_mode="livemax",
     ),
     "RING_CAPACITY": lambda: Gauge(
         "iotnode_ring_capacity_bytes", "Data capacity of the ring", ["ring"], multiprocess_mode="max"
     ),
     "RING_BACKEND": lambda: Gauge(
-        "iotnode_ring_backend_info", "Ring persistence backend (value 1)", ["ring", "backend"],
+        "iotnode_ring_backend_info",
+        "Ring persistence backend (value 1)",
+        ["ring", "backend"],
         multiprocess_mode="max",
     ),
     "ACK_LATENCY": lambda: Histogram(
@@ -116,7 +136,9 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
     "PERSIST_SECONDS": lambda: Counter(
         "iotnode_persist_seconds", "Web: time spent in append_batch calls, persist included (sum over groups)"
     ),
-    "PERSIST_BYTES": lambda: Counter("iotnode_persist_bytes", "Web: record bytes appended to the ingress ring"),
+    "PERSIST_BYTES": lambda: Counter(
+        "iotnode_persist_bytes", "Web: record bytes appended to the ingress ring"
+    ),
     "PERSIST_BATCH_RECORDS": lambda: Histogram(
         "iotnode_persist_batch_records", "Web: records per group commit", buckets=BATCH_RECORD_BUCKETS
     ),
@@ -130,36 +152,44 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
     ),
     "BACKPRESSURE_PAUSES": lambda: Counter(
         "iotnode_backpressure_pauses",
-        "Web: times a device connection stopped reading until its window or the worker's pending bytes had room",
+        "Web: times a device connection stopped reading until its window or the worker's pending bytes had "
+        "room",
     ),
     "BACKPRESSURE_PAUSED_SECONDS": lambda: Counter(
         "iotnode_backpressure_paused_seconds",
         "Web: total time device connections spent paused (connection-seconds)",
     ),
-    # "livesum": add the live workers' values, drop a dead worker's (node.webmetrics)
+    # "livesum": add the live workers' values, drop a dead worker's (node.front.metrics)
     "DEVICE_CONNECTIONS": lambda: Gauge(
         "iotnode_device_connections", "Web: device WebSocket connections open", multiprocess_mode="livesum"
     ),
     "WEB_PENDING_BYTES": lambda: Gauge(
-        "iotnode_web_pending_bytes", "Web: record bytes queued or persisting, not yet acked",
+        "iotnode_web_pending_bytes",
+        "Web: record bytes queued or persisting, not yet acked",
         multiprocess_mode="livesum",
     ),
     "WEB_WORKERS": lambda: Gauge(
-        "iotnode_web_workers", "Web: live uvicorn worker processes (1 per worker)", multiprocess_mode="livesum"
+        "iotnode_web_workers",
+        "Web: live uvicorn worker processes (1 per worker)",
+        multiprocess_mode="livesum",
     ),
     "STORE_COMMIT_SECONDS": lambda: Histogram(
-        "iotnode_store_commit_seconds", "Store: one sink transaction (records + cursor), start to durable",
+        "iotnode_store_commit_seconds",
+        "Store: one sink transaction (records + cursor), start to durable",
         buckets=LATENCY_BUCKETS,
     ),
     "STORE_LAG_SECONDS": lambda: Gauge(
-        "iotnode_store_lag_seconds", "Store: commit time minus received_at of the newest record it committed",
+        "iotnode_store_lag_seconds",
+        "Store: commit time minus received_at of the newest record it committed",
         multiprocess_mode="mostrecent",
     ),
     "STORE_GAPS": lambda: Counter(
         "iotnode_store_gaps", "Store: fan-in records released before the store had them (see the store's log)"
     ),
     "FANOUT_CLIENTS": lambda: Gauge(
-        "iotnode_fanout_clients", "Client-app WebSocket connections open on the fanout", multiprocess_mode="livesum"
+        "iotnode_fanout_clients",
+        "Client-app WebSocket connections open on the fanout",
+        multiprocess_mode="livesum",
     ),
     "FANOUT_SLOW_CLIENT_DROPS": lambda: Counter(
         "iotnode_fanout_slow_client_drops",
@@ -167,16 +197,20 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
     ),
     "FANOUT_GAPS": lambda: Counter(
         "iotnode_fanout_gaps",
-        "Gaps in a device's live stream (messages the PUB/SUB high-water mark dropped); its followers are closed with 1013",
+        "Gaps in a device's live stream (messages the PUB/SUB high-water mark dropped); its followers are "
+        "closed with 1013",
     ),
     "FANOUT_MISSED_MESSAGES": lambda: Counter(
-        "iotnode_fanout_missed_messages", "Live messages the fanout never received (the sum of the gaps' sizes)"
+        "iotnode_fanout_missed_messages",
+        "Live messages the fanout never received (the sum of the gaps' sizes)",
     ),
     "FANOUT_GAP_CLIENT_DROPS": lambda: Counter(
-        "iotnode_fanout_gap_client_drops", "Client apps closed with 1013 because the live stream of a device they follow had a gap"
+        "iotnode_fanout_gap_client_drops",
+        "Client apps closed with 1013 because the live stream of a device they follow had a gap",
     ),
     "FANOUT_DUPLICATES": lambda: Counter(
-        "iotnode_fanout_duplicates", "Records not streamed: seq <= the last seq already streamed for the device"
+        "iotnode_fanout_duplicates",
+        "Records not streamed: seq <= the last seq already streamed for the device",
     ),
 }
 
@@ -202,15 +236,15 @@ def __getattr__(name: str) -> Any:  # PEP 562: ``node.metrics.X`` and ``from nod
 
 def watch_ring(name: str, ring: object) -> None:
     """Export a ring's depth, bytes used, capacity and backend, read at scrape time."""
-    _metric("RING_DEPTH").labels(ring=name).set_function(lambda: getattr(ring, "depth"))
-    _metric("RING_BYTES_USED").labels(ring=name).set_function(lambda: getattr(ring, "bytes_used"))
-    _metric("RING_CAPACITY").labels(ring=name).set(getattr(ring, "capacity"))
-    _metric("RING_BACKEND").labels(ring=name, backend=getattr(ring, "backend")).set(1)
+    _metric("RING_DEPTH").labels(ring=name).set_function(lambda: ring.depth)
+    _metric("RING_BYTES_USED").labels(ring=name).set_function(lambda: ring.bytes_used)
+    _metric("RING_CAPACITY").labels(ring=name).set(ring.capacity)
+    _metric("RING_BACKEND").labels(ring=name, backend=ring.backend).set(1)
 
 
 def register_process(name: str) -> None:
     """Export this single process's CPU and RSS as ``iotnode_process_*{process=name}``
-    in the default registry (the web workers use :mod:`node.webmetrics` instead)."""
+    in the default registry (the web workers use :mod:`node.front.metrics` instead)."""
     global _process_registered
     if not _process_registered:
         REGISTRY.register(ProcessStatsCollector(this_process(name)))

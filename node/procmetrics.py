@@ -60,10 +60,14 @@ class ProcessStatsCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         cpu = CounterMetricFamily(
-            "iotnode_process_cpu_seconds", "User and system CPU time of the process", labels=["process", "pid"]
+            "iotnode_process_cpu_seconds",
+            "User and system CPU time of the process",
+            labels=["process", "pid"],
         )
         rss = GaugeMetricFamily(
-            "iotnode_process_resident_memory_bytes", "Resident set size of the process", labels=["process", "pid"]
+            "iotnode_process_resident_memory_bytes",
+            "Resident set size of the process",
+            labels=["process", "pid"],
         )
         for name, pid in self._targets():
             sample = read_process(pid)

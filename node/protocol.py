@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -138,21 +139,22 @@ class Ack:
 
 
 # --------------------------------------------------------------------- encoding
-_packer = msgpack.Packer(use_bin_type=True)
+# typed here once: msgpack ships no annotations
+_pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
 
 def encode_ack(n: int, binary: bool) -> bytes | str:
     """``{"ack": n}`` as a MessagePack map (binary) or a JSON object (text)."""
     if binary:
-        return _packer.pack({"ack": n})
-    return '{"ack":%d}' % n
+        return _pack({"ack": n})
+    return f'{{"ack":{n}}}'
 
 
 def encode_error(reason: str, seq: int | None, binary: bool) -> bytes | str:
     """``{"error": reason, "seq": seq}`` (``seq`` may be ``None`` -> null)."""
     obj = {"error": reason, "seq": seq}
     if binary:
-        return _packer.pack(obj)
+        return _pack(obj)
     return json.dumps(obj, separators=(",", ":"))
 
 
@@ -301,7 +303,10 @@ def _message(obj: Any, binary: bool, check_strings: bool) -> Message | ErrorRepl
                 return ErrorReply("bad_ts", f"ts is outside the 64-bit range: {_show(ts)}", seq, binary)
         else:
             return ErrorReply(
-                "bad_ts", f"ts must be a number or null, got {_type_name(ts, binary)} {_show(ts)}", seq, binary
+                "bad_ts",
+                f"ts must be a number or null, got {_type_name(ts, binary)} {_show(ts)}",
+                seq,
+                binary,
             )
     data = obj["data"]
     try:
@@ -334,13 +339,13 @@ def parse_frame(frame: bytes | str) -> Message | ErrorReply:
     """
     binary = not isinstance(frame, str)
     try:
-        if binary:
-            obj = _decode_binary(frame)  # type: ignore[arg-type]
-            check_strings = False  # msgpack with raw=False only yields valid UTF-8
-        else:
-            obj = _decode_text(frame)  # type: ignore[arg-type]
+        if isinstance(frame, str):
+            obj = _decode_text(frame)
             # Lone surrogates can only come from \\uXXXX escapes.
-            check_strings = "\\u" in frame  # type: ignore[operator]
+            check_strings = "\\u" in frame
+        else:
+            obj = _decode_binary(frame)
+            check_strings = False  # msgpack with raw=False only yields valid UTF-8
     except _Refused as refused:
         return ErrorReply(refused.kind, refused.reason, None, binary)
     return _message(obj, binary, check_strings)
@@ -361,7 +366,7 @@ def encode_message(seq: int, data: Any, ts: int | float | None = None, binary: b
     if ts is not None:
         obj["ts"] = ts
     if binary:
-        return _packer.pack(obj)
+        return _pack(obj)
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 

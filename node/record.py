@@ -11,6 +11,7 @@ a sink can always write ``json.dumps(data)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgpack
@@ -30,23 +31,28 @@ class Record(NamedTuple):
     data: Any
 
 
-_packer = msgpack.Packer(use_bin_type=True)
+# typed here once: msgpack ships no annotations
+_pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
 
 def pack_record(device_id: str, seq: int, ts: float | int | None, received_at: float, data: Any) -> bytes:
-    return _packer.pack((device_id, seq, ts, received_at, data))
+    return _pack((device_id, seq, ts, received_at, data))
 
 
 def unpack_record(payload: bytes) -> Record:
     try:
         fields = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise RecordError(f"undecodable record envelope ({type(exc).__name__}, {len(payload)} bytes)") from None
+        raise RecordError(
+            f"undecodable record envelope ({type(exc).__name__}, {len(payload)} bytes)"
+        ) from None
     if not isinstance(fields, list) or len(fields) != 5:
         raise RecordError(f"expected a 5-element array, got {type(fields).__name__}")
     device_id, seq, ts, received_at, data = fields
     if not isinstance(device_id, str) or not isinstance(seq, int):
-        raise RecordError(f"expected [str, int, ...], got [{type(device_id).__name__}, {type(seq).__name__}, ...]")
+        raise RecordError(
+            f"expected [str, int, ...], got [{type(device_id).__name__}, {type(seq).__name__}, ...]"
+        )
     return Record(device_id, seq, ts, received_at, data)
 
 
@@ -80,7 +86,9 @@ def device_id_of(payload: bytes) -> str:
     except RecordError:
         raise
     except Exception as exc:
-        raise RecordError(f"undecodable record envelope ({type(exc).__name__}, {len(payload)} bytes)") from None
+        raise RecordError(
+            f"undecodable record envelope ({type(exc).__name__}, {len(payload)} bytes)"
+        ) from None
     if not isinstance(device_id, str):
         raise RecordError(f"expected a str device id, got {type(device_id).__name__}")
     return device_id

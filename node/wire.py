@@ -139,7 +139,9 @@ def decode_batch(frames: list[bytes]) -> Batch:
     start = _field(meta, "start", int, "BATCH") if "start" in meta else (positions[0] if positions else end)
     base = _field(meta, "base", int, "BATCH") if "base" in meta else start
     if not base <= start <= end or any(not isinstance(p, int) or isinstance(p, bool) for p in positions):
-        raise WireError(f"BATCH: expected integer positions and base <= start <= end, got {base}, {start}, {end}")
+        raise WireError(
+            f"BATCH: expected integer positions and base <= start <= end, got {base}, {start}, {end}"
+        )
     return Batch(ring, positions, end, records, start, base)
 
 
@@ -223,7 +225,12 @@ def decode_heartbeat(frames: list[bytes]) -> tuple[bytes, int]:
     if len(frames) != 2 or frames[0] != HEARTBEAT_TOPIC:
         raise WireError(f"heartbeat: expected 2 frames starting {HEARTBEAT_TOPIC!r}")
     body = _unpack(frames[1], "heartbeat")
-    if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], bytes) or not isinstance(body[1], int):
+    if (
+        not isinstance(body, list)
+        or len(body) != 2
+        or not isinstance(body[0], bytes)
+        or not isinstance(body[1], int)
+    ):
         raise WireError(f"heartbeat: expected [bytes, int], got {body!r}")
     return body[0], body[1]
 
@@ -250,7 +257,10 @@ def decode_fetch(frames: list[bytes]) -> Fetch:
     if not isinstance(wait, bool):
         raise WireError(f"FETCH: field 'wait' expected bool, got {wait!r}")
     return Fetch(
-        _field(meta, "ring", bytes, "FETCH"), _field(meta, "from", int, "FETCH"), _field(meta, "max", int, "FETCH"), wait
+        _field(meta, "ring", bytes, "FETCH"),
+        _field(meta, "from", int, "FETCH"),
+        _field(meta, "max", int, "FETCH"),
+        wait,
     )
 
 
@@ -275,17 +285,29 @@ class Records(NamedTuple):
     def items(self) -> list[Item]:
         """The records with their spans (tests and tools; the store walks ``ends``)."""
         starts = [self.start, *self.ends[:-1]]
-        return [Item(p, e, r) for p, e, r in zip(starts, self.ends, self.records)]
+        return [Item(p, e, r) for p, e, r in zip(starts, self.ends, self.records, strict=False)]
 
 
 def encode_records(
-    ring: bytes, start: int, next_pos: int, tail: int, ends: list[int], records: list[bytes], ask: int | None = None
+    ring: bytes,
+    start: int,
+    next_pos: int,
+    tail: int,
+    ends: list[int],
+    records: list[bytes],
+    ask: int | None = None,
 ) -> list[bytes]:
     """``records[i]`` spans ``[ends[i-1], ends[i])`` (``[start, ends[0])`` for the first)."""
     if len(ends) != len(records):
         raise ValueError(f"expected one end per record, got {len(ends)} and {len(records)}")
-    meta = {"ring": ring, "from": start, "ask": start if ask is None else ask, "next": next_pos, "tail": tail,
-            "ends": ends}
+    meta = {
+        "ring": ring,
+        "from": start,
+        "ask": start if ask is None else ask,
+        "next": next_pos,
+        "tail": tail,
+        "ends": ends,
+    }
     return [RECORDS, _pack(meta), _pack(records)]
 
 
@@ -308,7 +330,9 @@ def decode_records(frames: list[bytes]) -> Records:
     prev = start
     for end in ends:
         if type(end) is not int or end <= prev:
-            raise WireError(f"RECORDS: expected increasing integer ends after {start}, got {end!r} after {prev}")
+            raise WireError(
+                f"RECORDS: expected increasing integer ends after {start}, got {end!r} after {prev}"
+            )
         prev = end
     if next_pos != prev:
         raise WireError(f"RECORDS: next {next_pos} is not the last record's end {prev}")
@@ -329,5 +353,7 @@ def decode_confirm(frames: list[bytes]) -> Confirm:
     _verb(frames, CONFIRM, 2)
     meta = _unpack(frames[1], "CONFIRM")
     return Confirm(
-        _field(meta, "name", str, "CONFIRM"), _field(meta, "ring", bytes, "CONFIRM"), _field(meta, "pos", int, "CONFIRM")
+        _field(meta, "name", str, "CONFIRM"),
+        _field(meta, "ring", bytes, "CONFIRM"),
+        _field(meta, "pos", int, "CONFIRM"),
     )

@@ -39,7 +39,9 @@ def free_port() -> int:
     raise RuntimeError("no fresh free port after 100 tries")
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> object:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -90,7 +92,9 @@ class Processes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, module: str, env: Mapping[str, str], log_dir: Path, args: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, module: str, env: Mapping[str, str], log_dir: Path, args: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = log_dir / f"{name}.log"
         self.logs[name] = log
         fh = open(log, "ab")
@@ -132,7 +136,9 @@ class Processes:
 
 
 @contextmanager
-def private_processes(tmp_path_factory: pytest.TempPathFactory, basename: str) -> Iterator[tuple[Path, Path, Processes]]:
+def private_processes(
+    tmp_path_factory: pytest.TempPathFactory, basename: str
+) -> Iterator[tuple[Path, Path, Processes]]:
     """For module- or session-scoped fixtures: ``(root, data_dir, processes)``, a fresh
     root for the logs with an empty ``root/data``; every process started in the group
     is killed on exit."""
@@ -156,7 +162,7 @@ def device_handshake_succeeds(url: str, token: str, timeout: float = 2.0) -> boo
                 url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=timeout
             ):
                 return True
-        except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
+        except (TimeoutError, OSError, websockets.WebSocketException):
             return False
 
     return asyncio.run(probe())
@@ -174,10 +180,15 @@ def start_web(
     url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
     token = issue_device_token(env["NODE_JWT_SECRET"], "readiness-probe")
     try:
-        wait_until(lambda: proc.poll() is not None or device_handshake_succeeds(url, token), timeout,
-                   what=f"{name} ready")
+        wait_until(
+            lambda: proc.poll() is not None or device_handshake_succeeds(url, token),
+            timeout,
+            what=f"{name} ready",
+        )
     except AssertionError:
-        raise AssertionError(f"{name} did not get ready within {timeout} s:\n{processes.log(name)[-3000:]}") from None
+        raise AssertionError(
+            f"{name} did not get ready within {timeout} s:\n{processes.log(name)[-3000:]}"
+        ) from None
     if proc.poll() is not None:
         raise AssertionError(f"{name} exited with {proc.returncode}:\n{processes.log(name)[-3000:]}")
     return proc

@@ -16,7 +16,12 @@ def test_defaults_match_the_contract() -> None:
     s = Settings.from_env({})
     assert (s.data_dir, s.host, s.web_port, s.fanout_port) == (Path("./data"), "127.0.0.1", 8000, 8001)
     assert s.jwt_secret is None and s.max_message_bytes == 65536
-    assert (s.metrics_port_monitor, s.metrics_port_router, s.metrics_port_publisher, s.metrics_port_store) == (
+    assert (
+        s.metrics_port_monitor,
+        s.metrics_port_router,
+        s.metrics_port_publisher,
+        s.metrics_port_store,
+    ) == (
         9101,
         9102,
         9103,
@@ -44,7 +49,13 @@ def test_every_contract_variable_is_read() -> None:
             "NODE_METRICS_PORT_STORE": "19104",
         }
     )
-    assert (s.data_dir, s.host, s.web_port, s.fanout_port, s.web_workers) == (Path("/tmp/x"), "0.0.0.0", 18000, 18001, 3)
+    assert (s.data_dir, s.host, s.web_port, s.fanout_port, s.web_workers) == (
+        Path("/tmp/x"),
+        "0.0.0.0",
+        18000,
+        18001,
+        3,
+    )
     assert s.jwt_secret == "s" * 32 and s.max_message_bytes == 1024
     assert (s.metrics_port_monitor, s.metrics_port_store) == (19101, 19104)
 
@@ -130,9 +141,15 @@ def test_ack_timeout_ceiling_below_the_timeout_is_refused_and_an_unset_one_follo
 def test_bad_monitor_tunable_exits_2_before_the_monitor_starts(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "node.workers.monitor"],
-        env={"NODE_MONITOR_WINDOW": "0", "NODE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
-             "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=30,
+        env={
+            "NODE_MONITOR_WINDOW": "0",
+            "NODE_DATA_DIR": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert "NODE_MONITOR_WINDOW='0': expected an integer >= 1" in proc.stderr
@@ -178,7 +195,9 @@ def test_curve_is_on_by_default_and_a_tcp_link_without_keys_names_what_to_set(tm
         Settings.from_env({"NODE_ROUTER_CONNECT": "tcp://router:5555"})
     assert info.value.variable == "NODE_CURVE_SERVER_KEY" and "curve_server.key" in info.value.reason
     # the node's own monitor of a tcp:// router needs no server key (it is in the data dir)
-    assert Settings.from_env({"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555", "NODE_CURVE_CLIENTS_DIR": str(tmp_path)})
+    assert Settings.from_env(
+        {"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555", "NODE_CURVE_CLIENTS_DIR": str(tmp_path)}
+    )
     assert Settings.from_env({"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555", "NODE_CURVE": "off"}).curve is False
     assert Settings.from_env({"NODE_PUB_BIND": "tcp://127.0.0.1:5556"}).pub_bind == "tcp://127.0.0.1:5556"
     assert Settings.from_env({"NODE_PUB_BIND": "tcp://0.0.0.0:5556", "NODE_CURVE": "off"}).pub_bind

@@ -33,7 +33,9 @@ def test_device_id_of_matches_the_full_decode_for_every_id_length(device_id: str
     assert device_id_of(payload) == unpack_record(payload).device_id == device_id
 
 
-@pytest.mark.parametrize("payload", [b"\x95\xa5dev", b"\x95\xd9\x09dev", b"\x95\xa2\xff\xfe\x01", b"\x95\x01\x02"])
+@pytest.mark.parametrize(
+    "payload", [b"\x95\xa5dev", b"\x95\xd9\x09dev", b"\x95\xa2\xff\xfe\x01", b"\x95\x01\x02"]
+)
 def test_truncated_or_non_utf8_device_id_raises_record_error(payload: bytes) -> None:
     with pytest.raises(RecordError):
         device_id_of(payload)

@@ -35,7 +35,11 @@ def test_batch_with_base_after_start_is_refused() -> None:
 def test_batch_with_mismatched_counts_is_refused() -> None:
     with pytest.raises(ValueError):
         wire.encode_batch(RING, [0], 64, [b"a", b"b"])
-    frames = [wire.BATCH, msgpack.packb({"ring": RING, "pos": [0, 1], "end": 9}), msgpack.packb([b"only-one"])]
+    frames = [
+        wire.BATCH,
+        msgpack.packb({"ring": RING, "pos": [0, 1], "end": 9}),
+        msgpack.packb([b"only-one"]),
+    ]
     with pytest.raises(wire.WireError, match="2 positions for 1 records"):
         wire.decode_batch(frames)
 
@@ -72,7 +76,9 @@ def test_fetch_records_confirm_round_trip() -> None:
 
 
 def test_records_travel_in_three_frames_whatever_their_count() -> None:
-    frames = wire.encode_records(RING, 0, 32 * 1000, 32 * 1000, [32 * (i + 1) for i in range(1000)], [b"r"] * 1000)
+    frames = wire.encode_records(
+        RING, 0, 32 * 1000, 32 * 1000, [32 * (i + 1) for i in range(1000)], [b"r"] * 1000
+    )
     assert len(frames) == 3
     assert len(wire.decode_records(frames).records) == 1000
 
@@ -102,7 +108,10 @@ def records_frames(**meta: object) -> list[bytes]:
 @pytest.mark.parametrize(
     ("frames", "match"),
     [
-        ([wire.RECORDS, msgpack.packb({"ring": RING, "from": 0, "next": 0, "tail": 0})], "expected b'RECORDS'"),
+        (
+            [wire.RECORDS, msgpack.packb({"ring": RING, "from": 0, "next": 0, "tail": 0})],
+            "expected b'RECORDS'",
+        ),
         (records_frames(ends=[32, 64]), "2 ends for 1 records"),
         (records_frames(ends=[0]), "increasing integer ends"),
         (records_frames(ends=["32"]), "increasing integer ends"),

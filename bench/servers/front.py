@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--redis-port", type=int, default=6379)
     ap.add_argument("--ack-delay-ms", type=float, default=0.0)
     ap.add_argument("--coalesce", action="store_true")
-    ap.add_argument("--close-after", type=int, default=0, help="test knob: drop each connection after N messages")
+    ap.add_argument(
+        "--close-after", type=int, default=0, help="test knob: drop each connection after N messages"
+    )
     args = ap.parse_args(argv)
     if not args.host.startswith("127."):
         ap.error(f"--host must be a loopback address (127.x.x.x), got {args.host!r}")

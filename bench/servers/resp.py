@@ -64,7 +64,7 @@ class _Protocol(asyncio.Protocol):
             elif kind == 0x2D:  # - error
                 value, pos = RedisError(buf[pos + 1 : nl].decode(errors="replace")), nl + 2
             else:
-                raise RedisError(f"unsupported RESP reply type {bytes(buf[pos:pos + 1])!r}")
+                raise RedisError(f"unsupported RESP reply type {bytes(buf[pos : pos + 1])!r}")
             fut = self.waiters.popleft()
             if not fut.done():
                 if isinstance(value, RedisError):
@@ -79,12 +79,12 @@ class Redis:
         self._p = protocol
 
     @classmethod
-    async def connect(cls, host: str, port: int) -> "Redis":
+    async def connect(cls, host: str, port: int) -> Redis:
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_connection(_Protocol, host, port)
         return cls(protocol)
 
-    def command(self, *args: bytes) -> "asyncio.Future[bytes | int | None]":
+    def command(self, *args: bytes) -> asyncio.Future[bytes | int | None]:
         p = self._p
         if p.closed_exc is not None:
             raise p.closed_exc

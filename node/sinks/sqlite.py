@@ -52,7 +52,13 @@ _json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", "
 def to_row(record: Record) -> tuple[str, int, float | None, float, str]:
     """The ``messages`` row of a record; ``ValueError``/``TypeError`` if ``data`` is not JSON."""
     ts = record.ts
-    return (record.device_id, record.seq, None if ts is None else float(ts), float(record.received_at), _json(record.data))
+    return (
+        record.device_id,
+        record.seq,
+        None if ts is None else float(ts),
+        float(record.received_at),
+        _json(record.data),
+    )
 
 
 class SqliteSink(Sink):
@@ -86,7 +92,11 @@ class SqliteSink(Sink):
         return self._db
 
     def cursor(self, ring_id: bytes) -> int | None:
-        row = self._conn().execute("SELECT position FROM iotnode_cursor WHERE ring_id = ?", (ring_id,)).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT position FROM iotnode_cursor WHERE ring_id = ?", (ring_id,))
+            .fetchone()
+        )
         return None if row is None else int(row[0])
 
     def write(self, records: Sequence[Record], ring_id: bytes, cursor: int) -> int:

@@ -21,7 +21,7 @@ import uvicorn
 from node.auth import load_secret
 from node.config import Settings, load_settings
 from node.errors import NodeError
-from node.fanout import create_app
+from node.fanout.app import create_app
 from node.metrics import register_process
 from node.workers.runtime import configure_logging
 
@@ -65,7 +65,11 @@ def _listen(settings: Settings) -> socket.socket:
         sock.close()
         log.error(
             "cannot listen on %s:%d (NODE_HOST=%s, NODE_FANOUT_PORT=%d): %s",
-            settings.host, settings.fanout_port, settings.host, settings.fanout_port, exc.strerror or exc,
+            settings.host,
+            settings.fanout_port,
+            settings.host,
+            settings.fanout_port,
+            exc.strerror or exc,
         )
         raise SystemExit(2) from None
     # Accepted connections inherit this: a client that leaves data unacknowledged (a
@@ -107,6 +111,7 @@ def main() -> None:
         server_header=False,
     )
     server = uvicorn.Server(config)
+
     # uvicorn re-raises the signal it caught once it has shut down; make that a no-op
     # so SIGTERM ends with status 0 (contract 1: a clean stop is not a failure).
     def ignore(signum: int, frame: FrameType | None) -> None:
@@ -114,8 +119,12 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, ignore)
     signal.signal(signal.SIGINT, ignore)
-    log.info("fanout on ws://%s:%d/v1/stream, queue %d messages per client", settings.host, settings.fanout_port,
-             settings.fanout_queue)
+    log.info(
+        "fanout on ws://%s:%d/v1/stream, queue %d messages per client",
+        settings.host,
+        settings.fanout_port,
+        settings.fanout_queue,
+    )
     try:
         server.run(sockets=[sock])
     finally:

@@ -51,7 +51,9 @@ def start(name: str) -> tuple[Settings, threading.Event]:
             metrics.serve(port, settings.host)
         except OSError as exc:
             var = "NODE_" + port_attr.upper()
-            logging.getLogger(name).error("cannot serve /metrics on %s:%s (%s=%s): %s", settings.host, port, var, port, exc)
+            logging.getLogger(name).error(
+                "cannot serve /metrics on %s:%s (%s=%s): %s", settings.host, port, var, port, exc
+            )
             raise SystemExit(2) from None
     stop = threading.Event()
 

@@ -5,7 +5,7 @@
 Reads the configuration once (a bad ``NODE_*`` value exits with status 2 and a
 message naming the variable, before anything starts), then runs uvicorn with
 ``Settings.web_workers`` worker processes, each building the app from the factory
-``node.app:create_app`` and opening the ingress ring itself in its lifespan.
+``node.front.app:create_app`` and opening the ingress ring itself in its lifespan.
 
 C10K settings (see docs/front.md): listen backlog 4096+, RLIMIT_NOFILE soft limit
 raised to the hard limit (here and in every worker), no per-message deflate
@@ -23,9 +23,9 @@ import socket
 
 import uvicorn
 
-from node.app import raise_nofile_limit
 from node.auth import load_secret
 from node.config import Settings, load_settings
+from node.front.app import raise_nofile_limit
 
 #: uvicorn's sans-I/O websockets implementation: no reader task per connection
 #: (the legacy one keeps one, plus one keep-alive task), pauses reading while the
@@ -76,8 +76,8 @@ def main() -> None:
     settings.data_path.mkdir(parents=True, exist_ok=True)
     _check_bind(settings)
     _multiprocess_metrics_dir(settings)
-    # node.webmetrics wraps node.app:create_app with the metrics seams and /metrics.
-    uvicorn.run("node.webmetrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+    # node.front.metrics wraps node.front.app:create_app with the metrics seams and /metrics.
+    uvicorn.run("node.front.metrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
 
 
 def _multiprocess_metrics_dir(settings: Settings) -> None:
@@ -98,7 +98,9 @@ def _check_bind(settings: Settings) -> None:
     try:
         infos = socket.getaddrinfo(settings.host, settings.web_port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise SystemExit(f"iotnode web: NODE_HOST={settings.host!r} does not resolve ({exc.strerror})") from None
+        raise SystemExit(
+            f"iotnode web: NODE_HOST={settings.host!r} does not resolve ({exc.strerror})"
+        ) from None
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -18,8 +18,20 @@ from bench import e2e, proto
 @pytest.mark.timeout(120)
 def test_e2e_reports_stored_rate_and_fanout_latency_against_a_small_node(tmp_path: Path) -> None:
     args = argparse.Namespace(
-        connections=10, window=8, duration=2.0, devices=50, rates="200", latency_duration=2.0, rounds=1,
-        payload=64, encoding="msgpack", processes=1, workers=1, out=tmp_path / "results", quiet=True, keep=None,
+        connections=10,
+        window=8,
+        duration=2.0,
+        devices=50,
+        rates="200",
+        latency_duration=2.0,
+        rounds=1,
+        payload=64,
+        encoding="msgpack",
+        processes=1,
+        workers=1,
+        out=tmp_path / "results",
+        quiet=True,
+        keep=None,
         client_during_throughput=True,
     )
     started = time.monotonic()
@@ -32,9 +44,13 @@ def test_e2e_reports_stored_rate_and_fanout_latency_against_a_small_node(tmp_pat
     # The store cannot have committed more than the front acked, over the same window.
     assert thr["stored_msg_s"] <= 1.2 * thr["node_acked_msg_s"], thr
     assert thr["stored_vs_noop"] == round(thr["stored_msg_s"] / thr["noop_acked_msg_s"], 3)
-    assert thr["drained"] is True and thr["ingress_depth_end"] is not None and thr["fanin_depth_end"] is not None
+    assert (
+        thr["drained"] is True and thr["ingress_depth_end"] is not None and thr["fanin_depth_end"] is not None
+    )
     # The client app followed the throughput run too (best effort: the fanout may drop for it).
-    assert 0 < thr["fanout_frames"] <= doc["runs"][0]["drain"]["counts"]["stored"] and thr["fanout_p99_ms"] > 0, thr
+    assert (
+        0 < thr["fanout_frames"] <= doc["runs"][0]["drain"]["counts"]["stored"] and thr["fanout_p99_ms"] > 0
+    ), thr
 
     (lat,) = doc["latency"]
     assert lat["offered_msg_s"] == 200.0 and lat["devices"] == 50
@@ -52,8 +68,20 @@ def test_e2e_drained_store_counter_matches_the_rows_in_sqlite(tmp_path: Path) ->
     # stored_rate reads the store's counter; check it against the rows on disk of a
     # drained node: the same number the contract's table holds.
     args = argparse.Namespace(
-        connections=4, window=4, duration=1.0, devices=10, rates="50", latency_duration=1.0, rounds=1,
-        payload=64, encoding="json", processes=1, workers=1, out=tmp_path / "results", quiet=True, keep=None,
+        connections=4,
+        window=4,
+        duration=1.0,
+        devices=10,
+        rates="50",
+        latency_duration=1.0,
+        rounds=1,
+        payload=64,
+        encoding="json",
+        processes=1,
+        workers=1,
+        out=tmp_path / "results",
+        quiet=True,
+        keep=None,
     )
     doc = e2e.run(args, tmp_path / "work", "test", progress=None)
     thr, lat = doc["runs"]

@@ -39,17 +39,24 @@ def coalescing(workdir: Path) -> Iterator[Target]:
 
 
 def _run(target: Target, workdir: Path, **kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = dict(name="test", connections=4, rate=50.0, duration=1.0, ramp=500.0, processes=1, drain=3.0)
+    base: dict[str, Any] = dict(
+        name="test", connections=4, rate=50.0, duration=1.0, ramp=500.0, processes=1, drain=3.0
+    )
     base.update(kw)
     return runner.run(Scenario(**base), target, workdir / "logs", progress=None)
 
 
-def test_slowed_server_shows_its_ack_delay_in_the_percentiles(noop: Target, slow: Target, workdir: Path) -> None:
+def test_slowed_server_shows_its_ack_delay_in_the_percentiles(
+    noop: Target, slow: Target, workdir: Path
+) -> None:
     fast = _run(noop, workdir)
     delayed = _run(slow, workdir)
     assert fast["acked"] == fast["sent"] > 0 and delayed["acked"] == delayed["sent"] > 0
     assert delayed["latency_ms"]["p50"] >= 19.5, delayed["latency_ms"]
-    assert delayed["latency_ms"]["p50"] - fast["latency_ms"]["p50"] >= 15.0, (fast["latency_ms"], delayed["latency_ms"])
+    assert delayed["latency_ms"]["p50"] - fast["latency_ms"]["p50"] >= 15.0, (
+        fast["latency_ms"],
+        delayed["latency_ms"],
+    )
     assert delayed["latency_ms"]["p99"] < 1000.0, delayed["latency_ms"]
 
 
@@ -69,7 +76,9 @@ def test_pacing_spreads_many_connections_over_generator_processes(noop: Target, 
     assert r["acked"] == r["sent"] and r["errors"] == 0
 
 
-def test_latency_is_measured_from_the_scheduled_send_so_a_stalled_window_shows(slow: Target, workdir: Path) -> None:
+def test_latency_is_measured_from_the_scheduled_send_so_a_stalled_window_shows(
+    slow: Target, workdir: Path
+) -> None:
     # One message in flight, 20 ms per ack: at most ~50/s get through, 100/s are offered.
     # A closed-loop measurement would report ~20 ms; measured from the schedule the
     # queue that builds up over 1.5 s shows as latency, not as a lower offered rate.
@@ -126,7 +135,10 @@ def test_generator_and_target_cpu_are_reported(noop: Target, workdir: Path) -> N
     assert any(s["procs"] for s in r["target_procs"]["samples"])
 
 
-@pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(), reason="mosquitto not installed")
+@pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto not installed",
+)
 def test_mosquitto_qos1_publishes_are_all_pubacked_on_loopback(workdir: Path) -> None:
     with targets.start("mosquitto", workdir / "mosquitto", 1) as t:
         addrs = targets.listening_addresses(t.pids)
@@ -152,7 +164,11 @@ def test_front_alone_targets_ack_after_their_ring_and_clean_up(name: str, workdi
     with targets.start(name, workdir / name, 1) as t:
         r = _run(t, workdir, connections=4, rate=50.0)
         shm = glob.glob("/dev/shm/iotnode-bench-*")
-        ring = [Path(p) / "ingress.ring" for p in shm] if name == "front-pmem" else [workdir / name / "data" / "ingress.ring"]
+        ring = (
+            [Path(p) / "ingress.ring" for p in shm]
+            if name == "front-pmem"
+            else [workdir / name / "data" / "ingress.ring"]
+        )
         assert any(p.exists() for p in ring), f"{name}: no ingress ring at {ring}"
     assert r["sent"] > 0 and r["acked"] == r["sent"], r
     if name == "front-pmem":
@@ -170,8 +186,31 @@ def test_cli_against_a_running_endpoint_writes_json_and_an_html_report(noop: Tar
     secret_dir.mkdir()
     (secret_dir / "jwt_secret").write_text(targets.SECRET)
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "c10k", "--url", noop.url, "--data-dir", str(secret_dir), "-n", "3", "-r", "20",
-           "-d", "1", "-p", "1", "--ramp", "100", "-q", "--out", str(out), "--pid", str(noop.pids[0])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "c10k",
+        "--url",
+        noop.url,
+        "--data-dir",
+        str(secret_dir),
+        "-n",
+        "3",
+        "-r",
+        "20",
+        "-d",
+        "1",
+        "-p",
+        "1",
+        "--ramp",
+        "100",
+        "-q",
+        "--out",
+        str(out),
+        "--pid",
+        str(noop.pids[0]),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "| url |" in done.stdout
@@ -182,8 +221,14 @@ def test_cli_against_a_running_endpoint_writes_json_and_an_html_report(noop: Tar
     assert r["target_procs"]["cpu_s_by_role"], "the --pid tree was sampled"
     html = json_path.with_suffix(".html").read_text()
     assert html.count("<svg") >= 3 and "Ack latency by percentile" in html
-    again = subprocess.run([sys.executable, "-m", "bench", "report", str(json_path)], cwd=REPO, capture_output=True,
-                           text=True, timeout=60, check=False)
+    again = subprocess.run(
+        [sys.executable, "-m", "bench", "report", str(json_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert again.returncode == 0 and again.stdout.strip().endswith(".html")
 
 
@@ -193,8 +238,19 @@ def test_cli_refuses_a_target_off_loopback_with_the_url(tmp_path: Path) -> None:
 
     from bench.runner import REPO
 
-    cmd = [sys.executable, "-m", "bench", "c10k", "--url", "ws://192.0.2.1:8000/v1/ingest", "--secret", "x" * 32, "-q",
-           "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "c10k",
+        "--url",
+        "ws://192.0.2.1:8000/v1/ingest",
+        "--secret",
+        "x" * 32,
+        "-q",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "192.0.2.1" in done.stderr

@@ -93,7 +93,14 @@ def test_secret_is_read_from_the_node_data_dir(tmp_path) -> None:  # type: ignor
 
 @pytest.mark.parametrize(
     "field,value",
-    [("connections", 0), ("rate", 0.0), ("window", 0), ("duration", -1.0), ("encoding", "xml"), ("processes", 99)],
+    [
+        ("connections", 0),
+        ("rate", 0.0),
+        ("window", 0),
+        ("duration", -1.0),
+        ("encoding", "xml"),
+        ("processes", 99),
+    ],
 )
 def test_bad_scenario_values_are_refused_with_the_value(field: str, value: object) -> None:
     with pytest.raises(proto.BenchError, match=repr(value).strip("'")):
@@ -107,12 +114,25 @@ def test_a_target_off_loopback_is_refused() -> None:
 
 def test_table_reports_ratios_to_noop_and_iotnode_against_each_peer() -> None:
     def res(name: str, thr: float, p99: float) -> dict[str, object]:
-        return {"target": {"name": name}, "acked_msg_s": thr, "latency_ms": {"p50": 1, "p99": p99, "p99.9": p99, "max": p99},
-                "errors": 0, "unacked": 0, "connections_open": 1,
-                "target_procs": {"cpu_pct_of_one_core": 1}, "generator": {"cpu_pct_of_one_core": 1}}
+        return {
+            "target": {"name": name},
+            "acked_msg_s": thr,
+            "latency_ms": {"p50": 1, "p99": p99, "p99.9": p99, "max": p99},
+            "errors": 0,
+            "unacked": 0,
+            "connections_open": 1,
+            "target_procs": {"cpu_pct_of_one_core": 1},
+            "generator": {"cpu_pct_of_one_core": 1},
+        }
 
-    rows = table_rows([res("noop", 1000, 2), res("iotnode", 500, 8), res("redis", 250, 16),
-                       {"target": {"name": "mosquitto"}, "skipped": "not installed"}])
+    rows = table_rows(
+        [
+            res("noop", 1000, 2),
+            res("iotnode", 500, 8),
+            res("redis", 250, 16),
+            {"target": {"name": "mosquitto"}, "skipped": "not installed"},
+        ]
+    )
     by = {r["target"]: r for r in rows}
     assert by["iotnode"]["thr_vs_noop"] == 0.5 and by["iotnode"]["p99_vs_noop"] == 4.0
     assert by["redis"]["iotnode_thr_vs_this"] == 2.0 and by["redis"]["iotnode_p99_vs_this"] == 0.5

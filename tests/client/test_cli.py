@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from typing import Any
 
 from node.auth import issue_device_token

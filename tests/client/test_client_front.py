@@ -18,7 +18,7 @@ import pytest
 from node.auth import issue_device_token
 from node.client import Backoff, ClientClosed, HandshakeRefused, MessageRejected, MessageTooLarge
 from node.client import DeviceClient as _DeviceClient
-from node.outbox import Outbox
+from node.client.outbox import Outbox
 from node.record import Record
 from tests.client.conftest import PIPELINE, Node
 from tests.support import ring_envelopes, wait_until
@@ -68,20 +68,26 @@ async def eventually(predicate: Callable[[], object], timeout: float, what: str)
 
 def ring_records(node: Node) -> list[Record]:
     """Every record in the ingress ring (read with no other consumer)."""
-    return ring_envelopes(node.env["NODE_DATA_DIR"] + "/ingress.ring", int(node.env["NODE_INGRESS_RING_BYTES"]))
+    return ring_envelopes(
+        node.env["NODE_DATA_DIR"] + "/ingress.ring", int(node.env["NODE_INGRESS_RING_BYTES"])
+    )
 
 
 def ring_seqs(node: Node, device: str) -> Counter[int]:
     return Counter(r.seq for r in ring_records(node) if r.device_id == device)
 
 
-def stream_through_disconnects(node: Node, device: str, total: int) -> tuple[list[int], Counter[int], DeviceClient]:
+def stream_through_disconnects(
+    node: Node, device: str, total: int
+) -> tuple[list[int], Counter[int], DeviceClient]:
     """Send ``total`` messages while the front's workers are SIGKILLed and then the
     whole front is SIGKILLed and restarted; return (seqs, acks per seq, client)."""
     acks: Counter[int] = Counter()
 
     async def scenario() -> tuple[list[int], DeviceClient]:
-        client = await connect(node.url, node.token(device), on_ack=lambda s: acks.update([s]), backoff=FAST, timeout=20)
+        client = await connect(
+            node.url, node.token(device), on_ack=lambda s: acks.update([s]), backoff=FAST, timeout=20
+        )
         futures: list[asyncio.Future[int]] = []
 
         async def produce() -> None:
@@ -133,7 +139,9 @@ def test_whole_node_stores_every_message_once_across_forced_disconnects(front_fa
             return []
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            return db.execute("SELECT seq, data FROM messages WHERE device_id = 'dev-s' ORDER BY seq").fetchall()
+            return db.execute(
+                "SELECT seq, data FROM messages WHERE device_id = 'dev-s' ORDER BY seq"
+            ).fetchall()
         except sqlite3.OperationalError:
             return []
         finally:
@@ -159,7 +167,9 @@ def test_clients_dropped_together_do_not_reconnect_in_lock_step(front: Node) -> 
 
     async def scenario() -> tuple[list[float], list[float]]:
         clients = [
-            DeviceClient(front.url, front.token(f"fleet-{i}"), backoff=Backoff(initial=window, maximum=window))
+            DeviceClient(
+                front.url, front.token(f"fleet-{i}"), backoff=Backoff(initial=window, maximum=window)
+            )
             for i in range(clients_n)
         ]
         await asyncio.gather(*(c.start(timeout=20) for c in clients))
@@ -180,15 +190,20 @@ def test_clients_dropped_together_do_not_reconnect_in_lock_step(front: Node) -> 
         f"first retry after the drop: {min(retried):.2f}..{max(retried):.2f}s, busiest 100 ms slot "
         f"{max(slots.values())}/{clients_n}; back connected: {min(back):.2f}..{max(back):.2f}s"
     )
-    assert max(retried) - min(retried) > 0.5 * window, f"first retries within {max(retried) - min(retried):.2f}s"
+    assert max(retried) - min(retried) > 0.5 * window, (
+        f"first retries within {max(retried) - min(retried):.2f}s"
+    )
     assert max(retried) <= window + 1.0  # attempt 0 waits at most the initial ceiling (+ a busy loop's lag)
     # Uniform over 20 slots: ~2 per slot, 5-7 in the busiest; lock-step would put all 40 in one.
-    assert max(slots.values()) <= clients_n // 4, f"too many retries in one 100 ms slot: {sorted(slots.items())}"
+    assert max(slots.values()) <= clients_n // 4, (
+        f"too many retries in one 100 ms slot: {sorted(slots.items())}"
+    )
     assert max(back) - min(back) > 0.25 * window, "handshakes completed in lock-step"
 
 
 def test_refused_token_is_a_distinct_error_and_is_not_retried(shared_front: Node) -> None:
     front = shared_front
+
     async def scenario() -> None:
         bad = issue_device_token("another-secret-0123456789", "dev-x")
         client = DeviceClient(front.url, bad, backoff=FAST)
@@ -202,7 +217,9 @@ def test_refused_token_is_a_distinct_error_and_is_not_retried(shared_front: Node
 
         with warnings.catch_warnings():  # PyJWT warns about the short test secret
             warnings.simplefilter("ignore")
-            expired = jwt.encode({"sub": "dev-x", "exp": int(time.time()) - 10}, front.secret, algorithm="HS256")
+            expired = jwt.encode(
+                {"sub": "dev-x", "exp": int(time.time()) - 10}, front.secret, algorithm="HS256"
+            )
         with pytest.raises(HandshakeRefused, match="HTTP 401"):
             await connect(front.url, expired, timeout=20)
 
@@ -211,6 +228,7 @@ def test_refused_token_is_a_distinct_error_and_is_not_retried(shared_front: Node
 
 def test_refusal_after_start_without_wait_fails_every_pending_future(shared_front: Node) -> None:
     front = shared_front
+
     async def scenario() -> None:
         client = DeviceClient(front.url, "not-a-jwt", backoff=FAST)
         await client.start(wait=False)
@@ -251,6 +269,7 @@ def test_message_over_the_node_frame_limit_is_closed_1009_and_named(front_factor
 
 def test_message_over_the_known_limit_is_refused_locally_without_using_a_seq(shared_front: Node) -> None:
     front = shared_front
+
     async def scenario() -> None:
         client = await connect(front.url, front.token("dev-l"), max_message_bytes=512, timeout=20)
         seq = client.next_seq
@@ -273,7 +292,9 @@ def test_node_error_reply_fails_that_message_with_the_reason_and_it_is_not_resen
 
     async def scenario() -> None:
         outbox = tmp_path / "outbox.sqlite3"
-        client = await connect(node.url, node.token("dev-e"), max_message_bytes=2 << 20, outbox=outbox, timeout=20)
+        client = await connect(
+            node.url, node.token("dev-e"), max_message_bytes=2 << 20, outbox=outbox, timeout=20
+        )
         ok1 = await client.send({"n": 1})
         bad_seq = client.next_seq
         bad = await client.send({"blob": "z" * 300_000})
@@ -295,6 +316,7 @@ def test_node_error_reply_fails_that_message_with_the_reason_and_it_is_not_resen
 
 def test_data_the_node_would_refuse_raises_before_sending(shared_front: Node) -> None:
     front = shared_front
+
     async def scenario() -> None:
         client = await connect(front.url, front.token("dev-p"), timeout=20)
         seq = client.next_seq
@@ -312,6 +334,7 @@ def test_data_the_node_would_refuse_raises_before_sending(shared_front: Node) ->
 
 def test_json_text_frames_are_acked_like_binary(shared_front: Node) -> None:
     front = shared_front
+
     async def scenario() -> None:
         client = await connect(front.url, front.token("dev-j"), binary=False, timeout=20)
         futs = await client.send_many([({"t": 21.5, "unit": "°C"}, 1700000000.5), ([1, 2, 3], None)])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.client import Backoff, ClientClosed, DeviceClient, connect
-from node.outbox import Outbox, OutboxError
+from node.client.outbox import Outbox, OutboxError
 from tests.support import free_port
 
 FAST = Backoff(initial=0.05, maximum=0.2)
@@ -85,7 +85,9 @@ def test_offline_client_keeps_messages_in_its_outbox_and_continues_the_seq(tmp_p
     path = tmp_path / "outbox.sqlite3"
 
     async def offline_run(n: int) -> list[int]:
-        client = await connect(nowhere(), "t", wait=False, outbox=path, device="dev-1", first_seq=7, backoff=FAST)
+        client = await connect(
+            nowhere(), "t", wait=False, outbox=path, device="dev-1", first_seq=7, backoff=FAST
+        )
         start = client.next_seq
         futures = await client.send_many([({"i": i}, None) for i in range(n)])
         assert len(futures) == n

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from node.outbox import Outbox, OutboxError
+from node.client.outbox import Outbox, OutboxError
 
 
 def test_outbox_keeps_unacked_messages_across_reopen_in_seq_order(tmp_path: Path) -> None:

@@ -29,13 +29,16 @@ def start_client(node: Node, outbox: Path, out: Path, *extra: str) -> subprocess
     with open(out, "ab") as fh:
         return subprocess.Popen(
             [sys.executable, "-m", "node.client", *args],
-            stdin=subprocess.PIPE, stdout=fh, stderr=fh, env=client_env(), cwd=str(REPO), start_new_session=True,
+            stdin=subprocess.PIPE, stdout=fh, stderr=fh, env=client_env(), cwd=str(REPO),
+            start_new_session=True,
         )  # fmt: skip
 
 
 def feed(proc: subprocess.Popen[bytes], first: int, count: int) -> None:
     assert proc.stdin is not None
-    proc.stdin.write("".join(json.dumps({"i": i, "temp": 20 + i % 5}) + "\n" for i in range(first, first + count)).encode())
+    proc.stdin.write(
+        "".join(json.dumps({"i": i, "temp": 20 + i % 5}) + "\n" for i in range(first, first + count)).encode()
+    )
     proc.stdin.flush()
 
 

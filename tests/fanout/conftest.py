@@ -53,10 +53,14 @@ class Publisher:
         self.events: list[bytes] = []  # subscription messages seen: b"\x01topic" / b"\x00topic"
         self.pos = 0
 
-    def publish(self, device: str, seq: int, data: Any = None, ts: float | None = None, received_at: float = 1.5) -> None:
+    def publish(
+        self, device: str, seq: int, data: Any = None, ts: float | None = None, received_at: float = 1.5
+    ) -> None:
         record = pack_record(device, seq, ts, received_at, data)
         end = self.pos + 64
-        self.sock.send_multipart(wire.encode_published(wire.device_topic(device), RING_ID, self.pos, end, record))
+        self.sock.send_multipart(
+            wire.encode_published(wire.device_topic(device), RING_ID, self.pos, end, record)
+        )
         self.pos = end
 
     def publish_raw(self, frames: list[bytes]) -> None:
@@ -79,7 +83,9 @@ class Publisher:
                     return i
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {event!r} from the fanout within {timeout}s; saw {self.events[-10:]!r}")
+                raise AssertionError(
+                    f"no {event!r} from the fanout within {timeout}s; saw {self.events[-10:]!r}"
+                )
             self._collect(min(left, 0.1))
 
     def wait_subscribed(self, device: str | None) -> int:
@@ -171,7 +177,7 @@ async def nothing_more(ws: ClientConnection, seconds: float = 0.3) -> None:
     """Assert that no frame arrives within ``seconds``."""
     try:
         extra = await asyncio.wait_for(ws.recv(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return
     raise AssertionError(f"unexpected extra frame: {extra!r}")
 

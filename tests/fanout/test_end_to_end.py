@@ -33,14 +33,18 @@ def node_env_running() -> Iterator[dict[str, str]]:
             try:
                 wait_for_port(int(env[var]), timeout=30)
             except AssertionError:
-                raise AssertionError("\n".join(f"--- {n}\n{processes.log(n)[-1500:]}" for n in STAGES)) from None
+                raise AssertionError(
+                    "\n".join(f"--- {n}\n{processes.log(n)[-1500:]}" for n in STAGES)
+                ) from None
         yield env
     finally:
         processes.stop_all()
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_device_messages_reach_a_client_app_in_order_with_their_values(node_env_running: dict[str, str]) -> None:
+def test_device_messages_reach_a_client_app_in_order_with_their_values(
+    node_env_running: dict[str, str],
+) -> None:
     env = node_env_running
     device = unique("e2e")
     count = 60
@@ -52,9 +56,10 @@ def test_device_messages_reach_a_client_app_in_order_with_their_values(node_env_
         )
         device_url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
         headers = {"Authorization": f"Bearer {issue_device_token(SECRET, device)}"}
-        async with connect(client_url, open_timeout=TIMEOUT, compression=None) as app, connect(
-            device_url, additional_headers=headers, open_timeout=TIMEOUT
-        ) as dev:
+        async with (
+            connect(client_url, open_timeout=TIMEOUT, compression=None) as app,
+            connect(device_url, additional_headers=headers, open_timeout=TIMEOUT) as dev,
+        ):
             # Probe until the subscription has reached the publisher (it is forwarded
             # asynchronously): send seq 0, 1, ... until the app sees one of them.
             sent_at = time.time()
@@ -66,12 +71,13 @@ def test_device_messages_reach_a_client_app_in_order_with_their_values(node_env_
                 try:
                     first = json.loads(await asyncio.wait_for(app.recv(), 0.1))
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             assert first is not None, "the client app never received a message"
             start = first["seq"]
-            for seq in range(seq, start + count):
-                await dev.send(json.dumps({"seq": seq, "ts": 100.0 + seq, "data": {"v": seq, "s": "é"}}))
+            for later in range(seq, start + count):
+                message = {"seq": later, "ts": 100.0 + later, "data": {"v": later, "s": "é"}}
+                await dev.send(json.dumps(message))
             acked = -1
             for _ in range(start + count):
                 if acked == start + count - 1:

@@ -57,7 +57,8 @@ class GapNode:
         self.seq[device] = first + count
 
     def url(self, device: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/stream?device={device}&token={issue_client_token(SECRET, [device])}"
+        token = issue_client_token(SECRET, [device])
+        return f"ws://127.0.0.1:{self.port}/v1/stream?device={device}&token={token}"
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=TIMEOUT).text
@@ -94,7 +95,7 @@ async def until_live(node: GapNode, ws: Any, device: str) -> None:
                 frame = json.loads(await asyncio.wait_for(ws.recv(), 0.1))
                 assert frame["device"] == device
                 return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     raise AssertionError(f"no live record of {device} reached the client")
 
@@ -103,8 +104,10 @@ def test_fanout_that_missed_live_messages_closes_the_devices_clients_with_1013_n
     node: GapNode,
 ) -> None:
     async def scenario() -> None:
-        async with connect(node.url(LOSSY), open_timeout=TIMEOUT, max_queue=None) as lossy, \
-                connect(node.url(QUIET), open_timeout=TIMEOUT) as quiet:
+        async with (
+            connect(node.url(LOSSY), open_timeout=TIMEOUT, max_queue=None) as lossy,
+            connect(node.url(QUIET), open_timeout=TIMEOUT) as quiet,
+        ):
             await until_live(node, lossy, LOSSY)
             await until_live(node, quiet, QUIET)
             fanout = node.processes.procs["fanout"].pid  # Processes.kill waits for an exit: not for SIGSTOP
@@ -123,12 +126,17 @@ def test_fanout_that_missed_live_messages_closes_the_devices_clients_with_1013_n
                     try:
                         json.loads(await asyncio.wait_for(lossy.recv(), 0.2))
                         received += 1
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         node.append(LOSSY, 1)
             assert received < BURST, "no message was lost: the test did not provoke a gap"
             rcvd = closed.value.rcvd
-            assert rcvd is not None and rcvd.code == 1013, (closed.value, node.processes.log("fanout")[-3000:])
-            assert rcvd.reason.startswith("missed ") and rcvd.reason.endswith(f"live messages of device '{LOSSY}'")
+            assert rcvd is not None and rcvd.code == 1013, (
+                closed.value,
+                node.processes.log("fanout")[-3000:],
+            )
+            assert rcvd.reason.startswith("missed ") and rcvd.reason.endswith(
+                f"live messages of device '{LOSSY}'"
+            )
             missed = int(rcvd.reason.split()[1])
             assert 1 <= missed <= node.seq[LOSSY] - received
             # The other device's client is still served (once the fanout has drained the

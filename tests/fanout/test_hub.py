@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node import wire
-from node.fanout import Client, Hub, Selection
+from node.fanout.hub import Client, Hub, Selection
 from node.record import pack_record
 
 DEVICES = ["a", "b", "ab"]

@@ -12,14 +12,18 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.fanout.conftest import SECRET, TIMEOUT, FanoutNode, receive, unique
 from node import wire
+from tests.fanout.conftest import SECRET, TIMEOUT, FanoutNode, receive, unique
 from tests.support import REPO, Processes, node_env, wait_for_port
 
 
 def run_fanout(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "node.workers.fanout"], env=env, cwd=str(REPO), capture_output=True, text=True,
+        [sys.executable, "-m", "node.workers.fanout"],
+        env=env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
         timeout=30,
     )
 
@@ -29,6 +33,7 @@ def test_sigterm_closes_streams_and_exits_zero(private_dir: Path) -> None:
     node = FanoutNode(processes, private_dir)
     device = unique("term")
     try:
+
         async def scenario() -> int:
             async with node.connect([device]) as ws:
                 node.publisher.wait_subscribed(device)
@@ -59,9 +64,16 @@ def test_idle_fanout_exits_zero_on_sigterm(private_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("NODE_FANOUT_QUEUE", "0"), ("NODE_FANOUT_PORT", "http"), ("NODE_PUB_BIND", "udp://x:1"), ("NODE_PUB_HWM", "-1")],
+    [
+        ("NODE_FANOUT_QUEUE", "0"),
+        ("NODE_FANOUT_PORT", "http"),
+        ("NODE_PUB_BIND", "udp://x:1"),
+        ("NODE_PUB_HWM", "-1"),
+    ],
 )
-def test_bad_configuration_exits_nonzero_naming_the_variable(private_dir: Path, variable: str, value: str) -> None:
+def test_bad_configuration_exits_nonzero_naming_the_variable(
+    private_dir: Path, variable: str, value: str
+) -> None:
     result = run_fanout(node_env(private_dir, NODE_JWT_SECRET=SECRET, **{variable: value}))
     assert result.returncode == 2
     assert variable in result.stderr and value in result.stderr
@@ -82,6 +94,7 @@ def test_query_token_never_reaches_the_log(private_dir: Path) -> None:
     node = FanoutNode(processes, private_dir)
     token = node.token(["a"])
     try:
+
         async def scenario() -> None:
             async with node.connect(["a"], token=token):
                 pass
@@ -105,6 +118,7 @@ def test_sigkilled_fanout_restarts_on_the_same_port_and_streams_again(private_di
     node = FanoutNode(processes, private_dir)
     device = unique("again")
     try:
+
         async def first() -> None:
             async with node.connect([device]) as ws:
                 node.publisher.wait_subscribed(device)
@@ -120,7 +134,9 @@ def test_sigkilled_fanout_restarts_on_the_same_port_and_streams_again(private_di
 
         async def second() -> None:
             async with node.connect([device]) as ws:
-                node.publisher.wait_event(b"\x01" + wire.device_topic(device), after=len(node.publisher.events))
+                node.publisher.wait_event(
+                    b"\x01" + wire.device_topic(device), after=len(node.publisher.events)
+                )
                 node.publisher.publish(device, 2)
                 assert [f["seq"] for f in await receive(ws, 1)] == [2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.fanout import MAX_DEVICES, Selection, StreamRefused, select_devices
+from node.fanout.hub import MAX_DEVICES, Selection, StreamRefused, select_devices
 
 CLAIM = frozenset({"a", "b"})
 STAR = frozenset({"*"})

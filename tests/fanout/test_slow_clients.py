@@ -41,7 +41,9 @@ def stalled_socket(port: int) -> socket.socket:
     return sock
 
 
-def test_slow_client_is_closed_with_1013_while_another_keeps_receiving(small_queue_fanout: FanoutNode) -> None:
+def test_slow_client_is_closed_with_1013_while_another_keeps_receiving(
+    small_queue_fanout: FanoutNode,
+) -> None:
     node = small_queue_fanout
     device = unique("slow")
 

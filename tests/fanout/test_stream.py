@@ -37,7 +37,9 @@ def test_client_sees_only_its_devices_in_per_device_order(fanout: FanoutNode) ->
             fanout.publisher.wait_subscribed(a)
             fanout.publisher.wait_subscribed(b)
             for seq in range(1, 51):
-                fanout.publisher.publish(a, seq, {"n": seq, "who": "a"}, ts=seq + 0.25, received_at=1000.0 + seq)
+                fanout.publisher.publish(
+                    a, seq, {"n": seq, "who": "a"}, ts=seq + 0.25, received_at=1000.0 + seq
+                )
                 fanout.publisher.publish(other, seq, {"n": seq})
                 fanout.publisher.publish(b, seq, [seq, "b"])
             frames = await receive(ws, 100)
@@ -46,7 +48,13 @@ def test_client_sees_only_its_devices_in_per_device_order(fanout: FanoutNode) ->
         assert [s for d, s in keys(frames) if d == b] == list(range(1, 51))
         assert {f["device"] for f in frames} == {a, b}
         first_a = next(f for f in frames if f["device"] == a)
-        assert first_a == {"device": a, "seq": 1, "ts": 1.25, "received_at": 1001.0, "data": {"n": 1, "who": "a"}}
+        assert first_a == {
+            "device": a,
+            "seq": 1,
+            "ts": 1.25,
+            "received_at": 1001.0,
+            "data": {"n": 1, "who": "a"},
+        }
         first_b = next(f for f in frames if f["device"] == b)
         assert first_b == {"device": b, "seq": 1, "ts": None, "received_at": 1.5, "data": [1, "b"]}
 
@@ -149,14 +157,18 @@ def test_device_outside_the_claim_is_refused_with_403_at_handshake(fanout: Fanou
         status, body = await refused_status(fanout, fanout.stream_url(["alpha", "beta"], token))
         assert status == 403 and "'beta'" in body
         status, body = await refused_status(fanout, fanout.stream_url(["*"], token))
-        assert status == 403 and "[\"*\"]" in body
+        assert status == 403 and '["*"]' in body
 
     run(scenario())
 
 
 def test_missing_invalid_or_expired_token_is_refused_with_401(fanout: FanoutNode) -> None:
-    expired = jwt.encode({"sub": "c", "devices": ["a"], "exp": int(time.time()) - 60}, SECRET, algorithm="HS256")
-    foreign = jwt.encode({"sub": "c", "devices": ["a"]}, "another-secret-of-at-least-32-bytes!!", algorithm="HS256")
+    expired = jwt.encode(
+        {"sub": "c", "devices": ["a"], "exp": int(time.time()) - 60}, SECRET, algorithm="HS256"
+    )
+    foreign = jwt.encode(
+        {"sub": "c", "devices": ["a"]}, "another-secret-of-at-least-32-bytes!!", algorithm="HS256"
+    )
 
     async def scenario() -> None:
         status, body = await refused_status(fanout, fanout.stream_url(["a"]))
@@ -243,7 +255,9 @@ def test_malformed_published_messages_are_dropped_and_the_stream_goes_on(fanout:
             fanout.publisher.wait_subscribed(device)
             fanout.publisher.publish(device, 1, "ok")
             fanout.publisher.publish_raw([topic, b"\xc1", b"x"])  # undecodable record (the meta is not read)
-            fanout.publisher.publish_raw([topic, wire.encode_meta(RING_ID, 0, 1), b"\x93\x01"])  # bad envelope
+            fanout.publisher.publish_raw(
+                [topic, wire.encode_meta(RING_ID, 0, 1), b"\x93\x01"]
+            )  # bad envelope
             fanout.publisher.publish_raw([topic])  # wrong frame count
             other = pack_record("someone-else", 9, None, 1.0, None)
             fanout.publisher.publish_raw([topic, wire.encode_meta(RING_ID, 0, 1), other])  # topic mismatch

@@ -97,7 +97,7 @@ async def first_live(node: Node, ws: Any, start: int) -> tuple[list[tuple[str, i
         try:
             while True:
                 got += keys([json.loads(await asyncio.wait_for(ws.recv(), 0.1))])
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if {d for d, _ in got} >= set(FOLLOWED):
             return got, i
@@ -110,7 +110,9 @@ def since_live(got: list[tuple[str, int]], start: int, stop: int) -> list[tuple[
     return [k for k in followed(start, stop) if k[1] >= first[k[0]]]
 
 
-def test_client_streams_from_the_real_publisher_without_duplicates_across_ring_dups_and_its_restart(node: Node) -> None:
+def test_client_streams_from_the_real_publisher_without_duplicates_across_ring_dups_and_its_restart(
+    node: Node,
+) -> None:
     async def scenario() -> None:
         async with connect(node.url(), open_timeout=TIMEOUT, compression=None) as ws:
             got, nxt = await first_live(node, ws, 0)
@@ -150,7 +152,9 @@ def test_client_streams_from_the_real_publisher_without_duplicates_across_ring_d
     assert "Traceback" not in node.processes.log("fanout")
 
 
-def test_sigkilled_fanout_is_unsubscribed_at_the_publisher_and_a_restarted_one_streams_live_again(node: Node) -> None:
+def test_sigkilled_fanout_is_unsubscribed_at_the_publisher_and_a_restarted_one_streams_live_again(
+    node: Node,
+) -> None:
     async def stream_some(start: int) -> int:
         async with connect(node.url(), open_timeout=TIMEOUT, compression=None) as ws:
             got, nxt = await first_live(node, ws, start)
@@ -163,8 +167,11 @@ def test_sigkilled_fanout_is_unsubscribed_at_the_publisher_and_a_restarted_one_s
     nxt = asyncio.run(asyncio.wait_for(stream_some(0), 60))
     node.processes.kill("fanout", signal.SIGKILL)
     # The XPUB reports the dead connection's topics as unsubscribed: nothing is sent for them.
-    wait_until(lambda: node.processes.log("publisher").count("unsubscribed from b'dev") == 2, 15,
-               what="the publisher to see the killed fanout's topics go")
+    wait_until(
+        lambda: node.processes.log("publisher").count("unsubscribed from b'dev") == 2,
+        15,
+        what="the publisher to see the killed fanout's topics go",
+    )
     node.start("fanout")
     wait_for_port(node.port)
     asyncio.run(asyncio.wait_for(stream_some(nxt), 60))

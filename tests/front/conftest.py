@@ -39,7 +39,9 @@ class Front:
         return self.processes.log("web")
 
 
-def start_front(data_dir: Path, log_dir: Path, processes: Processes, name: str = "web", **env: object) -> Front:
+def start_front(
+    data_dir: Path, log_dir: Path, processes: Processes, name: str = "web", **env: object
+) -> Front:
     environment = node_env(data_dir, **env)
     start_web(processes, environment, log_dir, name)
     return Front(environment, int(environment["NODE_WEB_PORT"]), data_dir, processes)

@@ -84,7 +84,9 @@ def test_token_cli_prints_a_client_token_with_devices(data_dir: Path) -> None:
         (("x" * 300,), "device id is 300 UTF-8 bytes"),
     ],
 )
-def test_token_cli_usage_errors_exit_2_with_a_message(data_dir: Path, args: tuple[str, ...], message: str) -> None:
+def test_token_cli_usage_errors_exit_2_with_a_message(
+    data_dir: Path, args: tuple[str, ...], message: str
+) -> None:
     out = run_token_cli(node_env(data_dir), *args)
     assert out.returncode == 2 and message in out.stderr and out.stdout == ""
 
@@ -225,7 +227,11 @@ def test_concurrent_first_starts_agree_on_one_secret(data_dir: Path) -> None:
     start_at = f"{time.time() + 1.5:.3f}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, start_at], env=env, cwd=str(REPO), stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", script, start_at],
+            env=env,
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(8)
     ]

@@ -24,7 +24,12 @@ def test_full_ring_stops_acks_then_reading_and_resumes_without_loss(
     data_dir: Path, tmp_path: Path, processes: Processes
 ) -> None:
     front = start_front(
-        data_dir, tmp_path, processes, NODE_INGRESS_RING_BYTES=1 << 20, NODE_CONN_WINDOW=16, NODE_WEB_WORKERS=1
+        data_dir,
+        tmp_path,
+        processes,
+        NODE_INGRESS_RING_BYTES=1 << 20,
+        NODE_CONN_WINDOW=16,
+        NODE_WEB_WORKERS=1,
     )
     total, pad = 2000, "p" * 8000  # ~16 MiB: far more than the ring and the kernel's socket buffers
     acked = [-1]
@@ -87,7 +92,9 @@ def test_full_ring_stops_acks_then_reading_and_resumes_without_loss(
 def test_keepalive_ping_closes_a_silent_device(data_dir: Path, tmp_path: Path, processes: Processes) -> None:
     """NODE_WS_PING_INTERVAL/_TIMEOUT reach uvicorn: a peer that never answers pings
     gets pinged, then closed (1011, keepalive ping timeout)."""
-    front = start_front(data_dir, tmp_path, processes, NODE_WS_PING_INTERVAL="0.3", NODE_WS_PING_TIMEOUT="0.3")
+    front = start_front(
+        data_dir, tmp_path, processes, NODE_WS_PING_INTERVAL="0.3", NODE_WS_PING_TIMEOUT="0.3"
+    )
 
     async def go() -> tuple[list[int], int | None, float]:
         reader, writer = await asyncio.open_connection("127.0.0.1", front.port)

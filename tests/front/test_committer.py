@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.committer import Committer, Conn
+from node.front.committer import Committer, Conn
 from node.protocol import Ack, decode_reply
 from node.record import pack_record, unpack_record
 from node.ring import Ring
@@ -59,7 +59,10 @@ def test_records_queued_together_form_one_group_and_one_ack_per_connection(ring:
 
     async def go() -> tuple[list[Ack], list[Ack]]:
         committer = Committer(
-            ring, max_pending_bytes=1 << 20, window=64, on_group=lambda now, ts, n: groups.append((len(ts), n))
+            ring,
+            max_pending_bytes=1 << 20,
+            window=64,
+            on_group=lambda now, ts, n: groups.append((len(ts), n)),
         )
         await committer.start()
         a, b = committer.connect("a"), committer.connect("b")
@@ -84,7 +87,10 @@ def test_ack_latency_hook_sees_receive_times(ring: Ring) -> None:
 
     async def go() -> None:
         committer = Committer(
-            ring, max_pending_bytes=1 << 20, window=8, on_group=lambda now, ts, n: seen.extend(now - t for t in ts)
+            ring,
+            max_pending_bytes=1 << 20,
+            window=8,
+            on_group=lambda now, ts, n: seen.extend(now - t for t in ts),
         )
         await committer.start()
         conn = committer.connect("lat")
@@ -170,7 +176,7 @@ def test_full_ring_stops_acks_until_the_consumer_pops_and_drops_nothing(ring: Ri
         for _ in range(200):  # acks stop below total while nobody pops
             try:
                 acks = await asyncio.wait_for(conn.outgoing(), 0.2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             last = max([last, *(decode_reply(f).n for f in acks)])  # type: ignore[union-attr]
         assert 0 < last < total - 1, last
@@ -183,7 +189,7 @@ def test_full_ring_stops_acks_until_the_consumer_pops_and_drops_nothing(ring: Ri
             try:
                 acks = await asyncio.wait_for(conn.outgoing(), 0.2)
                 last = max([last, *(decode_reply(f).n for f in acks)])  # type: ignore[union-attr]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if last == total - 1:
                 break
@@ -237,7 +243,9 @@ def test_append_failure_fails_its_connections_without_acks(tmp_path: Path) -> No
 
 @given(
     ops=st.lists(
-        st.one_of(st.tuples(st.just("send"), st.integers(0, 30)), st.tuples(st.just("persist"), st.integers(1, 12))),
+        st.one_of(
+            st.tuples(st.just("send"), st.integers(0, 30)), st.tuples(st.just("persist"), st.integers(1, 12))
+        ),
         min_size=1,
         max_size=60,
     )

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_a_thousand_concurrent_connections_each_get_their_acks(front: Front) -> None:
     connections, per_connection = 1000, 3
+
     async def device(i: int, opened: list[int], everyone: asyncio.Event) -> int:
         async with front.connect(f"many-{i}", ping_interval=None) as ws:
             opened[0] += 1
@@ -65,7 +66,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_every_acked_message_survives_sigkill_of_a_worker(data_dir: Path, tmp_path: Path, processes: Processes) -> None:
+def test_every_acked_message_survives_sigkill_of_a_worker(
+    data_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
     front = start_front(data_dir, tmp_path, processes)
     devices, window = 8, 64
     acked: dict[str, int] = {}
@@ -89,7 +92,9 @@ def test_every_acked_message_survives_sigkill_of_a_worker(data_dir: Path, tmp_pa
                         if seq - acked[name] > window:
                             await asyncio.sleep(0.001)
                             continue
-                        await ws.send(msgpack.packb({"seq": seq, "data": {"d": name, "s": seq, "pad": "x" * 64}}))
+                        await ws.send(
+                            msgpack.packb({"seq": seq, "data": {"d": name, "s": seq, "pad": "x" * 64}})
+                        )
                         seq += 1
                         sent[name] = seq
                 finally:
@@ -123,17 +128,26 @@ def test_every_acked_message_survives_sigkill_of_a_worker(data_dir: Path, tmp_pa
         seen.setdefault(record.device_id, set()).add(record.seq)
     for name, last in acked.items():
         missing = set(range(last + 1)) - seen.get(name, set())
-        assert not missing, f"{name}: acked up to {last} but {len(missing)} missing, e.g. {sorted(missing)[:5]}"
+        assert not missing, (
+            f"{name}: acked up to {last} but {len(missing)} missing, e.g. {sorted(missing)[:5]}"
+        )
 
 
 @pytest.mark.parametrize(
     "variable,value",
     [("NODE_WEB_WORKERS", "zero"), ("NODE_MAX_MESSAGE_BYTES", "10"), ("NODE_WS_PING_INTERVAL", "-1")],
 )
-def test_bad_node_variable_makes_web_exit_nonzero_naming_it(data_dir: Path, variable: str, value: str) -> None:
+def test_bad_node_variable_makes_web_exit_nonzero_naming_it(
+    data_dir: Path, variable: str, value: str
+) -> None:
     env = node_env(data_dir, **{variable: value})
     out = subprocess.run(
-        [sys.executable, "-m", "node.workers.web"], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "node.workers.web"],
+        env=env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert variable in out.stderr and repr(value) in out.stderr
@@ -148,7 +162,11 @@ def test_port_in_use_makes_web_exit_nonzero_naming_it(data_dir: Path) -> None:
         port = busy.getsockname()[1]
         env = node_env(data_dir, NODE_WEB_PORT=port)
         out = subprocess.run(
-            [sys.executable, "-m", "node.workers.web"], env=env, cwd=str(REPO), capture_output=True, text=True,
+            [sys.executable, "-m", "node.workers.web"],
+            env=env,
+            cwd=str(REPO),
+            capture_output=True,
+            text=True,
             timeout=30,
         )
     assert out.returncode != 0 and f"NODE_WEB_PORT={port}" in out.stderr

@@ -74,7 +74,9 @@ def test_metrics_count_messages_errors_refusals_and_ack_latency_over_all_workers
     assert 0 < sample(text, "iotnode_ack_latency_seconds_sum") < total * 20
     assert sample(text, "iotnode_errors_total", stage="web", reason="bad_seq") == 1
     assert sample(text, "iotnode_errors_total", stage="web", reason="auth_401") == 1
-    counter_lines = [line for line in text.splitlines() if line.startswith(("iotnode_messages", "iotnode_ack"))]
+    counter_lines = [
+        line for line in text.splitlines() if line.startswith(("iotnode_messages", "iotnode_ack"))
+    ]
     assert counter_lines and not any(re.search(r'pid="\d+"', line) for line in counter_lines), (
         "counters and the histogram are summed over workers, not reported per pid"
     )

@@ -120,7 +120,15 @@ def test_msgpack_with_unhashable_map_key_is_undecodable() -> None:
 
 @pytest.mark.parametrize(
     "obj,got",
-    [([1, 2], "array"), ("x", "str"), (5, "int"), (None, "nil"), (True, "bool"), (1.5, "float"), (b"ab", "bin")],
+    [
+        ([1, 2], "array"),
+        ("x", "str"),
+        (5, "int"),
+        (None, "nil"),
+        (True, "bool"),
+        (1.5, "float"),
+        (b"ab", "bin"),
+    ],
 )
 def test_msgpack_non_map_is_refused_naming_its_type(obj: object, got: str) -> None:
     reply = refused(mp(obj))
@@ -185,7 +193,7 @@ def test_missing_data_is_refused_and_echoes_seq(encode) -> None:
         ('{"seq":1,"data":1,"ts":1e999}', "ts must be a finite number, got inf"),
         (mp({"seq": 1, "data": 1, "ts": float("nan")}), "ts must be a finite number, got nan"),
         (mp({"seq": 1, "data": 1, "ts": b"x"}), "ts must be a number or null, got bin b'x'"),
-        ('{"seq":1,"data":1,"ts":%d}' % 2**64, f"ts is outside the 64-bit range: {2**64}"),
+        (f'{{"seq":1,"data":1,"ts":{2**64}}}', f"ts is outside the 64-bit range: {2**64}"),
     ],
 )
 def test_bad_ts_is_refused_and_echoes_seq(frame: bytes | str, reason: str) -> None:
@@ -196,8 +204,14 @@ def test_bad_ts_is_refused_and_echoes_seq(frame: bytes | str, reason: str) -> No
 @pytest.mark.parametrize(
     "frame,reason",
     [
-        (mp({"seq": 2, "data": b"ab"}), "data holds a MessagePack bin value (2 bytes); use a string or a list"),
-        (mp({"seq": 2, "data": {"k": [b""]}}), "data holds a MessagePack bin value (0 bytes); use a string or a list"),
+        (
+            mp({"seq": 2, "data": b"ab"}),
+            "data holds a MessagePack bin value (2 bytes); use a string or a list",
+        ),
+        (
+            mp({"seq": 2, "data": {"k": [b""]}}),
+            "data holds a MessagePack bin value (0 bytes); use a string or a list",
+        ),
         (mp({"seq": 2, "data": msgpack.ExtType(5, b"x")}), "data holds a MessagePack ext value (type 5)"),
         (mp({"seq": 2, "data": msgpack.Timestamp(1, 0)}), "data holds a MessagePack ext value (type -1)"),
         (mp({"seq": 2, "data": {1: "x"}}), "data map keys must be strings, got int 1"),
@@ -207,12 +221,14 @@ def test_bad_ts_is_refused_and_echoes_seq(frame: bytes | str, reason: str) -> No
         ('{"seq":2,"data":NaN}', "data holds a non-finite number NaN"),
         ('{"seq":2,"data":{"x":[Infinity]}}', "data holds a non-finite number Infinity"),
         ('{"seq":2,"data":-1e400}', "data holds a non-finite number -inf"),
-        ('{"seq":2,"data":%d}' % 2**64, f"data holds an integer outside the 64-bit range: {2**64}"),
+        (f'{{"seq":2,"data":{2**64}}}', f"data holds an integer outside the 64-bit range: {2**64}"),
         ('{"seq":2,"data":"\\ud800"}', "data holds a lone surrogate in the string '\\ud800'"),
         ('{"seq":2,"data":{"\\udfff":1}}', "data holds a lone surrogate in the string '\\udfff'"),
     ],
 )
-def test_data_the_store_cannot_keep_as_json_is_refused_and_echoes_seq(frame: bytes | str, reason: str) -> None:
+def test_data_the_store_cannot_keep_as_json_is_refused_and_echoes_seq(
+    frame: bytes | str, reason: str
+) -> None:
     reply = refused(frame)
     assert (reply.kind, reply.reason, reply.seq) == ("bad_data", reason, 2)
 
@@ -300,10 +316,14 @@ def test_decode_reply_reads_acks_and_errors_in_both_encodings() -> None:
     assert decode_reply(encode_ack(5, False)) == Ack(5, False)
     reply = decode_reply(encode_error("seq must be a non-negative integer, got -3", None, False))
     assert isinstance(reply, ErrorReply) and reply.kind == "bad_seq" and reply.seq is None
-    assert decode_reply(encode_error("data is missing", 4, True)) == ErrorReply("missing_data", "data is missing", 4, True)
+    assert decode_reply(encode_error("data is missing", 4, True)) == ErrorReply(
+        "missing_data", "data is missing", 4, True
+    )
 
 
-@pytest.mark.parametrize("frame", [b"\xc1", "[]", '{"ack": -1}', '{"ack": true}', '{"error": 5}', "{}", '{"x": 1}'])
+@pytest.mark.parametrize(
+    "frame", [b"\xc1", "[]", '{"ack": -1}', '{"ack": true}', '{"error": 5}', "{}", '{"x": 1}']
+)
 def test_decode_reply_raises_protocol_error_on_foreign_frames(frame: bytes | str) -> None:
     with pytest.raises(ProtocolError):
         decode_reply(frame)

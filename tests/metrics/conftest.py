@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,15 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.auth import issue_device_token
-from tests.support import REPO, Processes, iter_children, node_env, private_processes, wait_for_port, wait_until
+from tests.support import (
+    REPO,
+    Processes,
+    iter_children,
+    node_env,
+    private_processes,
+    wait_for_port,
+    wait_until,
+)
 
 SECRET = "test-secret-0123456789abcdef"  # what tests.support.node_env sets
 PROCESSES = ("web", "monitor", "router", "publisher", "store", "fanout")
@@ -55,8 +62,14 @@ def parse(text: str) -> Samples:
     return out
 
 
-_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),
-             "info": ("_info",), "summary": ("", "_sum", "_count"), "unknown": ("",)}
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gauge": ("",),
+    "info": ("_info",),
+    "summary": ("", "_sum", "_count"),
+    "unknown": ("",),
+}
 
 
 def exported_names(text: str) -> set[str]:
@@ -77,7 +90,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def label_values(samples: Samples, name: str, label: str, **labels: str) -> set[str]:
     want = set(labels.items())
-    return {dict(ls)[label] for (n, ls), _ in samples.items() if n == name and want <= ls and label in dict(ls)}
+    return {
+        dict(ls)[label] for (n, ls), _ in samples.items() if n == name and want <= ls and label in dict(ls)
+    }
 
 
 @dataclass
@@ -119,7 +134,9 @@ class Node:
     def connect(self, device_id: str) -> websockets.asyncio.client.connect:
         token = issue_device_token(SECRET, device_id)
         return websockets.connect(
-            self.ingest_url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=20,
+            self.ingest_url,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=20,
             ping_interval=None,
         )
 
@@ -140,7 +157,11 @@ class Node:
 
 
 def start_node(
-    data_dir: Path, log_dir: Path, processes: Processes, names: tuple[str, ...] = PROCESSES, **overrides: object
+    data_dir: Path,
+    log_dir: Path,
+    processes: Processes,
+    names: tuple[str, ...] = PROCESSES,
+    **overrides: object,
 ) -> Node:
     env = node_env(data_dir, **overrides)
     # The Procfile says "python": make it this interpreter.
@@ -152,7 +173,11 @@ def start_node(
         processes.logs[name] = log
         with open(log, "ab") as fh:
             processes.procs[name] = subprocess.Popen(
-                ["sh", "-c", "exec " + commands[name]], env=env, cwd=str(REPO), stdout=fh, stderr=subprocess.STDOUT,
+                ["sh", "-c", "exec " + commands[name]],
+                env=env,
+                cwd=str(REPO),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
     node = Node(env, processes, log_dir)
@@ -165,7 +190,9 @@ def start_node(
     if "web" in names:
         wait_until(lambda: len(node.web_workers()) == workers, 20, what="web workers")
         # a worker counts itself once its app is built (its pid exists a moment before)
-        node.wait_metric("web", lambda s: value(s, "iotnode_web_workers") == workers, 20, "web workers counted")
+        node.wait_metric(
+            "web", lambda s: value(s, "iotnode_web_workers") == workers, 20, "web workers counted"
+        )
     return node
 
 
@@ -187,7 +214,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                         pass
 
 
-def send_messages(node: Node, devices: list[str], per_device: int, start_seq: int = 0, timeout: float = 60) -> None:
+def send_messages(
+    node: Node, devices: list[str], per_device: int, start_seq: int = 0, timeout: float = 60
+) -> None:
     """Each device sends ``per_device`` JSON messages and waits for the ack of the last."""
 
     async def device(device_id: str) -> None:

@@ -36,8 +36,9 @@ def test_metrics_off_web_counts_nothing_per_group_but_reports_cpu_and_rss(
 
 def test_bad_metrics_switch_value_exits_2_naming_the_variable(tmp_path: Path) -> None:
     env = node_env(tmp_path / "data", NODE_METRICS="sometimes")
-    result = subprocess.run([sys.executable, "-m", "node.workers.web"], env=env, cwd=str(REPO),
-                            capture_output=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "node.workers.web"], env=env, cwd=str(REPO), capture_output=True, timeout=30
+    )
     assert result.returncode == 2
     assert b"NODE_METRICS='sometimes'" in result.stderr and b"expected one of on, off" in result.stderr
 
@@ -59,8 +60,11 @@ def test_web_started_without_multiproc_dir_still_sums_its_workers(
         send_messages(node, devices, 10)
         # (a worker counts itself once its app is built: the pid may exist a moment before)
         s = node.wait_metric(
-            "web", lambda s: value(s, "iotnode_messages_total", stage="acked") >= 60
-            and value(s, "iotnode_web_workers") == 2
+            "web",
+            lambda s: (
+                value(s, "iotnode_messages_total", stage="acked") >= 60
+                and value(s, "iotnode_web_workers") == 2
+            ),
         )
         assert value(s, "iotnode_messages_total", stage="acked") == 60
         assert value(s, "iotnode_ack_latency_seconds_count") == 60

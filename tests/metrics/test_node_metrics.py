@@ -22,7 +22,14 @@ from websockets.protocol import State
 from node.auth import issue_client_token
 from node.config import Settings
 from tests.metrics.conftest import (
-    PROCESSES, SECRET, Node, Samples, exported_names, label_values, send_messages, value,
+    PROCESSES,
+    SECRET,
+    Node,
+    Samples,
+    exported_names,
+    label_values,
+    send_messages,
+    value,
 )
 from tests.support import REPO, wait_until
 
@@ -81,7 +88,7 @@ async def follow_live(node: Node, client: Any, device: str, tries: int = 100) ->
             assert json.loads(await asyncio.wait_for(ws.recv(), 20)) == {"ack": seq}
             try:
                 frame = json.loads(await asyncio.wait_for(client.recv(), 0.2))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             while frame["seq"] < seq:
                 frame = json.loads(await asyncio.wait_for(client.recv(), 20))
@@ -101,8 +108,9 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
     async def go() -> None:
         token = issue_client_token(SECRET, [followed])
         url = f"ws://127.0.0.1:{node.port('fanout')}/v1/stream?device={followed}"
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                      open_timeout=20, ping_interval=None) as client:
+        async with websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=20, ping_interval=None
+        ) as client:
             first.append(await follow_live(node, client, followed))
             before.update(await asyncio.to_thread(settled_counts, node))  # the warm-up is not counted
             await asyncio.to_thread(send_messages, node, devices, per_device, first[0])
@@ -128,15 +136,28 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
     def drained() -> bool:
         counts.update(delta(stage_counts(node), before))
         return (
-            counts["stored"] >= total and counts["acked"] >= total and counts["streamed"] >= per_device
-            and counts["auth_401"] >= 1 and counts["oversize"] >= 1 and counts["bad_seq"] >= 1
-            and counts["ingress_depth"] == 0 and counts["fanin_depth"] == 0
+            counts["stored"] >= total
+            and counts["acked"] >= total
+            and counts["streamed"] >= per_device
+            and counts["auth_401"] >= 1
+            and counts["oversize"] >= 1
+            and counts["bad_seq"] >= 1
+            and counts["ingress_depth"] == 0
+            and counts["fanin_depth"] == 0
             and counts["ack_latency_count"] >= total
         )
 
     wait_until(drained, 30, interval=0.2, what="the node to drain")
-    for stage in ("received", "acked", "ack_latency_count", "batch_records", "forwarded", "routed",
-                  "published", "stored"):
+    for stage in (
+        "received",
+        "acked",
+        "ack_latency_count",
+        "batch_records",
+        "forwarded",
+        "routed",
+        "published",
+        "stored",
+    ):
         assert counts[stage] == total, (stage, counts)
     assert counts["streamed"] == per_device, counts
     assert counts["bad_seq"] == 1 and counts["auth_401"] == 1 and counts["oversize"] == 1, counts
@@ -145,7 +166,8 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
     store = node.scrape("store")
     assert 0 <= value(store, "iotnode_store_lag_seconds") < 60  # newest stored vs its received_at
     web = node.wait_metric(  # every worker's gauges are at most a flush interval old
-        "web", lambda s: value(s, "iotnode_web_pending_bytes") == 0 and value(s, "iotnode_device_connections") == 0
+        "web",
+        lambda s: value(s, "iotnode_web_pending_bytes") == 0 and value(s, "iotnode_device_connections") == 0,
     )
     assert value(web, "iotnode_persist_bytes_total") > total * 20  # every record's bytes, ~30+ each
     assert counts["persist_duration_sum"] == pytest.approx(counts["persist_seconds"], rel=1e-6, abs=1e-9)
@@ -154,32 +176,55 @@ def test_counters_add_up_from_receipt_through_every_stage_once_drained(node: Nod
 def test_ring_gauges_rise_while_a_stage_is_stopped_and_return_to_zero(node: Node) -> None:
     stored_before = value(node.scrape("store"), "iotnode_messages_total", stage="stored")
     monitor = node.scrape("monitor")
-    assert value(monitor, "iotnode_ring_capacity_bytes", ring="ingress") == int(node.env["NODE_INGRESS_RING_BYTES"])
-    assert label_values(monitor, "iotnode_ring_backend_info", "backend", ring="ingress") <= {"pmem", "msync", "mmap"}
+    assert value(monitor, "iotnode_ring_capacity_bytes", ring="ingress") == int(
+        node.env["NODE_INGRESS_RING_BYTES"]
+    )
+    assert label_values(monitor, "iotnode_ring_backend_info", "backend", ring="ingress") <= {
+        "pmem",
+        "msync",
+        "mmap",
+    }
     assert value(monitor, "iotnode_ring_backend_info", ring="ingress") == 1
     publisher = node.scrape("publisher")
-    assert value(publisher, "iotnode_ring_capacity_bytes", ring="fanin") == int(node.env["NODE_FANIN_RING_BYTES"])
+    assert value(publisher, "iotnode_ring_capacity_bytes", ring="fanin") == int(
+        node.env["NODE_FANIN_RING_BYTES"]
+    )
     total = 2 * 60
     node.signal("router", signal.SIGSTOP)
     try:
         send_messages(node, ["depth-0", "depth-1"], 60)  # acked: they are in the ingress ring
-        s = node.wait_metric("monitor", lambda s: value(s, "iotnode_ring_depth", ring="ingress") >= total,
-                             what="ingress depth while the router is stopped")
+        s = node.wait_metric(
+            "monitor",
+            lambda s: value(s, "iotnode_ring_depth", ring="ingress") >= total,
+            what="ingress depth while the router is stopped",
+        )
         assert value(s, "iotnode_ring_used_bytes", ring="ingress") > 0
         node.signal("store", signal.SIGSTOP)
         node.signal("router", signal.SIGCONT)
-        node.wait_metric("monitor", lambda s: value(s, "iotnode_ring_depth", ring="ingress") == 0,
-                         what="ingress ring drained into the fan-in ring")
-        s = node.wait_metric("publisher", lambda s: value(s, "iotnode_ring_depth", ring="fanin") >= total,
-                             what="fan-in depth while the store is stopped")
+        node.wait_metric(
+            "monitor",
+            lambda s: value(s, "iotnode_ring_depth", ring="ingress") == 0,
+            what="ingress ring drained into the fan-in ring",
+        )
+        s = node.wait_metric(
+            "publisher",
+            lambda s: value(s, "iotnode_ring_depth", ring="fanin") >= total,
+            what="fan-in depth while the store is stopped",
+        )
         assert value(s, "iotnode_ring_used_bytes", ring="fanin") > 0
     finally:
         node.signal("router", signal.SIGCONT)
         node.signal("store", signal.SIGCONT)
-    node.wait_metric("publisher", lambda s: value(s, "iotnode_ring_depth", ring="fanin") == 0,
-                     what="fan-in ring drained once the store runs")
-    node.wait_metric("store", lambda s: value(s, "iotnode_messages_total", stage="stored") == stored_before + total,
-                     what="the store to count every record once")
+    node.wait_metric(
+        "publisher",
+        lambda s: value(s, "iotnode_ring_depth", ring="fanin") == 0,
+        what="fan-in ring drained once the store runs",
+    )
+    node.wait_metric(
+        "store",
+        lambda s: value(s, "iotnode_messages_total", stage="stored") == stored_before + total,
+        what="the store to count every record once",
+    )
 
 
 def test_every_process_exposes_its_cpu_and_rss_web_workers_included(node: Node) -> None:
@@ -196,9 +241,9 @@ def test_every_process_exposes_its_cpu_and_rss_web_workers_included(node: Node) 
             (pid,) = pids
             assert int(pid) in {node.processes.procs[name].pid}, (name, pid)
     web = scrapes["web"]
-    assert {int(p) for p in label_values(web, "iotnode_process_cpu_seconds_total", "pid", process="web")} == set(
-        node.web_workers()
-    )
+    assert {
+        int(p) for p in label_values(web, "iotnode_process_cpu_seconds_total", "pid", process="web")
+    } == set(node.web_workers())
     assert label_values(web, "iotnode_process_cpu_seconds_total", "pid", process="web-supervisor") == {
         str(node.processes.procs["web"].pid)
     }
@@ -239,18 +284,26 @@ def test_sigkilled_web_worker_stops_counting_as_live_and_its_counts_stay(node: N
             def closed() -> int:
                 return sum(ws.state is State.CLOSED for ws in conns)
 
-            await asyncio.to_thread(wait_until, lambda: closed() >= 1, 20, 0.05, "the victim's connections to close")
+            await asyncio.to_thread(
+                wait_until, lambda: closed() >= 1, 20, 0.05, "the victim's connections to close"
+            )
 
             def recovered(s: Samples) -> bool:
                 pids = label_values(s, "iotnode_process_cpu_seconds_total", "pid", process="web")
                 return (
-                    str(victim) not in pids and len(pids) == len(workers)
+                    str(victim) not in pids
+                    and len(pids) == len(workers)
                     and value(s, "iotnode_web_workers") == len(workers)
                     and value(s, "iotnode_device_connections") == opened - closed()
                 )
 
-            s = await asyncio.to_thread(node.wait_metric, "web", recovered, 30,
-                                        "the killed worker's live gauges to be dropped and a new worker counted")
+            s = await asyncio.to_thread(
+                node.wait_metric,
+                "web",
+                recovered,
+                30,
+                "the killed worker's live gauges to be dropped and a new worker counted",
+            )
             assert not (multiproc_dir / f"gauge_livesum_{victim}.db").exists()
             assert victim not in node.web_workers()
             assert value(s, "iotnode_messages_total", stage="acked") >= acked_before  # counters never go down
@@ -275,8 +328,13 @@ def test_dashboard_queries_and_scrape_config_use_only_what_the_node_exports(node
         assert names <= exported, f"{expr!r} uses {sorted(names - exported)}, not exported by any process"
         used |= names
     assert {
-        "iotnode_messages_total", "iotnode_ring_depth", "iotnode_ack_latency_seconds_bucket", "iotnode_errors_total",
-        "iotnode_device_connections", "iotnode_fanout_clients", "iotnode_process_cpu_seconds_total",
+        "iotnode_messages_total",
+        "iotnode_ring_depth",
+        "iotnode_ack_latency_seconds_bucket",
+        "iotnode_errors_total",
+        "iotnode_device_connections",
+        "iotnode_fanout_clients",
+        "iotnode_process_cpu_seconds_total",
         "iotnode_process_resident_memory_bytes",
     } <= used
     assert any("histogram_quantile" in e and "iotnode_ack_latency_seconds_bucket" in e for e in exprs)
@@ -284,24 +342,48 @@ def test_dashboard_queries_and_scrape_config_use_only_what_the_node_exports(node
     config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     targets = {
         static["labels"]["component"]: static["targets"]
-        for job in config["scrape_configs"] for static in job["static_configs"]
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
     }
     defaults = Settings()
-    ports = {"web": defaults.web_port, "fanout": defaults.fanout_port, "monitor": defaults.metrics_port_monitor,
-             "router": defaults.metrics_port_router, "publisher": defaults.metrics_port_publisher,
-             "store": defaults.metrics_port_store}
+    ports = {
+        "web": defaults.web_port,
+        "fanout": defaults.fanout_port,
+        "monitor": defaults.metrics_port_monitor,
+        "router": defaults.metrics_port_router,
+        "publisher": defaults.metrics_port_publisher,
+        "store": defaults.metrics_port_store,
+    }
     assert targets == {name: [f"127.0.0.1:{port}"] for name, port in ports.items()}
 
 
 # Which process exports which iotnode_ family (without the _total/_bucket suffixes).
-SHARED = {"iotnode_messages", "iotnode_errors", "iotnode_process_cpu_seconds", "iotnode_process_resident_memory_bytes"}
-RING = {"iotnode_ring_depth", "iotnode_ring_used_bytes", "iotnode_ring_capacity_bytes", "iotnode_ring_backend_info"}
+SHARED = {
+    "iotnode_messages",
+    "iotnode_errors",
+    "iotnode_process_cpu_seconds",
+    "iotnode_process_resident_memory_bytes",
+}
+RING = {
+    "iotnode_ring_depth",
+    "iotnode_ring_used_bytes",
+    "iotnode_ring_capacity_bytes",
+    "iotnode_ring_backend_info",
+}
 OWNED = {
     "web": {
-        "iotnode_ack_latency_seconds", "iotnode_persist_batches", "iotnode_persist_seconds", "iotnode_persist_bytes",
-        "iotnode_persist_batch_records", "iotnode_persist_duration_seconds", "iotnode_ring_full",
-        "iotnode_backpressure_pauses", "iotnode_backpressure_paused_seconds", "iotnode_device_connections",
-        "iotnode_web_pending_bytes", "iotnode_web_workers",
+        "iotnode_ack_latency_seconds",
+        "iotnode_persist_batches",
+        "iotnode_persist_seconds",
+        "iotnode_persist_bytes",
+        "iotnode_persist_batch_records",
+        "iotnode_persist_duration_seconds",
+        "iotnode_ring_full",
+        "iotnode_backpressure_pauses",
+        "iotnode_backpressure_paused_seconds",
+        "iotnode_device_connections",
+        "iotnode_web_pending_bytes",
+        "iotnode_web_workers",
     },
     "monitor": RING,
     "router": set(),
@@ -317,8 +399,12 @@ def test_each_process_exports_only_its_own_metrics_and_web_gauges_carry_no_pid(n
     for name in PROCESSES:
         text = node.scrape_text(name)
         families = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("iotnode_")}
-        for created in [n for n in families if n.endswith("_created") and n.removesuffix("_created") in families]:
-            del families[created]  # a single process's counters and histograms also say when they were created
+        for created in [
+            n for n in families if n.endswith("_created") and n.removesuffix("_created") in families
+        ]:
+            del families[
+                created
+            ]  # a single process's counters and histograms also say when they were created
         for family in families.values():
             exporters.setdefault(family.name, set()).add(name)
             for s in family.samples:
@@ -340,4 +426,6 @@ def test_each_process_exports_only_its_own_metrics_and_web_gauges_carry_no_pid(n
     monitor, publisher = node.scrape("monitor"), node.scrape("publisher")
     assert label_values(monitor, "iotnode_ring_capacity_bytes", "ring") == {"ingress"}
     assert label_values(publisher, "iotnode_ring_capacity_bytes", "ring") == {"fanin"}
-    assert value(monitor, "iotnode_ring_capacity_bytes", ring="ingress") == int(node.env["NODE_INGRESS_RING_BYTES"])
+    assert value(monitor, "iotnode_ring_capacity_bytes", ring="ingress") == int(
+        node.env["NODE_INGRESS_RING_BYTES"]
+    )

@@ -15,10 +15,10 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.committer import FrontStats
+from node.front.committer import FrontStats
+from node.front.metrics import FrontMetrics, live_worker_pids
 from node.metrics import LATENCY_BUCKETS
 from node.procmetrics import ProcessStatsCollector, is_running, read_process
-from node.webmetrics import FrontMetrics, live_worker_pids
 from tests.support import wait_until
 
 
@@ -74,9 +74,12 @@ def test_flush_exports_each_count_once_as_deltas() -> None:
 
     stats = FrontStats()
     metrics = FrontMetrics(stats)
-    before = (get("iotnode_messages_total", stage="received"), get("iotnode_messages_total", stage="acked"),
-              get("iotnode_errors_total", stage="web", reason="bad_seq"),
-              get("iotnode_errors_total", stage="web", reason="auth_403"))
+    before = (
+        get("iotnode_messages_total", stage="received"),
+        get("iotnode_messages_total", stage="acked"),
+        get("iotnode_errors_total", stage="web", reason="bad_seq"),
+        get("iotnode_errors_total", stage="web", reason="auth_403"),
+    )
     stats.received, stats.acked, stats.open_connections = 7, 5, 3
     stats.errors = Counter({"bad_seq": 2})
     stats.refused = Counter({403: 1})
@@ -84,10 +87,13 @@ def test_flush_exports_each_count_once_as_deltas() -> None:
     metrics.flush()  # nothing new: nothing added
     stats.received, stats.acked = 9, 9
     metrics.flush()
-    after = (get("iotnode_messages_total", stage="received"), get("iotnode_messages_total", stage="acked"),
-             get("iotnode_errors_total", stage="web", reason="bad_seq"),
-             get("iotnode_errors_total", stage="web", reason="auth_403"))
-    assert [x - y for x, y in zip(after, before)] == [9, 9, 2, 1]
+    after = (
+        get("iotnode_messages_total", stage="received"),
+        get("iotnode_messages_total", stage="acked"),
+        get("iotnode_errors_total", stage="web", reason="bad_seq"),
+        get("iotnode_errors_total", stage="web", reason="auth_403"),
+    )
+    assert [x - y for x, y in zip(after, before, strict=True)] == [9, 9, 2, 1]
     assert get("iotnode_device_connections") == 3
 
 
@@ -109,7 +115,8 @@ def test_a_zombie_or_gone_pid_is_not_running_and_has_no_process_sample() -> None
     assert is_running(os.getpid())
     families = list(ProcessStatsCollector(lambda: [("me", os.getpid()), ("gone", gone)]).collect())
     assert [(s.name, s.labels["process"]) for f in families for s in f.samples] == [
-        ("iotnode_process_cpu_seconds_total", "me"), ("iotnode_process_resident_memory_bytes", "me"),
+        ("iotnode_process_cpu_seconds_total", "me"),
+        ("iotnode_process_resident_memory_bytes", "me"),
     ]
 
 
@@ -147,10 +154,19 @@ def test_every_gauge_merges_across_processes_without_a_pid_label(tmp_path: Path)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     text = subprocess.run(
         [sys.executable, "-c", _EVERY_GAUGE_SET_IN_MULTIPROCESS_MODE, str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     gauges = {f.name: f.samples for f in text_string_to_metric_families(text) if f.type == "gauge"}
-    assert {"iotnode_ring_depth", "iotnode_store_lag_seconds", "iotnode_fanout_clients",
-            "iotnode_device_connections", "iotnode_web_workers"} <= set(gauges)
+    assert {
+        "iotnode_ring_depth",
+        "iotnode_store_lag_seconds",
+        "iotnode_fanout_clients",
+        "iotnode_device_connections",
+        "iotnode_web_workers",
+    } <= set(gauges)
     for name, samples in gauges.items():
         assert samples and all("pid" not in s.labels and s.value == 3 for s in samples), (name, samples)

@@ -50,7 +50,9 @@ class IngressProducer:
             self.sent.extend(keys[done - n : done])
             if done < len(batch):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"ingress ring stayed full for {timeout}s ({done}/{len(batch)} appended)")
+                    raise AssertionError(
+                        f"ingress ring stayed full for {timeout}s ({done}/{len(batch)} appended)"
+                    )
                 time.sleep(0.005)
 
     def close(self) -> None:
@@ -98,7 +100,9 @@ class FaninConsumer:
 
 def check_delivery(sent: list[tuple[str, int]], got: list[tuple[str, int]]) -> int:
     """Every sent record arrived, first arrivals keep per-device order; return duplicates."""
-    assert set(got) == set(sent), f"missing {sorted(set(sent) - set(got))[:10]}, extra {sorted(set(got) - set(sent))[:10]}"
+    assert set(got) == set(sent), (
+        f"missing {sorted(set(sent) - set(got))[:10]}, extra {sorted(set(got) - set(sent))[:10]}"
+    )
     seen: set[tuple[str, int]] = set()
     last: dict[str, int] = {}
     for dev, seq in got:

@@ -63,7 +63,12 @@ def sockets() -> Iterator[Callable[[int], zmq.Socket[bytes]]]:
 def keys_command(env: dict[str, str], role: str) -> dict[str, str]:
     """Run ``python -m node.curve ROLE`` as an operator would; its printed fields."""
     proc = subprocess.run(
-        [sys.executable, "-m", "node.curve", role], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "node.curve", role],
+        env=env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
     fields = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
@@ -76,7 +81,11 @@ def router_node(stages: Callable[..., Stages], root: Path, **env: object) -> tup
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     clients = root / "clients"
     clients.mkdir()
-    return stages(root / "node-a", NODE_ROUTER_BIND=endpoint, NODE_CURVE_CLIENTS_DIR=clients, **env), clients, endpoint
+    return (
+        stages(root / "node-a", NODE_ROUTER_BIND=endpoint, NODE_CURVE_CLIENTS_DIR=clients, **env),
+        clients,
+        endpoint,
+    )
 
 
 def forged_batch() -> list[bytes]:
@@ -93,7 +102,9 @@ def fanin_stays_empty(consumer: FaninConsumer, seconds: float = QUIET) -> None:
     assert consumer.ring.depth == 0
 
 
-def intrude(sockets: Callable[[int], zmq.Socket[bytes]], endpoint: str, server_key: bytes) -> dict[str, zmq.Socket[bytes]]:
+def intrude(
+    sockets: Callable[[int], zmq.Socket[bytes]], endpoint: str, server_key: bytes
+) -> dict[str, zmq.Socket[bytes]]:
     """Two DEALERs sending forged batches: one with a valid but unauthorized CURVE key (and the
     router's real public key), one without CURVE.  Their batches are queued, sent only if a
     handshake ever succeeds."""
@@ -119,15 +130,22 @@ def test_front_node_authorized_while_the_router_runs_gets_every_record_through(
     # into the router's clients dir, which the running router reads again.
     a, clients, endpoint = router_node(stages, tmp_path)
     server = keys_command(a.env, SERVER)
-    b = stages(tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint, NODE_CURVE_SERVER_KEY=server["public key file"])
+    b = stages(
+        tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint, NODE_CURVE_SERVER_KEY=server["public key file"]
+    )
     producer = IngressProducer(b.ingress_path, prefix="b")
     consumer = FaninConsumer(a.fanin_path)
     producer.append(2000)
     a.start("router")
     b.start("monitor", "-b")
-    wait_until(lambda: "refused a CURVE client" in processes.log("router"), 15, what="router refusing the key")
-    wait_until(lambda: "refused the connection handshake" in processes.log("monitor-b"), 15,
-               what="monitor reporting the refusal")
+    wait_until(
+        lambda: "refused a CURVE client" in processes.log("router"), 15, what="router refusing the key"
+    )
+    wait_until(
+        lambda: "refused the connection handshake" in processes.log("monitor-b"),
+        15,
+        what="monitor reporting the refusal",
+    )
     fanin_stays_empty(consumer, 0.5)
     assert producer.ring.depth == 2000  # nothing popped: nothing was acked
 
@@ -148,11 +166,16 @@ def test_front_node_authorized_while_the_router_runs_gets_every_record_through(
     # SIGTERM: the authenticator thread stops with the router, both exit 0.
     processes.kill("monitor-b", signal.SIGTERM)
     processes.kill("router", signal.SIGTERM)
-    assert processes.procs["monitor-b"].returncode == 0 and processes.procs["router"].returncode == 0, a.logs()
+    assert processes.procs["monitor-b"].returncode == 0 and processes.procs["router"].returncode == 0, (
+        a.logs()
+    )
 
 
 def test_unknown_key_and_plain_dealers_cannot_inject_batches_and_the_router_keeps_serving(
-    stages: Callable[..., Stages], processes: Processes, tmp_path: Path, sockets: Callable[[int], zmq.Socket[bytes]]
+    stages: Callable[..., Stages],
+    processes: Processes,
+    tmp_path: Path,
+    sockets: Callable[[int], zmq.Socket[bytes]],
 ) -> None:
     a, clients, endpoint = router_node(stages, tmp_path)
     server = load_keypair(a.data_dir, SERVER)
@@ -161,8 +184,12 @@ def test_unknown_key_and_plain_dealers_cannot_inject_batches_and_the_router_keep
     wait_until(lambda: "CURVE on" in processes.log("router"), 15, what="router bound with CURVE")
 
     intruders = intrude(sockets, endpoint, server.public)
-    wait_until(lambda: "refused a CURVE client" in processes.log("router"), 10, what="router refusing the key")
-    wait_until(lambda: "peers without CURVE" in processes.log("router"), 10, what="router reporting the plain peer")
+    wait_until(
+        lambda: "refused a CURVE client" in processes.log("router"), 10, what="router refusing the key"
+    )
+    wait_until(
+        lambda: "peers without CURVE" in processes.log("router"), 10, what="router reporting the plain peer"
+    )
     fanin_stays_empty(consumer)
     for name, sock in intruders.items():
         assert not sock.poll(0), f"{name}: the router answered"
@@ -182,13 +209,18 @@ def test_unknown_key_and_plain_dealers_cannot_inject_batches_and_the_router_keep
 
 
 def test_monitor_sends_nothing_to_an_impostor_router_and_keeps_its_records(
-    stages: Callable[..., Stages], processes: Processes, tmp_path: Path, sockets: Callable[[int], zmq.Socket[bytes]]
+    stages: Callable[..., Stages],
+    processes: Processes,
+    tmp_path: Path,
+    sockets: Callable[[int], zmq.Socket[bytes]],
 ) -> None:
     # Whoever takes over the router's address without its secret key gets no batch, and the
     # monitor pops nothing (its records stay for the real router).
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     genuine = load_keypair(tmp_path / "node-a", SERVER)
-    b = stages(tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint, NODE_CURVE_SERVER_KEY=genuine.public.decode())
+    b = stages(
+        tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint, NODE_CURVE_SERVER_KEY=genuine.public.decode()
+    )
     producer = IngressProducer(b.ingress_path, prefix="b")
     producer.append(500)
     impostor = sockets(zmq.ROUTER)
@@ -196,8 +228,11 @@ def test_monitor_sends_nothing_to_an_impostor_router_and_keeps_its_records(
     impostor.curve_secretkey, impostor.curve_publickey, impostor.curve_server = secret, public, True
     impostor.bind(endpoint)
     b.start("monitor")
-    wait_until(lambda: "refused the connection handshake" in processes.log("monitor"), 15,
-               what="monitor failing the handshake")
+    wait_until(
+        lambda: "refused the connection handshake" in processes.log("monitor"),
+        15,
+        what="monitor failing the handshake",
+    )
     assert not impostor.poll(int(QUIET * 1000)), "the impostor received a message"
     assert producer.ring.depth == 500
     assert processes.procs["monitor"].poll() is None
@@ -240,7 +275,9 @@ def test_curve_off_runs_the_tcp_link_open_and_warns_on_both_sides(
     consumer.until_distinct(1000)
     assert check_delivery(producer.sent, consumer.got) == 0
     for name in ("router", "monitor"):
-        assert "WARNING" in processes.log(name) and "NODE_CURVE=off" in processes.log(name), processes.log(name)
+        assert "WARNING" in processes.log(name) and "NODE_CURVE=off" in processes.log(name), processes.log(
+            name
+        )
     assert not list(Path(b.data_dir).glob("curve_*")), "no keys are made with NODE_CURVE=off"
 
 
@@ -252,8 +289,12 @@ def test_secret_key_files_are_0600_and_never_in_a_log_line(
     server = load_keypair(a.data_dir, SERVER)
     remote = load_keypair(tmp_path / "node-b", CLIENT)
     shutil.copy(remote.public_path, clients / "node-b.key")
-    b = stages(tmp_path / "node-b", NODE_ROUTER_CONNECT=endpoint, NODE_CURVE_SERVER_KEY=server.public_path,
-               NODE_LOG_LEVEL="debug")
+    b = stages(
+        tmp_path / "node-b",
+        NODE_ROUTER_CONNECT=endpoint,
+        NODE_CURVE_SERVER_KEY=server.public_path,
+        NODE_LOG_LEVEL="debug",
+    )
     pa, pb = IngressProducer(a.ingress_path, prefix="a"), IngressProducer(b.ingress_path, prefix="b")
     consumer = FaninConsumer(a.fanin_path)
     pa.append(500)
@@ -280,10 +321,14 @@ def test_secret_key_files_are_0600_and_never_in_a_log_line(
 
 
 def test_processes_starting_together_make_one_keypair(tmp_path: Path) -> None:
-    code = "import sys; from pathlib import Path; from node.curve import load_keypair; " \
-           "print(load_keypair(Path(sys.argv[1]), 'server').public.decode())"
+    code = (
+        "import sys; from pathlib import Path; from node.curve import load_keypair; "
+        "print(load_keypair(Path(sys.argv[1]), 'server').public.decode())"
+    )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], cwd=str(REPO), stdout=subprocess.PIPE, text=True
+        )
         for _ in range(6)
     ]
     outputs = {p.communicate(timeout=30)[0].strip() for p in procs}
@@ -312,20 +357,43 @@ def _readable_secret(root: Path) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("stage", "make_env", "expected"),
     [
-        pytest.param("router", lambda root: {"NODE_ROUTER_BIND": f"tcp://127.0.0.1:{free_port()}"},
-                     ["NODE_CURVE_CLIENTS_DIR='<unset>'", "NODE_CURVE=off"], id="router-without-clients-dir"),
-        pytest.param("monitor", lambda root: {"NODE_ROUTER_CONNECT": f"tcp://127.0.0.1:{free_port()}"},
-                     ["NODE_CURVE_SERVER_KEY='<unset>'", "curve_server.key"], id="monitor-without-server-key"),
-        pytest.param("monitor", lambda root: {"NODE_ROUTER_CONNECT": f"tcp://127.0.0.1:{free_port()}",
-                                              "NODE_CURVE_SERVER_KEY": "not-a-key"},
-                     ["NODE_CURVE_SERVER_KEY='not-a-key'", "40-character Z85 key"], id="malformed-server-key"),
-        pytest.param("router", _bad_clients_dir, ["NODE_CURVE_CLIENTS_DIR=", "broken.key", "40-character"],
-                     id="malformed-client-key-file"),
-        pytest.param("router", _readable_secret, ["NODE_DATA_DIR=", "chmod 600"], id="secret-readable-by-others"),
+        pytest.param(
+            "router",
+            lambda root: {"NODE_ROUTER_BIND": f"tcp://127.0.0.1:{free_port()}"},
+            ["NODE_CURVE_CLIENTS_DIR='<unset>'", "NODE_CURVE=off"],
+            id="router-without-clients-dir",
+        ),
+        pytest.param(
+            "monitor",
+            lambda root: {"NODE_ROUTER_CONNECT": f"tcp://127.0.0.1:{free_port()}"},
+            ["NODE_CURVE_SERVER_KEY='<unset>'", "curve_server.key"],
+            id="monitor-without-server-key",
+        ),
+        pytest.param(
+            "monitor",
+            lambda root: {
+                "NODE_ROUTER_CONNECT": f"tcp://127.0.0.1:{free_port()}",
+                "NODE_CURVE_SERVER_KEY": "not-a-key",
+            },
+            ["NODE_CURVE_SERVER_KEY='not-a-key'", "40-character Z85 key"],
+            id="malformed-server-key",
+        ),
+        pytest.param(
+            "router",
+            _bad_clients_dir,
+            ["NODE_CURVE_CLIENTS_DIR=", "broken.key", "40-character"],
+            id="malformed-client-key-file",
+        ),
+        pytest.param(
+            "router", _readable_secret, ["NODE_DATA_DIR=", "chmod 600"], id="secret-readable-by-others"
+        ),
     ],
 )
 def test_curve_misconfiguration_exits_2_naming_the_variable(
-    processes: Processes, tmp_path: Path, stage: str, make_env: Callable[[Path], dict[str, object]],
+    processes: Processes,
+    tmp_path: Path,
+    stage: str,
+    make_env: Callable[[Path], dict[str, object]],
     expected: list[str],
 ) -> None:
     env = node_env(tmp_path / "data", **make_env(tmp_path))
@@ -348,7 +416,9 @@ def test_public_keys_are_40_z85_characters_and_errors_say_why(tmp_path: Path) ->
     bare.write_text(public.decode() + "\n")
     assert resolve_server_key(str(bare)) == public == resolve_server_key(public.decode())
     leaked = tmp_path / "leaked.key"
-    leaked.write_text(f'curve\n    public-key = "{public.decode()}"\n    secret-key = "{secret.decode()[:-1]}"\n')
+    leaked.write_text(
+        f'curve\n    public-key = "{public.decode()}"\n    secret-key = "{secret.decode()[:-1]}"\n'
+    )
     with pytest.raises(KeyFileError) as info:
         read_public_key(leaked)
     assert secret.decode()[:-1] not in str(info.value)  # a secret is never echoed

@@ -1,4 +1,4 @@
-"""node.workers.doorbell against a real ring file and real ZeroMQ inproc sockets."""
+"""node.pipeline.doorbell against a real ring file and real ZeroMQ inproc sockets."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import zmq
 
+from node.pipeline.doorbell import Doorbell
 from node.ring import Ring
-from node.workers.doorbell import Doorbell
 
 
-def _poke_after_append(tmp_path: Path, coalesce: float, appends: int, spacing: float) -> tuple[float, int, int]:
+def _poke_after_append(
+    tmp_path: Path, coalesce: float, appends: int, spacing: float
+) -> tuple[float, int, int]:
     """Arm, append ``appends`` records ``spacing`` s apart; return (seconds from the
     first append to the poke, records readable at the poke, pokes queued)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -41,7 +43,9 @@ def _poke_after_append(tmp_path: Path, coalesce: float, appends: int, spacing: f
             ctx.term()
 
 
-def test_a_drained_stage_is_poked_once_for_records_committed_within_the_coalescing_delay(tmp_path: Path) -> None:
+def test_a_drained_stage_is_poked_once_for_records_committed_within_the_coalescing_delay(
+    tmp_path: Path,
+) -> None:
     took, readable, pokes = _poke_after_append(tmp_path, coalesce=0.2, appends=5, spacing=0.01)
     assert took >= 0.2, "poked before the coalescing delay"
     assert readable == 5, "the records committed during the delay are read with the first"

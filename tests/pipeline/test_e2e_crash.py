@@ -69,7 +69,9 @@ async def run_device(
         if time.monotonic() > deadline:
             raise AssertionError(f"{device}: acked through {stats.acked} of {last} when time ran out")
         try:
-            async with connect(f"{url}?token={token}", open_timeout=5, ping_interval=None, close_timeout=1) as ws:
+            async with connect(
+                f"{url}?token={token}", open_timeout=5, ping_interval=None, close_timeout=1
+            ) as ws:
                 stats.connections += 1
                 nxt = stats.acked + 1
                 stats.resent += max(0, sent_before - nxt + 1)
@@ -77,7 +79,11 @@ async def run_device(
                     if nxt == hold and not every_kind_killed.is_set():
                         left = deadline - time.monotonic()
                         await asyncio.wait_for(every_kind_killed.wait(), timeout=max(0.1, left))
-                    while nxt <= last and nxt - stats.acked <= WINDOW and (nxt < hold or every_kind_killed.is_set()):
+                    while (
+                        nxt <= last
+                        and nxt - stats.acked <= WINDOW
+                        and (nxt < hold or every_kind_killed.is_set())
+                    ):
                         body = {"seq": nxt, "data": {"device": device, "seq": nxt, "v": nxt * 0.5}}
                         await ws.send(msgpack.packb(body) if binary else json.dumps(body))
                         sent_before = max(sent_before, nxt)
@@ -132,6 +138,7 @@ class WholeNode:
             self.processes.kill("web", signal.SIGKILL)
             self.start("web")
         elif kind == "web-worker":
+
             def workers() -> list[int]:
                 return sorted(w for w in iter_children(self.processes.procs["web"].pid) if is_worker(w))
 
@@ -165,7 +172,9 @@ def stored_rows(path: Path) -> list[tuple[str, int, str]]:
         db.close()
 
 
-async def chaos(node: WholeNode, rng: random.Random, every_kind_killed: asyncio.Event, done: asyncio.Event) -> None:
+async def chaos(
+    node: WholeNode, rng: random.Random, every_kind_killed: asyncio.Event, done: asyncio.Event
+) -> None:
     """Each kind once in a seeded random order, then a few more random kills, while devices run."""
     mandatory = [*KINDS, "web"]  # "web": the whole front (parent and workers), then restarted
     rng.shuffle(mandatory)
@@ -204,7 +213,8 @@ async def drive(node: WholeNode, seed: int) -> dict[str, DeviceStats]:
     return stats
 
 
-# More schedules for a soak run: IOTNODE_E2E_SEEDS=1,2,3,4,5,6,7,8 python -m pytest tests/pipeline/test_e2e_crash.py
+# More schedules for a soak run:
+#   IOTNODE_E2E_SEEDS=1,2,3,4,5,6,7,8 python -m pytest tests/pipeline/test_e2e_crash.py
 SEEDS = [int(x) for x in os.environ.get("IOTNODE_E2E_SEEDS", "11,23,47").split(",")]
 
 
@@ -225,7 +235,9 @@ def test_sigkill_of_every_process_kind_keeps_every_acked_message_exactly_once(
     assert all(s.acked == MESSAGES_PER_DEVICE - 1 for s in stats.values())
     errors = {d: s.errors for d, s in stats.items() if s.errors}
     assert not errors, f"the node answered errors: {errors}"
-    assert sum(s.connections for s in stats.values()) > DEVICES, "no device was disconnected by the worker kill"
+    assert sum(s.connections for s in stats.values()) > DEVICES, (
+        "no device was disconnected by the worker kill"
+    )
 
     expected = {(d, seq) for d in stats for seq in range(MESSAGES_PER_DEVICE)}
     store = data_dir / "store.sqlite3"
@@ -236,7 +248,9 @@ def test_sigkill_of_every_process_kind_keeps_every_acked_message_exactly_once(
         rows = stored_rows(store)
     keys = [(d, s) for d, s, _ in rows]
     missing = expected - set(keys)
-    assert not missing, f"{len(missing)} acked messages missing from the store, e.g. {sorted(missing)[:5]}\n{node.logs()}"
+    assert not missing, (
+        f"{len(missing)} acked messages missing from the store, e.g. {sorted(missing)[:5]}\n{node.logs()}"
+    )
     assert len(keys) == len(set(keys)) == len(expected), f"{len(keys)} rows for {len(expected)} messages"
     for device, seq, data in rows:
         assert json.loads(data) == {"device": device, "seq": seq, "v": seq * 0.5}

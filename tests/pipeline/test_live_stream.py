@@ -82,7 +82,9 @@ def live(data_dir: Path, processes: Processes) -> Iterator[LiveNode]:
     node.close()
 
 
-def test_xpub_publishes_nothing_while_unsubscribed_and_a_topic_again_after_a_subscribe(live: LiveNode) -> None:
+def test_xpub_publishes_nothing_while_unsubscribed_and_a_topic_again_after_a_subscribe(
+    live: LiveNode,
+) -> None:
     topic = wire.device_topic("dev3")
     for _ in range(10):  # 30 records nobody listens to
         live.append("dev1", "dev3", "dev33")
@@ -90,11 +92,16 @@ def test_xpub_publishes_nothing_while_unsubscribed_and_a_topic_again_after_a_sub
     first = live.until_live("dev3")
     # The per-topic number starts at 1: the 10 earlier dev3 records were never published.
     assert [p.n for p in first] == list(range(1, len(first) + 1))
-    assert {unpack_record(p.record).device_id for p in first} == {"dev3"} and unpack_record(first[0].record).seq >= 10
+    assert {unpack_record(p.record).device_id for p in first} == {"dev3"} and unpack_record(
+        first[0].record
+    ).seq >= 10
     last = first[-1].n
     live.append("dev1", "dev3", "dev33", "dev3")  # dev33 starts with "dev3" but is another topic
     got = [live.receive(), live.receive()]
-    assert [(unpack_record(p.record).device_id, p.n) for p in got if p] == [("dev3", last + 1), ("dev3", last + 2)]
+    assert [(unpack_record(p.record).device_id, p.n) for p in got if p] == [
+        ("dev3", last + 1),
+        ("dev3", last + 2),
+    ]
     assert {p.epoch for p in got if p} == {first[0].epoch}
     assert live.receive(0.3) is None  # nothing of dev1 / dev33
     last += 2
@@ -137,7 +144,7 @@ def test_live_position_below_the_ring_head_moves_to_the_head_instead_of_crashing
     a race; here the state it leaves is made directly, on a real Publisher in this
     process and a real 1 MiB fan-in ring, and the next step must carry on."""
     from node.config import Settings
-    from node.workers.publisher import Publisher
+    from node.pipeline.publisher import Publisher
 
     settings = Settings.from_env(node_env(data_dir))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,13 +169,15 @@ def test_live_position_below_the_ring_head_moves_to_the_head_instead_of_crashing
         ring.close()
 
 
-def test_a_restarted_publisher_releases_what_the_store_already_holds_without_new_traffic(data_dir: Path) -> None:
+def test_a_restarted_publisher_releases_what_the_store_already_holds_without_new_traffic(
+    data_dir: Path,
+) -> None:
     """Regression (a CI run of test_repeated_sigkills_of_both_stages): a publisher
     restarted after the store had stored everything never read those records itself,
     so it popped nothing until new records came; with a full ring none could come
     (the router waits for room): a deadlock.  Real Publisher, real fan-in ring."""
     from node.config import Settings
-    from node.workers.publisher import Publisher
+    from node.pipeline.publisher import Publisher
 
     settings = Settings.from_env(node_env(data_dir))
     data_dir.mkdir(parents=True, exist_ok=True)

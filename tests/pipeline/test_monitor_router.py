@@ -29,7 +29,9 @@ from tests.support import Processes, free_port, wait_for_port, wait_until
 DUPLICATES_PER_ROUTER_CRASH = Settings.monitor_window * Settings.monitor_batch_records
 
 
-def produce_in_background(producer: IngressProducer, total: int, chunk: int = 200, pause: float = 0.004) -> threading.Thread:
+def produce_in_background(
+    producer: IngressProducer, total: int, chunk: int = 200, pause: float = 0.004
+) -> threading.Thread:
     def run() -> None:
         for _ in range(total // chunk):
             producer.append(chunk)
@@ -41,7 +43,10 @@ def produce_in_background(producer: IngressProducer, total: int, chunk: int = 20
 
 
 def start_pair(
-    s: Stages, preload: int = 0, producer: IngressProducer | None = None, consumer: FaninConsumer | None = None
+    s: Stages,
+    preload: int = 0,
+    producer: IngressProducer | None = None,
+    consumer: FaninConsumer | None = None,
 ) -> tuple[IngressProducer, FaninConsumer]:
     """The test as ingress producer (``preload`` records appended before the stages
     start) and fan-in consumer, with router and monitor running."""
@@ -110,7 +115,9 @@ def test_sigkill_mid_stream_loses_nothing(
     wait_until(lambda: producer.ring.depth == 0, 10, what="ingress ring popped to empty")
 
 
-def test_router_and_monitor_killed_together_lose_nothing(stages: Callable[..., Stages], processes: Processes) -> None:
+def test_router_and_monitor_killed_together_lose_nothing(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
     # The router is frozen (SIGSTOP) while records arrive, so the monitor's window sits
     # in socket buffers; then both die: those batches are lost with the router and the
     # monitor cannot resend them.  Only records not popped before the ack survive this.
@@ -132,11 +139,14 @@ def test_router_and_monitor_killed_together_lose_nothing(stages: Callable[..., S
     assert check_delivery(producer.sent, consumer.got) <= 3 * DUPLICATES_PER_ROUTER_CRASH, s.logs()
 
 
-def test_full_fanin_ring_stops_ingress_draining_and_resumes_when_consumed(stages: Callable[..., Stages]) -> None:
+def test_full_fanin_ring_stops_ingress_draining_and_resumes_when_consumed(
+    stages: Callable[..., Stages],
+) -> None:
     fanin_bytes = 1 << 20
     s = stages(NODE_FANIN_RING_BYTES=fanin_bytes)
     producer, consumer = start_pair(
-        s, preload=3000,
+        s,
+        preload=3000,
         producer=IngressProducer(s.ingress_path, pad=900),  # ~1 KiB records: 3 MiB into a 1 MiB fan-in ring
         consumer=FaninConsumer(s.fanin_path, capacity=fanin_bytes),
     )
@@ -151,7 +161,9 @@ def test_full_fanin_ring_stops_ingress_draining_and_resumes_when_consumed(stages
     wait_until(stalled, 20, interval=0.02, what="the ingress ring to stop draining")
     assert 0 < producer.ring.depth < 3000
     assert consumer.ring.depth > 0 and consumer.ring.bytes_used > fanin_bytes // 2
-    wait_until(lambda: "fan-in ring full" in s.processes.log("router"), 5, what="router logging the full ring")
+    wait_until(
+        lambda: "fan-in ring full" in s.processes.log("router"), 5, what="router logging the full ring"
+    )
 
     consumer.until_distinct(3000)
     assert check_delivery(producer.sent, consumer.got) == 0, s.logs()
@@ -163,8 +175,10 @@ def test_ingress_ring_wrapping_many_times_with_padding_loses_nothing(stages: Cal
     # after the last acked record (the ring may release it and move its head past it).
     ingress_bytes = 1 << 20
     s = stages(NODE_INGRESS_RING_BYTES=ingress_bytes)
-    producer, consumer = start_pair(s, producer=IngressProducer(s.ingress_path, capacity=ingress_bytes, pad=700))
-    for burst in range(45):  # ~3.5 laps of the ingress ring
+    producer, consumer = start_pair(
+        s, producer=IngressProducer(s.ingress_path, capacity=ingress_bytes, pad=700)
+    )
+    for _burst in range(45):  # ~3.5 laps of the ingress ring
         producer.append(97)
         consumer.until_distinct(len(producer.sent), timeout=15)
     assert producer.ring.head > 3 * ingress_bytes
@@ -192,10 +206,14 @@ def test_two_monitors_feed_one_router_over_tcp(stages: Callable[..., Stages], tm
         producer_b.append(1000)
     consumer.until_distinct(20_000)
     assert check_delivery(producer_a.sent + producer_b.sent, consumer.got) == 0, a.logs()
-    wait_until(lambda: producer_a.ring.depth == 0 and producer_b.ring.depth == 0, 10, what="both rings popped")
+    wait_until(
+        lambda: producer_a.ring.depth == 0 and producer_b.ring.depth == 0, 10, what="both rings popped"
+    )
 
 
-def test_sigterm_exits_0_and_a_restart_resumes_exactly_once(stages: Callable[..., Stages], processes: Processes) -> None:
+def test_sigterm_exits_0_and_a_restart_resumes_exactly_once(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
     s = stages()
     producer, consumer = start_pair(s)
     total = 30_000
@@ -210,7 +228,9 @@ def test_sigterm_exits_0_and_a_restart_resumes_exactly_once(stages: Callable[...
     assert len(producer.sent) == total
 
 
-def test_second_router_on_a_live_ipc_endpoint_exits_2(stages: Callable[..., Stages], processes: Processes) -> None:
+def test_second_router_on_a_live_ipc_endpoint_exits_2(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
     s = stages()
     s.start("router")
     wait_until(lambda: (s.data_dir / "router.sock").exists(), 10, what="the router socket file")
@@ -221,11 +241,15 @@ def test_second_router_on_a_live_ipc_endpoint_exits_2(stages: Callable[..., Stag
     assert processes.procs["router"].poll() is None  # the first one keeps its endpoint
 
 
-def test_second_monitor_on_the_same_ingress_ring_exits_2(stages: Callable[..., Stages], processes: Processes) -> None:
+def test_second_monitor_on_the_same_ingress_ring_exits_2(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
     s = stages()
     s.start("router")
     s.start("monitor")
-    wait_until(lambda: "forwarding ingress ring" in processes.log("monitor"), 15, what="first monitor consuming")
+    wait_until(
+        lambda: "forwarding ingress ring" in processes.log("monitor"), 15, what="first monitor consuming"
+    )
     s.env["NODE_METRICS_PORT_MONITOR"] = str(free_port())
     s.start("monitor", "-2")
     assert processes.procs["monitor-2"].wait(timeout=15) == 2
@@ -233,7 +257,9 @@ def test_second_monitor_on_the_same_ingress_ring_exits_2(stages: Callable[..., S
     assert processes.procs["monitor"].poll() is None
 
 
-def test_bad_endpoint_configuration_exits_2_naming_the_variable(stages: Callable[..., Stages], processes: Processes) -> None:
+def test_bad_endpoint_configuration_exits_2_naming_the_variable(
+    stages: Callable[..., Stages], processes: Processes
+) -> None:
     s = stages(NODE_ROUTER_BIND="udp://127.0.0.1:1")
     s.start("router")
     s.start("monitor")
@@ -282,8 +308,10 @@ def test_monitor_batch_size_window_and_ack_timeout_come_from_configuration(
     # The test is the router: a real ROUTER socket on the monitor's endpoint that
     # acks only when told to, so the monitor's batches and resends are seen as sent.
     s = stages(
-        NODE_MONITOR_BATCH_RECORDS=5, NODE_MONITOR_WINDOW=3,
-        NODE_MONITOR_ACK_TIMEOUT=0.2, NODE_MONITOR_ACK_TIMEOUT_MAX=0.2,
+        NODE_MONITOR_BATCH_RECORDS=5,
+        NODE_MONITOR_WINDOW=3,
+        NODE_MONITOR_ACK_TIMEOUT=0.2,
+        NODE_MONITOR_ACK_TIMEOUT_MAX=0.2,
     )
     producer = IngressProducer(s.ingress_path)
     producer.append(60)
@@ -333,7 +361,9 @@ def test_monitor_batch_size_window_and_ack_timeout_come_from_configuration(
             sock.send_multipart([identity, *wire.encode_ack(ring_id, acked)])
         assert len(new_spans) == 60 // 5 - 3, s.logs()
         wait_until(lambda: producer.ring.depth == 0, 10, what="the monitor to pop what was acked")
-        assert "batches of <= 5 records" in processes.log("monitor") and "window 3" in processes.log("monitor")
+        assert "batches of <= 5 records" in processes.log("monitor") and "window 3" in processes.log(
+            "monitor"
+        )
     finally:
         sock.close(linger=0)
         ctx.term()

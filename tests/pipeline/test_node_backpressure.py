@@ -89,7 +89,10 @@ async def scenario(node: WholeNode) -> tuple[list[Device], dict[str, int]]:
     opened, stop_app = asyncio.Event(), asyncio.Event()
     app = asyncio.create_task(
         stalled_client_app(
-            f"ws://127.0.0.1:{env['NODE_FANOUT_PORT']}/v1/stream", issue_client_token(secret, ["*"]), opened, stop_app
+            f"ws://127.0.0.1:{env['NODE_FANOUT_PORT']}/v1/stream",
+            issue_client_token(secret, ["*"]),
+            opened,
+            stop_app,
         )
     )
     await asyncio.wait_for(opened.wait(), timeout=15)
@@ -104,7 +107,9 @@ async def scenario(node: WholeNode) -> tuple[list[Device], dict[str, int]]:
     while time.monotonic() < deadline:
         await asyncio.sleep(0.5)
         assert not any(t.done() and t.exception() for t in tasks), [t.exception() for t in tasks if t.done()]
-        if all(d.acked >= 0 for d in devices) and all(time.monotonic() - d.last_ack_at > STALL for d in devices):
+        if all(d.acked >= 0 for d in devices) and all(
+            time.monotonic() - d.last_ack_at > STALL for d in devices
+        ):
             break
     else:
         raise AssertionError(f"acks never stopped: {[(d.acked, d.sent) for d in devices]}")

@@ -28,7 +28,13 @@ DEVICES = 7
 
 def envelope(i: int) -> bytes:
     """Record ``i``: device ``dev{i % 7}``, seq ``i``, ts absent on odd ``i``."""
-    return pack_record(f"dev{i % DEVICES}", i, None if i % 2 else 1000.0 + i, 1_700_000_000.0 + i, {"i": i, "s": "é" * (i % 3)})
+    return pack_record(
+        f"dev{i % DEVICES}",
+        i,
+        None if i % 2 else 1000.0 + i,
+        1_700_000_000.0 + i,
+        {"i": i, "s": "é" * (i % 3)},
+    )
 
 
 class Pipeline:
@@ -51,7 +57,9 @@ class Pipeline:
         if self._ring is None:
             path = self.data_dir / "fanin.ring"
             wait_until(path.exists, 15, what="the publisher to create the fan-in ring")
-            self._ring = Ring.open(path, capacity=int(self.env["NODE_FANIN_RING_BYTES"]), durability="process")
+            self._ring = Ring.open(
+                path, capacity=int(self.env["NODE_FANIN_RING_BYTES"]), durability="process"
+            )
         return self._ring
 
     def append(self, start: int, stop: int, timeout: float = 20.0) -> None:
@@ -160,7 +168,9 @@ def test_records_are_stored_once_with_contract_columns_and_ring_is_released(pipe
     assert pipeline.metric('iotnode_ring_depth{ring="fanin"}', "NODE_METRICS_PORT_PUBLISHER") == 0
 
 
-def test_store_sigkilled_mid_stream_and_restarted_stores_every_record_exactly_once(pipeline: Pipeline) -> None:
+def test_store_sigkilled_mid_stream_and_restarted_stores_every_record_exactly_once(
+    pipeline: Pipeline,
+) -> None:
     pipeline.start("publisher")
     pipeline.start("store")
     producer = Producer(pipeline, 6000, per_batch=20, pause=0.005)  # ~1.5 s: the kill lands mid-stream
@@ -177,7 +187,9 @@ def test_store_sigkilled_mid_stream_and_restarted_stores_every_record_exactly_on
     wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
 
 
-def test_publisher_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothing(pipeline: Pipeline) -> None:
+def test_publisher_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothing(
+    pipeline: Pipeline,
+) -> None:
     pipeline.start("publisher")
     pipeline.start("store")
     producer = Producer(pipeline, 6000, per_batch=20, pause=0.005)
@@ -316,7 +328,9 @@ def test_a_durable_subscriber_that_never_confirms_keeps_records_in_the_ring(
     assert pipeline.ring.head == tail
 
 
-def test_fetch_below_the_head_is_answered_from_the_head_and_a_probe_learns_the_ring(pipeline: Pipeline) -> None:
+def test_fetch_below_the_head_is_answered_from_the_head_and_a_probe_learns_the_ring(
+    pipeline: Pipeline,
+) -> None:
     pipeline.start("publisher")
     pipeline.start("store")
     pipeline.append(0, 200)
@@ -364,14 +378,19 @@ def test_recreated_fanin_ring_is_followed_from_its_head(pipeline: Pipeline) -> N
     pipeline.append(300, 600)
     pipeline.wait_stored(600)
     pipeline.assert_exactly(600)
-    wait_until(lambda: "ring id changed" in pipeline.processes.log("store"), 10, what="the ring change to be logged")
+    wait_until(
+        lambda: "ring id changed" in pipeline.processes.log("store"), 10, what="the ring change to be logged"
+    )
 
 
 def test_bad_records_in_the_ring_are_logged_and_skipped_without_stopping_the_flow(pipeline: Pipeline) -> None:
     pipeline.start("publisher")
     pipeline.start("store")
     pipeline.append(0, 10)
-    assert pipeline.ring.append_batch([b"\xc1 not msgpack", pack_record("dev-bytes", 1, None, 1.0, b"\x00")]) == 2
+    assert (
+        pipeline.ring.append_batch([b"\xc1 not msgpack", pack_record("dev-bytes", 1, None, 1.0, b"\x00")])
+        == 2
+    )
     pipeline.append(10, 20)
     pipeline.wait_stored(20)
     wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain past the bad records")
@@ -420,7 +439,9 @@ def test_bad_configuration_exits_non_zero_naming_the_variable(
 
 def test_second_publisher_on_the_same_ring_exits_non_zero(pipeline: Pipeline) -> None:
     pipeline.start("publisher")
-    wait_until(lambda: "publisher: fan-in ring" in pipeline.processes.log("publisher"), 15, what="publisher up")
+    wait_until(
+        lambda: "publisher: fan-in ring" in pipeline.processes.log("publisher"), 15, what="publisher up"
+    )
     env = dict(pipeline.env, NODE_METRICS_PORT_PUBLISHER=str(free_port()))
     second = pipeline.processes.start("publisher2", "node.workers.publisher", env, pipeline.data_dir.parent)
     assert second.wait(timeout=30) == 1
@@ -441,7 +462,7 @@ def test_idle_stages_do_not_spin(pipeline: Pipeline) -> None:
     pids = [pipeline.processes.procs[n].pid for n in ("publisher", "store")]
     before = [cpu(p) for p in pids]
     time.sleep(2.0)
-    used = sum(cpu(p) - b for p, b in zip(pids, before))
+    used = sum(cpu(p) - b for p, b in zip(pids, before, strict=True))
     assert used < 0.1, f"idle publisher + store used {used:.3f} s of CPU in 2 s"
 
 
@@ -502,7 +523,9 @@ def test_ring_wraps_with_padding_while_a_live_subscriber_listens_keep_the_publis
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        wait_until(lambda: "live subscriber subscribed" in processes.log("publisher"), 10, what="the subscription")
+        wait_until(
+            lambda: "live subscriber subscribed" in processes.log("publisher"), 10, what="the subscription"
+        )
         n = 30000  # about 3 MiB of records through a 1 MiB ring
         producer = Producer(pipeline, n, per_batch=200)
         producer.start()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from node import wire
+from node.pipeline.monitor import Window
+from node.pipeline.router import Pending, Sources, append_pending
 from node.ring import Ring
-from node.workers.monitor import Window
-from node.workers.router import Pending, Sources, append_pending
 
 SRC = b"s" * 16
 

@@ -28,7 +28,9 @@ def sink(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def rows(path: Path) -> list[tuple[object, ...]]:
     with closing(sqlite3.connect(path)) as db:
-        return db.execute("SELECT device_id, seq, ts, received_at, data FROM messages ORDER BY device_id, seq").fetchall()
+        return db.execute(
+            "SELECT device_id, seq, ts, received_at, data FROM messages ORDER BY device_id, seq"
+        ).fetchall()
 
 
 def test_schema_is_contract_5_in_wal_mode(sink: SqliteSink) -> None:

@@ -207,7 +207,9 @@ class Committer:
         stats: FrontStats | None = None,
     ) -> None:
         if max_pending_bytes < 1 or window < 1:
-            raise ValueError(f"expected max_pending_bytes >= 1 and window >= 1, got {max_pending_bytes}, {window}")
+            raise ValueError(
+                f"expected max_pending_bytes >= 1 and window >= 1, got {max_pending_bytes}, {window}"
+            )
         self._ring = ring
         self._max_pending = max_pending_bytes
         self._window = window
@@ -236,17 +238,24 @@ class Committer:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout)
-            except asyncio.TimeoutError:
-                log.warning("committer: %d records not persisted at shutdown (devices resend them)", len(self._queue))
+            except TimeoutError:
+                log.warning(
+                    "committer: %d records not persisted at shutdown (devices resend them)", len(self._queue)
+                )
             self._task = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
         st = self.stats
         log.info(
-            "committer: %d records acked in %d groups (%.1f per group); append_batch %.3f s total, %.1f ms max;"
+            "committer: %d records acked in %d groups (%.1f per group); append_batch %.3f s total, %.1f ms "
+            "max;"
             " ring full %d times",
-            st.acked, st.groups, st.acked / max(st.groups, 1), st.append_seconds, st.append_max_seconds * 1e3,
+            st.acked,
+            st.groups,
+            st.acked / max(st.groups, 1),
+            st.append_seconds,
+            st.append_max_seconds * 1e3,
             st.ring_full,
         )
 

@@ -4,7 +4,7 @@ A thin adapter: the handshake is checked with :mod:`node.auth` *before* the
 upgrade (refusal = an HTTP 401/403 response through the WebSocket Denial Response
 ASGI extension, no upgrade); each frame goes through :func:`node.protocol.parse_frame`;
 accepted messages are packed into the ring envelope and handed to the worker's
-:class:`node.committer.Committer`, which acks after the persist.
+:class:`node.front.committer.Committer`, which acks after the persist.
 
 Per connection there are two coroutines: the *reader* (this endpoint) waits for
 window room, reads a frame, and parses it; the *writer* sends what the committer
@@ -13,7 +13,7 @@ device that does not read its acks never blocks the committer or other devices.
 
 ``create_app(settings=None, *, on_group=None, routes=(), commit_mode="auto")``
 builds the app; the lifespan opens the ring *in the worker*, after the fork/spawn.
-``node.webmetrics:create_app`` (the factory ``node.workers.web`` gives uvicorn)
+``node.front.metrics:create_app`` (the factory ``node.workers.web`` gives uvicorn)
 wraps it with the metrics: ``on_group`` observes each persisted group and
 ``routes`` adds ``/metrics`` (contract 6).
 ``app.state.front`` holds the worker's :class:`FrontState` (committer, stats, ring).
@@ -37,9 +37,9 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from node.auth import load_secret, token_from_request, verify_device_token
-from node.committer import Committer, Conn, FrontStats, GroupCallback
 from node.config import Settings, load_settings
 from node.errors import AuthError
+from node.front.committer import Committer, Conn, FrontStats, GroupCallback
 from node.gcpolicy import GcPolicy
 from node.protocol import ErrorReply, parse_frame, reject
 from node.record import pack_record
@@ -82,7 +82,8 @@ class RedactTokens(logging.Filter):
             return False
         if record.args and isinstance(record.args, tuple):
             record.args = tuple(
-                self._pattern.sub(r"\1<redacted>", arg) if isinstance(arg, str) else arg for arg in record.args
+                self._pattern.sub(r"\1<redacted>", arg) if isinstance(arg, str) else arg
+                for arg in record.args
             )
         elif isinstance(record.msg, str) and "token=" in record.msg:
             record.msg = self._pattern.sub(r"\1<redacted>", record.msg)
@@ -137,7 +138,7 @@ def create_app(
     """Build the front.  ``commit_mode``: ``"auto"`` (inline on a pmem ring or with
     durability "process", else the commit thread), ``"thread"`` or ``"inline"``
     (for measurements).  Metrics and ``/metrics`` are plugged in by
-    ``node.webmetrics:create_app`` through ``on_group`` and ``routes``."""
+    ``node.front.metrics:create_app`` through ``on_group`` and ``routes``."""
     if commit_mode not in ("auto", "thread", "inline"):
         raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
@@ -209,7 +210,9 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     if state.gc is not None:
         state.gc.note_garbage()  # a handshake leaves a few cycles; the next GC tick collects young
     try:
-        device_id = verify_device_token(state.secret, token_from_request(websocket.headers, websocket.query_params))
+        device_id = verify_device_token(
+            state.secret, token_from_request(websocket.headers, websocket.query_params)
+        )
     except AuthError as exc:
         stats.refused[exc.status] += 1
         await _deny(websocket, exc)

@@ -1,57 +1,13 @@
-"""Device client library for protocol v1 (DESIGN.md contract 3), asyncio.
-
-A device gets the node's no-loss promise end to end: every message is kept until
-the node acks it, resent in order after any disconnect, optionally kept on the
-device's disk (``outbox=``) so it survives a reboot; reconnects use exponential
-backoff with full jitter so a fleet does not come back in lock-step after an
-outage.
-
-::
-
-    import asyncio
-    from node.client import connect
-
-    async def main():
-        client = await connect("ws://127.0.0.1:8000/v1/ingest", token)
-        fut = await client.send({"temp": 21.5})   # waits only if the window is full
-        seq = await fut                            # resolved by the node's ack
-        await client.close()                       # flushes first
-
-    asyncio.run(main())
-
-The frames are encoded and the replies decoded by :mod:`node.protocol` (the one
-implementation of the wire format); this module is only the connection, the
-window, the retries and the futures.
-
-Exceptions (all under :class:`node.errors.NodeError`)::
-
-    ClientError
-    ├── HandshakeRefused    the node refused the token (HTTP 401/403): not retried
-    ├── MessageRejected     the node answered {"error": reason, "seq": n}: not resent
-    ├── MessageTooLarge     (also ValueError) over the known frame limit, locally or
-    │                       by the node's close 1009: not resent
-    └── ClientClosed        the client was closed before the message was acked
-                            (it stays in the outbox, if there is one)
-    node.protocol.ProtocolError (ValueError): data the node would refuse, raised
-        by send() before anything is sent
-
-``python -m node.client`` sends JSON lines from stdin as a device (see ``--help``
-and docs/client.md).
-"""
+"""The device connection: window, resend on reconnect, backoff, futures (see :mod:`node.client`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import functools
-import json
 import logging
 import random
-import sys
-import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -61,8 +17,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
+from node.client.outbox import Outbox, OutboxError
 from node.errors import NodeError
-from node.outbox import Outbox, OutboxError
 from node.protocol import Ack, ProtocolError, decode_reply, encode_message
 
 __all__ = [
@@ -74,7 +30,6 @@ __all__ = [
     "MessageRejected",
     "MessageTooLarge",
     "connect",
-    "main",
 ]
 
 log = logging.getLogger("node.client")
@@ -131,7 +86,9 @@ class ClientClosed(ClientError):
 
     def __init__(self, seq: int | None = None) -> None:
         self.seq = seq
-        super().__init__("the client is closed" if seq is None else f"the client closed before seq {seq} was acked")
+        super().__init__(
+            "the client is closed" if seq is None else f"the client closed before seq {seq} was acked"
+        )
 
 
 # ---------------------------------------------------------------------- backoff
@@ -224,7 +181,11 @@ class DeviceClient:
             raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}") from None
         if not callable(token) and (not token or not isinstance(token, str)):
             raise ValueError("expected a non-empty token string, or a callable returning one")
-        for name, value, low in (("window", window, 1), ("max_pending", max_pending, 1), ("max_message_bytes", max_message_bytes, 16)):
+        for name, value, low in (
+            ("window", window, 1),
+            ("max_pending", max_pending, 1),
+            ("max_message_bytes", max_message_bytes, 16),
+        ):
             if type(value) is not int or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if first_seq is not None and (type(first_seq) is not int or first_seq < 0):
@@ -296,7 +257,9 @@ class DeviceClient:
         if not wait:
             return
         try:
-            await asyncio.wait_for(self._wait_for(lambda: self.connections > 0 or self._fatal is not None), timeout)
+            await asyncio.wait_for(
+                self._wait_for(lambda: self.connections > 0 or self._fatal is not None), timeout
+            )
         except TimeoutError:
             await self.close(flush=False)
             raise TimeoutError(f"no connection to {self.url} within {timeout} s") from None
@@ -312,7 +275,9 @@ class DeviceClient:
             return
         if flush and self._runner is not None and self._fatal is None:
             try:
-                await asyncio.wait_for(self._wait_for(lambda: not self._pending or self._fatal is not None), timeout)
+                await asyncio.wait_for(
+                    self._wait_for(lambda: not self._pending or self._fatal is not None), timeout
+                )
             except TimeoutError:
                 log.warning("close: %d messages still unacked after %s s", len(self._pending), timeout)
         self._closing = True
@@ -334,7 +299,7 @@ class DeviceClient:
         if self._outbox is not None:
             self._outbox.close()
 
-    async def __aenter__(self) -> "DeviceClient":
+    async def __aenter__(self) -> DeviceClient:
         if self._runner is None:
             await self.start()
         return self
@@ -363,9 +328,14 @@ class DeviceClient:
         for data the node would refuse and :class:`MessageTooLarge` over the frame
         limit (nothing queued, no seq used), :class:`HandshakeRefused` /
         :class:`ClientClosed` when the client cannot send any more,
-        :class:`node.outbox.OutboxError` when the outbox cannot store it.
+        :class:`node.client.outbox.OutboxError` when the outbox cannot store it.
         """
-        if len(self._pending) >= self.max_pending or self._fatal is not None or self._closing or self._runner is None:
+        if (
+            len(self._pending) >= self.max_pending
+            or self._fatal is not None
+            or self._closing
+            or self._runner is None
+        ):
             return (await self.send_many([(data, ts)]))[0]  # waits for room, or raises
         seq = self._next_seq
         frame, size = self._encode(seq, data, ts)
@@ -376,7 +346,9 @@ class DeviceClient:
         self._notify()
         return future
 
-    async def send_many(self, messages: Iterable[tuple[Any, float | int | None]]) -> list[asyncio.Future[int]]:
+    async def send_many(
+        self, messages: Iterable[tuple[Any, float | int | None]]
+    ) -> list[asyncio.Future[int]]:
         """Queue ``(data, ts)`` pairs in order, committing the outbox once per
         chunk of up to ``max_pending``; same errors as :meth:`send` (a refused
         message stops the batch: the ones before it are queued)."""
@@ -386,7 +358,9 @@ class DeviceClient:
         start = 0
         while start < len(batch):
             self._check_open()
-            await self._wait_for(lambda: len(self._pending) < self.max_pending or self._fatal is not None or self._closing)
+            await self._wait_for(
+                lambda: len(self._pending) < self.max_pending or self._fatal is not None or self._closing
+            )
             self._check_open()
             room = self.max_pending - len(self._pending)
             chunk = batch[start : start + room]
@@ -499,7 +473,7 @@ class DeviceClient:
                 self._fail(HandshakeRefused(status, self.url))
             else:
                 log.warning("connect to %s: HTTP %d, retrying", self.url, status)
-        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             log.info("connect to %s failed (%s), retrying", self.url, exc or type(exc).__name__)
         except Exception as exc:  # websockets' InvalidHandshake family, bad responses
             log.warning("connect to %s failed (%s: %s), retrying", self.url, type(exc).__name__, exc)
@@ -670,192 +644,15 @@ class DeviceClient:
         self._notify()
 
 
-async def connect(url: str, token: str | Callable[[], str], *, wait: bool = True, timeout: float | None = None, **options: Any) -> DeviceClient:
+async def connect(
+    url: str,
+    token: str | Callable[[], str],
+    *,
+    wait: bool = True,
+    timeout: float | None = None,
+    **options: Any,
+) -> DeviceClient:
     """Create a :class:`DeviceClient` and start it (see :meth:`DeviceClient.start`)."""
     client = DeviceClient(url, token, **options)
     await client.start(wait=wait, timeout=timeout)
     return client
-
-
-# -------------------------------------------------------------------------- CLI
-DEFAULT_URL: Final = "ws://127.0.0.1:8000/v1/ingest"
-
-
-def _token_for(args: argparse.Namespace) -> str:
-    if args.token:
-        return str(args.token)
-    if args.token_file:
-        try:
-            return Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise SystemExit(f"iotnode client: cannot read --token-file {args.token_file!r}: {exc.strerror}") from None
-    if args.device:
-        # Convenience on the node's own machine: sign with the local node's secret.
-        from node.auth import issue_device_token, load_secret
-        from node.config import load_settings
-
-        return issue_device_token(load_secret(load_settings()), args.device)
-    raise SystemExit("iotnode client: give --token, --token-file, or --device (signs with the local node's secret)")
-
-
-def _parse_line(line: str, number: int, envelope: bool) -> tuple[Any, float | int | None]:
-    """One stdin line -> (data, ts); raises ValueError naming the line."""
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"line {number}: not JSON ({exc.msg} at character {exc.pos})") from None
-    except ValueError as exc:  # e.g. an integer with too many digits
-        raise ValueError(f"line {number}: not usable JSON ({exc})") from None
-    if not envelope:
-        return value, None
-    if type(value) is not dict or "data" not in value:
-        raise ValueError(f"line {number}: expected an object with a \"data\" key (--envelope), got {line[:48]!r}")
-    ts = value.get("ts")
-    if ts is not None and (type(ts) not in (int, float)):
-        raise ValueError(f"line {number}: ts must be a number, got {ts!r}")
-    return value["data"], ts
-
-
-async def _stdin_lines() -> Any:
-    """Lines of stdin, read by a daemon thread (a blocking read must not stop the
-    loop from taking acks, nor keep the process alive after Ctrl-C), through a
-    bounded queue."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1024)
-
-    def reader() -> None:
-        try:
-            for line in sys.stdin:
-                asyncio.run_coroutine_threadsafe(queue.put(line), loop).result()
-        except (RuntimeError, ValueError, OSError):  # loop closed, stdin closed
-            return
-        finally:
-            try:
-                asyncio.run_coroutine_threadsafe(queue.put(""), loop)
-            except RuntimeError:
-                pass
-
-    threading.Thread(target=reader, name="stdin", daemon=True).start()
-    while True:
-        line = await queue.get()
-        if not line:
-            return
-        yield line
-
-
-async def _cli(args: argparse.Namespace, token: str) -> int:
-    out = sys.stdout
-    rejected = 0
-    invalid = 0
-    sent = 0
-
-    def report(fut: asyncio.Future[int], *, number: int) -> None:
-        nonlocal rejected
-        exc = fut.exception() if not fut.cancelled() else ClientClosed()
-        if exc is None:
-            if args.print_acks:
-                out.write(json.dumps({"line": number, "ack": fut.result()}) + "\n")
-        elif isinstance(exc, (MessageRejected, MessageTooLarge)):
-            rejected += 1
-            out.write(json.dumps({"line": number, "seq": getattr(exc, "seq", None), "error": str(exc)}) + "\n")
-
-    client = DeviceClient(
-        args.url,
-        token,
-        binary=not args.json,
-        window=args.window,
-        max_pending=args.max_pending,
-        max_message_bytes=args.max_message_bytes,
-        backoff=Backoff(args.backoff_initial, args.backoff_max),
-        outbox=args.outbox,
-        device=args.device or "",
-    )
-    started = time.monotonic()
-    try:
-        await client.start(wait=False)
-        number = 0
-        async for line in _stdin_lines():
-            number += 1
-            if not line.strip():
-                continue
-            try:
-                data, ts = _parse_line(line, number, args.envelope)
-                if args.ts and ts is None:
-                    ts = time.time()
-                fut = await client.send(data, ts)
-            except (ValueError, MessageTooLarge) as exc:  # ProtocolError is a ValueError
-                invalid += 1
-                print(f"iotnode client: {exc if str(exc).startswith('line') else f'line {number}: {exc}'}", file=sys.stderr)
-                continue
-            sent += 1
-            fut.add_done_callback(functools.partial(report, number=number))
-        try:
-            await client.flush(args.timeout)
-        except TimeoutError:
-            print(f"iotnode client: {client.pending} messages not acked after {args.timeout} s", file=sys.stderr)
-    except HandshakeRefused as exc:
-        print(f"iotnode client: {exc}", file=sys.stderr)
-        await client.close(flush=False)
-        return 2
-    unacked = client.pending
-    acked = client.acked
-    await client.close(flush=False)
-    elapsed = time.monotonic() - started
-    summary = {
-        "sent": sent,
-        "acked": acked,
-        "rejected": rejected,
-        "invalid_lines": invalid,
-        "unacked": unacked,
-        "connections": client.connections,
-        "seconds": round(elapsed, 3),
-    }
-    print(json.dumps(summary), file=sys.stderr)
-    return 0 if (rejected == invalid == unacked == 0) else 1
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m node.client",
-        description="Send JSON lines from stdin to an iotnode as one device (protocol v1); "
-        "print a JSON summary on stderr.  Exit 0 when every line was acked, 1 when some "
-        "were invalid, refused or left unacked, 2 when the token was refused.",
-    )
-    p.add_argument("--url", default=DEFAULT_URL, help=f"ingest endpoint (default {DEFAULT_URL})")
-    p.add_argument("--token", help="device JWT")
-    p.add_argument("--token-file", help="file holding the device JWT")
-    p.add_argument("--device", help="device id: names the outbox owner; without a token, sign one "
-                   "with the local node's secret (NODE_JWT_SECRET or NODE_DATA_DIR/jwt_secret)")
-    p.add_argument("--envelope", action="store_true",
-                   help='each line is {"data": ..., "ts": ...} (default: each line is the data value)')
-    p.add_argument("--ts", action="store_true", help="stamp messages without a ts with the device clock")
-    p.add_argument("--json", action="store_true", help="send JSON text frames (default: MessagePack binary)")
-    p.add_argument("--outbox", help="SQLite file keeping unacked messages across restarts")
-    p.add_argument("--print-acks", action="store_true", help='print {"line": n, "ack": seq} per acked line')
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the last acks (default 30)")
-    p.add_argument("--window", type=int, default=256, help="messages in flight unacked (default 256)")
-    p.add_argument("--max-pending", type=int, default=10_000, help="messages kept unacked before reading "
-                   "more input (default 10000)")
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                   help="refuse larger frames locally (default 65536, the node's default)")
-    p.add_argument("--backoff-initial", type=float, default=0.5, help="first reconnect ceiling, s (default 0.5)")
-    p.add_argument("--backoff-max", type=float, default=30.0, help="largest reconnect delay, s (default 30)")
-    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s client %(levelname)s: %(message)s")
-    token = _token_for(args)
-    try:
-        return asyncio.run(_cli(args, token))
-    except (ValueError, NodeError) as exc:  # bad options (window, url, backoff), outbox errors
-        print(f"iotnode client: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Metrics of the web front: the uvicorn factory ``node.webmetrics:create_app``.
+"""Metrics of the web front: the uvicorn factory ``node.front.metrics:create_app``.
 
-Each uvicorn worker builds the device front (:func:`node.app.create_app`) with two
+Each uvicorn worker builds the device front (:func:`node.front.app.create_app`) with two
 metric seams plugged in:
 
 * ``on_group`` (:meth:`FrontMetrics.on_group`, called once per group commit in the
@@ -23,7 +23,7 @@ pending bytes) stop counting; its counters stay (counters never go down).  Per-
 process CPU and RSS of the live workers and of uvicorn's supervisor are read from
 ``/proc`` at scrape time (:mod:`node.procmetrics`).
 
-Without ``PROMETHEUS_MULTIPROC_DIR`` (e.g. ``uvicorn --factory node.webmetrics:create_app``
+Without ``PROMETHEUS_MULTIPROC_DIR`` (e.g. ``uvicorn --factory node.front.metrics:create_app``
 run by hand) each worker serves its own default registry: exact with one worker,
 per-worker with several.
 
@@ -50,9 +50,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from node import app as front
-from node.committer import FrontStats
 from node.config import Settings, load_settings
+from node.front import app as front
+from node.front.committer import FrontStats
 from node.metrics import (
     ACK_LATENCY,
     BACKPRESSURE_PAUSED_SECONDS,
@@ -226,7 +226,7 @@ def render_metrics(path: str | None, supervisor: int | None) -> bytes:
 
 # ---------------------------------------------------------------- the factory
 def create_app(settings: Settings | None = None) -> Starlette:
-    """uvicorn factory (``node.webmetrics:create_app``): the device front with metrics."""
+    """uvicorn factory (``node.front.metrics:create_app``): the device front with metrics."""
     settings = settings if settings is not None else load_settings()
     path = os.environ.get(MULTIPROC_ENV) or None
     supervisor = _supervisor_pid()

@@ -44,7 +44,9 @@ class Outbox:
     power loss (WAL mode either way).
     """
 
-    def __init__(self, path: str | Path, *, device: str = "", first_seq: int = 0, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: str | Path, *, device: str = "", first_seq: int = 0, synchronous: str = "FULL"
+    ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
         if type(first_seq) is not int or first_seq < 0:
@@ -161,7 +163,7 @@ class Outbox:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
