@@ -4,12 +4,18 @@ Scenarios: c10k (many paced devices), max (closed-loop throughput), soak (long,
 fixed rate, drift), compare (no-op, iotnode, redis, mosquitto in one run),
 e2e (whole node: stored msg/s and device → fanout-client latency),
 report (re-render a results JSON).
+
+Component scenarios (each its own options, ``python -m bench NAME --help``): ring
+(the ring against raw libpmem / msync), pipeline (monitor + router between real
+ring files), publisher-store (publisher -> store batches), fanout-stream (the
+fanout's per-client cost).  One-off measurements are in ``bench/investigations``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shlex
@@ -135,13 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="each target is loaded once per round, in turn (3)")
     _scenario_args(p)
     e2e.add_parser(sub)
+    for name, module in COMPONENTS.items():
+        sub.add_parser(name, help=f"component benchmark ({module}; its own options: {name} --help)")
     p = sub.add_parser("report", help="re-render the HTML report of a results JSON")
     p.add_argument("json", type=Path)
     return ap
 
 
+#: Component scenarios: ``python -m bench NAME ...`` runs that module's own command line.
+COMPONENTS: dict[str, str] = {
+    "ring": "bench.ring_bench",
+    "pipeline": "bench.monitor_router",
+    "publisher-store": "bench.publisher_store",
+    "fanout-stream": "bench.fanout_stream",
+}
+
+
+def _component(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(COMPONENTS[name])
+    saved = sys.argv
+    sys.argv = [f"python -m bench {name}", *argv]
+    try:
+        module.main()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMPONENTS:
+        return _component(argv[0], argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     command = "python -m bench " + shlex.join(argv)

@@ -123,11 +123,16 @@ def encode_batch(
     return [BATCH, _pack(meta), _pack(records)]
 
 
-def decode_batch(frames: list[bytes]) -> Batch:
-    _verb(frames, BATCH, 3)
+def _meta_and_body(frames: list[bytes], verb: bytes, name: str) -> Any:
+    """The meta map of a 3-frame message ``[verb, meta, body]`` (the body is the caller's)."""
+    _verb(frames, verb, 3)
     if len(frames) != 3:
-        raise WireError(f"BATCH: expected 3 frames, got {len(frames)}")
-    meta = _unpack(frames[1], "BATCH meta")
+        raise WireError(f"{name}: expected 3 frames, got {len(frames)}")
+    return _unpack(frames[1], f"{name} meta")
+
+
+def decode_batch(frames: list[bytes]) -> Batch:
+    meta = _meta_and_body(frames, BATCH, "BATCH")
     ring = _field(meta, "ring", bytes, "BATCH")
     positions = _field(meta, "pos", list, "BATCH")
     end = _field(meta, "end", int, "BATCH")
@@ -312,10 +317,7 @@ def encode_records(
 
 
 def decode_records(frames: list[bytes]) -> Records:
-    _verb(frames, RECORDS, 3)
-    if len(frames) != 3:
-        raise WireError(f"RECORDS: expected 3 frames, got {len(frames)}")
-    meta = _unpack(frames[1], "RECORDS")
+    meta = _meta_and_body(frames, RECORDS, "RECORDS")
     ring = _field(meta, "ring", bytes, "RECORDS")
     start = _field(meta, "from", int, "RECORDS")
     ask = _field(meta, "ask", int, "RECORDS")

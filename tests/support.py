@@ -39,6 +39,20 @@ def free_port() -> int:
     raise RuntimeError("no fresh free port after 100 tries")
 
 
+def run_module(
+    module: str, *args: str, env: Mapping[str, str], timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m MODULE ARGS`` from the repository to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=dict(env),
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def wait_until(
     predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> object:

@@ -21,17 +21,6 @@ from node.client.outbox import Outbox, OutboxError
 from node.errors import NodeError
 from node.protocol import Ack, ProtocolError, decode_reply, encode_message
 
-__all__ = [
-    "Backoff",
-    "ClientClosed",
-    "ClientError",
-    "DeviceClient",
-    "HandshakeRefused",
-    "MessageRejected",
-    "MessageTooLarge",
-    "connect",
-]
-
 log = logging.getLogger("node.client")
 
 #: The node's default ``NODE_MAX_MESSAGE_BYTES``.

@@ -31,13 +31,13 @@ from collections import deque
 from dataclasses import dataclass
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from node import curve, wire
 from node.config import Settings
 from node.errors import NodeError
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
+from node.pipeline.inbox import socket_events
 
 log = logging.getLogger("node.monitor")
 
@@ -218,11 +218,7 @@ class Monitor:
                     flight.sent_at = max(flight.sent_at, now - self.ack_timeout / 2)
 
     def take_events(self) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(self.events, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for event in socket_events(self.events):
             if event["event"] & HANDSHAKE_FAILED:
                 ERRORS.labels(stage="monitor", reason="handshake").inc()
                 if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # libzmq retries the others itself

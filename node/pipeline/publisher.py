@@ -43,6 +43,7 @@ from node import wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
+from node.pipeline.inbox import take_queued
 from node.record import RecordError, device_id_of
 from node.ring.errors import RingError, RingPositionError
 
@@ -375,28 +376,16 @@ class Publisher:
         if self.doorbell.inbox in events:
             self.doorbell.drain()
         if self.pub in events:
-            for _ in range(SUBSCRIPTION_BUDGET):
-                try:
-                    frame = self.pub.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.on_subscription(frame)
-                except wire.WireError as exc:
-                    log.warning("dropped a malformed subscription message: %s", exc)
-                    ERRORS.labels(stage="publisher", reason="wire").inc()
+            take_queued(
+                self.pub, SUBSCRIPTION_BUDGET, self.on_subscription,
+                stage="publisher", what="subscription", log=log, multipart=False,
+            )  # fmt: skip
         if self.replay in events:
             now = time.monotonic()
-            for _ in range(REPLAY_BUDGET):
-                try:
-                    frames = self.replay.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.on_replay(frames, now)
-                except wire.WireError as exc:
-                    log.warning("dropped a malformed replay message: %s", exc)
-                    ERRORS.labels(stage="publisher", reason="wire").inc()
+            take_queued(
+                self.replay, REPLAY_BUDGET, lambda frames: self.on_replay(frames, now),
+                stage="publisher", what="replay", log=log,
+            )  # fmt: skip
 
     def close(self) -> None:
         self.doorbell.close()

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from node import curve, wire
 from node.config import Settings
 from node.errors import ConfigError, NodeError
 from node.metrics import ERRORS, MESSAGES
+from node.pipeline.inbox import socket_events
 
 log = logging.getLogger("node.router")
 
@@ -201,11 +201,7 @@ class Router:
 
     def take_events(self) -> None:
         assert self.events is not None
-        while True:
-            try:
-                event = recv_monitor_message(self.events, zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for event in socket_events(self.events):
             if event["event"] & HANDSHAKE_FAILED:
                 ERRORS.labels(stage="router", reason="handshake").inc()
                 self.refusals += 1

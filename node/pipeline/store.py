@@ -40,6 +40,7 @@ import zmq
 from node import wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES, STORE_COMMIT_SECONDS, STORE_GAPS, STORE_LAG_SECONDS
+from node.pipeline.inbox import take_queued
 from node.record import Record, RecordError, unpack_record
 from node.sinks.base import RecordRejected, Sink
 
@@ -231,20 +232,10 @@ class Store:
     # ------------------------------------------------------------------ loop
     def drain(self) -> None:
         """Handle the queued answers (a few at most: one FETCH is outstanding); commit when due."""
-        more = True
-        for _ in range(DRAIN_BUDGET):
-            if len(self.pending) >= MAX_BATCH:
-                break
-            try:
-                frames = self.dealer.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                more = False
-                break
-            try:
-                self.on_reply(frames)
-            except wire.WireError as exc:
-                log.warning("dropped a malformed message: %s", exc)
-                ERRORS.labels(stage="store", reason="wire").inc()
+        more = take_queued(
+            self.dealer, DRAIN_BUDGET, self.on_reply,
+            stage="store", what="publisher", log=log, full=lambda: len(self.pending) >= MAX_BATCH,
+        )  # fmt: skip
         if self.dirty and (
             not more  # nothing more queued: commit now (the next answer is being read meanwhile)
             or len(self.pending) >= MAX_BATCH

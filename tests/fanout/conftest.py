@@ -16,9 +16,10 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -31,6 +32,8 @@ from node.auth import issue_client_token
 from node.config import Settings
 from node.record import pack_record
 from tests.support import Processes, node_env, wait_for_port
+
+N = TypeVar("N")
 
 RING_ID = b"F" * 16
 # >= 32 bytes, so PyJWT never warns (pytest turns warnings into errors).
@@ -200,20 +203,28 @@ def private_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def fanout() -> Iterator[FanoutNode]:
-    """One fanout process shared by a test module; tests use their own device ids."""
+@contextmanager
+def private_node(factory: Callable[[Path, Processes], N], release: Callable[[N], object]) -> Iterator[N]:
+    """A node built by ``factory(data_dir, processes)`` in a short private data dir;
+    ``release(node)`` runs first on exit, then every process is stopped and the dir removed."""
     path = short_data_dir()
     processes = Processes()
     node = None
     try:
-        node = FanoutNode(processes, path)
+        node = factory(path, processes)
         yield node
     finally:
         if node is not None:
-            node.close()
+            release(node)
         processes.stop_all()
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fanout() -> Iterator[FanoutNode]:
+    """One fanout process shared by a test module; tests use their own device ids."""
+    with private_node(lambda path, processes: FanoutNode(processes, path), FanoutNode.close) as node:
+        yield node
 
 
 def unique(prefix: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from node.auth import issue_client_token
 from node.record import pack_record
 from node.ring import Ring
-from tests.fanout.conftest import SECRET, TIMEOUT, short_data_dir
+from tests.fanout.conftest import SECRET, TIMEOUT, private_node
 from tests.support import Processes, node_env, wait_for_port, wait_until
 
 LOSSY = "lossy"  # the device whose stream overflows while the fanout is stopped
@@ -71,19 +70,13 @@ class GapNode:
 
 @pytest.fixture
 def node() -> Iterator[GapNode]:
-    path = short_data_dir()
-    processes = Processes()
-    n = None
-    try:
-        n = GapNode(path, processes)
+    def release(n: GapNode) -> None:
+        if n.processes.procs["fanout"].poll() is None:
+            os.kill(n.processes.procs["fanout"].pid, signal.SIGCONT)
+        n.ring.close()
+
+    with private_node(GapNode, release) as n:
         yield n
-    finally:
-        if n is not None:
-            if processes.procs["fanout"].poll() is None:
-                os.kill(processes.procs["fanout"].pid, signal.SIGCONT)
-            n.ring.close()
-        processes.stop_all()
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def until_live(node: GapNode, ws: Any, device: str) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from node import wire
 from tests.fanout.conftest import SECRET, TIMEOUT, FanoutNode, receive, unique
-from tests.support import REPO, Processes, node_env, wait_for_port
+from tests.support import Processes, node_env, run_module, wait_for_port
 
 
 def run_fanout(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node.workers.fanout"],
-        env=env,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_module("node.workers.fanout", env=env)
 
 
 def test_sigterm_closes_streams_and_exits_zero(private_dir: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from websockets.asyncio.client import connect
 from node.auth import issue_client_token
 from node.record import pack_record
 from node.ring import Ring
-from tests.fanout.conftest import SECRET, TIMEOUT, keys, nothing_more, receive, short_data_dir
+from tests.fanout.conftest import SECRET, TIMEOUT, keys, nothing_more, private_node, receive
 from tests.support import Processes, node_env, wait_for_port, wait_until
 
 DEVICES = 7
@@ -59,17 +58,8 @@ class Node:
 
 @pytest.fixture
 def node() -> Iterator[Node]:
-    path = short_data_dir()
-    processes = Processes()
-    n = None
-    try:
-        n = Node(path, processes)
+    with private_node(Node, lambda n: n.ring.close()) as n:
         yield n
-    finally:
-        if n is not None:
-            n.ring.close()
-        processes.stop_all()
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def metric(node: Node, name: str) -> float:

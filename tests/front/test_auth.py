@@ -26,7 +26,7 @@ from node.auth import (
 )
 from node.config import Settings
 from node.errors import AuthError
-from tests.support import REPO, node_env
+from tests.support import REPO, node_env, run_module
 
 SECRET = "test-secret-0123456789abcdef"  # the one tests.support.node_env sets
 
@@ -45,14 +45,7 @@ def raw_claims(token: str) -> dict:
 
 
 def run_token_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", "token", *args],
-        env=env,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_module("node", "token", *args, env=env)
 
 
 def test_token_cli_prints_a_device_token_that_verifies(data_dir: Path) -> None:

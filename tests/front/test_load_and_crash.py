@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import websockets
 
 from tests.front.conftest import Front, start_front
-from tests.support import REPO, Processes, iter_children, node_env, ring_envelopes
+from tests.support import Processes, iter_children, node_env, ring_envelopes, run_module
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -141,14 +139,7 @@ def test_bad_node_variable_makes_web_exit_nonzero_naming_it(
     data_dir: Path, variable: str, value: str
 ) -> None:
     env = node_env(data_dir, **{variable: value})
-    out = subprocess.run(
-        [sys.executable, "-m", "node.workers.web"],
-        env=env,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = run_module("node.workers.web", env=env)
     assert out.returncode == 2
     assert variable in out.stderr and repr(value) in out.stderr
 
@@ -161,12 +152,5 @@ def test_port_in_use_makes_web_exit_nonzero_naming_it(data_dir: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         env = node_env(data_dir, NODE_WEB_PORT=port)
-        out = subprocess.run(
-            [sys.executable, "-m", "node.workers.web"],
-            env=env,
-            cwd=str(REPO),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = run_module("node.workers.web", env=env)
     assert out.returncode != 0 and f"NODE_WEB_PORT={port}" in out.stderr

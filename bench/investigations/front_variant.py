@@ -1,11 +1,11 @@
 """Run the web front with a chosen commit mode, for the measurements in docs/front.md.
 
     NODE_DATA_DIR=/tmp/x NODE_WEB_PORT=18800 NODE_WEB_WORKERS=1 \\
-        python -m bench.front_variant thread|inline|auto
+        python -m bench.investigations.front_variant thread|inline|auto
 
 Same settings as ``python -m node.workers.web``; only the committer's mode differs.
 Then load it with the bench harness (``python -m bench max --url ...``);
-``python -m bench.front_handshake`` starts it in ``auto`` mode.
+``python -m bench.investigations.front_handshake`` starts it in ``auto`` mode.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def factory() -> Starlette:  # uvicorn factory
 
 def main() -> None:
     if len(sys.argv) != 2 or sys.argv[1] not in ("thread", "inline", "auto"):
-        raise SystemExit("usage: python -m bench.front_variant thread|inline|auto")
+        raise SystemExit("usage: python -m bench.investigations.front_variant thread|inline|auto")
     settings = load_settings()
     options = uvicorn_options(settings)
     if settings.web_workers != 1:

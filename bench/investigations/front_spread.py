@@ -1,6 +1,6 @@
 """How does uvicorn spread a burst of connections over its worker processes?
 
-    python -m bench.front_spread [CONNECTIONS] [ROUNDS]
+    python -m bench.investigations.front_spread [CONNECTIONS] [ROUNDS]
 
 Starts ``python -m node.workers.web`` with NODE_WEB_WORKERS=2 on a free loopback
 port (the harness's ``front-msync`` target, :func:`bench.targets.start`), opens

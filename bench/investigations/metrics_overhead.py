@@ -1,7 +1,7 @@
 """What the metrics cost a whole node: the same node with ``NODE_METRICS=on`` and
 ``NODE_METRICS=off``, loaded in turn by the bench harness.
 
-    python -m bench.metrics_overhead [--rounds 3] [-d 10] [-n 100] [-w 32] [--workers 2]
+    python -m bench.investigations.metrics_overhead [--rounds 3] [-d 10] [-n 100] [-w 32] [--workers 2]
 
 Starts two nodes at once (``honcho start`` of the Procfile, private data dirs,
 free loopback ports, web workers ``--workers``), then for each round runs
@@ -110,7 +110,9 @@ def load(url: str, pid: int, out: Path, args: argparse.Namespace) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.metrics_overhead", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.investigations.metrics_overhead", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", "-d", type=float, default=10.0)
     p.add_argument("--connections", "-n", type=int, default=100)

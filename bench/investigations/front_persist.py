@@ -1,6 +1,6 @@
 """Time one ``ring.append_batch`` (one persist) per group size, on this machine's backend.
 
-    python -m bench.front_persist [DIR]
+    python -m bench.investigations.front_persist [DIR]
 
 Prints the backend and, for groups of 1/8/64/512 records of 100 bytes, the median
 microseconds per append_batch call and per record (500 calls each, ring drained

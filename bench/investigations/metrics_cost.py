@@ -2,7 +2,7 @@
 mode (what the web workers run): ``Histogram.observe`` per message vs the web
 front's way (node.front.metrics: local buckets per group, one flush per second).
 
-    python -m bench.metrics_cost [--groups 2000] [--group-size 32] [--rounds 5]
+    python -m bench.investigations.metrics_cost [--groups 2000] [--group-size 32] [--rounds 5]
 
 Each round times both ways over the same latencies (and a bare loop over them as
 the baseline) in this process; it prints the median ns per message of each and
@@ -23,7 +23,9 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.metrics_cost", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.investigations.metrics_cost", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--groups", type=int, default=2000)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)

@@ -1,6 +1,6 @@
 """What CURVE costs on the monitor -> router link: ipc:// vs tcp:// open vs tcp:// with CURVE.
 
-    python -m bench.curve_link [--records 200000] [--rounds 2] [--durability process|power]
+    python -m bench.investigations.curve_link [--records 200000] [--rounds 2] [--durability process|power]
 
 For each link, router + monitor run as real processes between real ring files (a
 temporary data dir); the ingress ring is pre-filled, then the time from the first

@@ -1,10 +1,10 @@
 """Server CPU time per handshake and per message: the front vs a bare Starlette app.
 
-    python -m bench.front_handshake [CONNECTIONS] [ROUNDS]
+    python -m bench.investigations.front_handshake [CONNECTIONS] [ROUNDS]
 
 Starts, side by side, (a) a baseline: a Starlette WebSocket endpoint that accepts
 without auth and answers every frame with a fixed ack, under the same uvicorn
-options as ``web``; (b) the front (one worker, ``python -m bench.front_variant
+options as ``web``; (b) the front (one worker, ``python -m bench.investigations.front_variant
 auto``).  For each, opens CONNECTIONS (default 3000) device connections, then sends
 one message per connection and waits for its ack, reading the server's CPU time
 (utime + stime from /proc) around each phase.  CPU time, unlike wall time, stays
@@ -115,7 +115,7 @@ def run(workdir: Path, n: int, rounds: int) -> None:
     procs = []
     for argv, log, proc_env in (
         ([sys.executable, "-c", BASELINE, str(base_port)], logs[0], None),
-        ([sys.executable, "-m", "bench.front_variant", "auto"], logs[1], env),
+        ([sys.executable, "-m", "bench.investigations.front_variant", "auto"], logs[1], env),
     ):
         with open(log, "ab") as fh:
             procs.append(
