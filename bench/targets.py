@@ -308,6 +308,38 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
         group.stop()
 
 
+#: The ports a whole node listens on (each gets a free loopback port).
+NODE_PORTS = (
+    "NODE_WEB_PORT",
+    "NODE_FANOUT_PORT",
+    "NODE_METRICS_PORT_MONITOR",
+    "NODE_METRICS_PORT_ROUTER",
+    "NODE_METRICS_PORT_PUBLISHER",
+    "NODE_METRICS_PORT_STORE",
+)
+
+
+def node_env(
+    data: Path, workers: int, ports: tuple[str, ...], **extra: str
+) -> tuple[dict[str, str], dict[str, int]]:
+    """The environment of a node the harness starts on loopback: this process's
+    environment without any ``NODE_*``, a free port for each of ``ports``, ``extra`` last."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("NODE_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    chosen = {var: free_port() for var in ports}
+    env.update({k: str(v) for k, v in chosen.items()})
+    env.update(
+        NODE_DATA_DIR=str(data),
+        NODE_HOST="127.0.0.1",
+        NODE_JWT_SECRET=SECRET,
+        NODE_WEB_WORKERS=str(workers),
+        NODE_LOG_LEVEL="warning",
+        **extra,
+    )
+    return env, chosen
+
+
 def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Target:
     """iotnode's device front alone (``python -m node.workers.web``), nothing draining its ring."""
     if pmem:
@@ -316,17 +348,8 @@ def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Targ
     else:
         data = workdir / "data"
     data.mkdir(exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    env.update(
-        NODE_DATA_DIR=str(data),
-        NODE_HOST="127.0.0.1",
-        NODE_JWT_SECRET=SECRET,
-        NODE_WEB_WORKERS=str(workers),
-        NODE_LOG_LEVEL="warning",
-        NODE_WEB_PORT=str(port),
-        NODE_INGRESS_RING_BYTES=str(FRONT_RING_BYTES),
-    )
+    env, ports = node_env(data, workers, ("NODE_WEB_PORT",), NODE_INGRESS_RING_BYTES=str(FRONT_RING_BYTES))
+    port = ports["NODE_WEB_PORT"]
     if pmem:
         env["PMEM_IS_PMEM_FORCE"] = "1"
     proc, log = group.start("front", [sys.executable, "-m", "node.workers.web"], env=env)
@@ -345,26 +368,7 @@ def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Targ
 def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
     data = workdir / "data"
     data.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
-    ports = {
-        var: free_port()
-        for var in (
-            "NODE_WEB_PORT",
-            "NODE_FANOUT_PORT",
-            "NODE_METRICS_PORT_MONITOR",
-            "NODE_METRICS_PORT_ROUTER",
-            "NODE_METRICS_PORT_PUBLISHER",
-            "NODE_METRICS_PORT_STORE",
-        )
-    }
-    env.update({k: str(v) for k, v in ports.items()})
-    env.update(
-        NODE_DATA_DIR=str(data),
-        NODE_HOST="127.0.0.1",
-        NODE_JWT_SECRET=SECRET,
-        NODE_WEB_WORKERS=str(workers),
-        NODE_LOG_LEVEL="warning",
-    )
+    env, ports = node_env(data, workers, NODE_PORTS)
     procfile = REPO / "Procfile"
     names = [
         line.split(":", 1)[0]

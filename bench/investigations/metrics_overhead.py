@@ -24,35 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.targets import REPO, free_port, wait_for_port
-
-SECRET = "bench-metrics-overhead-secret-0123"
+from bench.targets import NODE_PORTS, REPO, SECRET, node_env, wait_for_port
 
 
 def start_node(workdir: Path, metrics: str, workers: int) -> tuple[subprocess.Popen[bytes], str, Path]:
     data = workdir / f"data-{metrics}"
     data.mkdir(parents=True)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("NODE_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    ports = {
-        var: free_port()
-        for var in (
-            "NODE_WEB_PORT",
-            "NODE_FANOUT_PORT",
-            "NODE_METRICS_PORT_MONITOR",
-            "NODE_METRICS_PORT_ROUTER",
-            "NODE_METRICS_PORT_PUBLISHER",
-            "NODE_METRICS_PORT_STORE",
-        )
-    }
-    env.update({k: str(v) for k, v in ports.items()})
-    env.update(
-        NODE_DATA_DIR=str(data),
-        NODE_HOST="127.0.0.1",
-        NODE_JWT_SECRET=SECRET,
-        NODE_WEB_WORKERS=str(workers),
-        NODE_LOG_LEVEL="warning",
+    env, ports = node_env(
+        data,
+        workers,
+        NODE_PORTS,
         NODE_METRICS=metrics,
         PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
