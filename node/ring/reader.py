@@ -188,6 +188,8 @@ class Reader:
         self._check()
         head = self.ring.head
         if to_pos <= head:
+            if self.ring.load(D.FREE_HEAD_OFFSET) < head:
+                self._pop(head, 0)  # an earlier pop's persist failed (or was interrupted): finish it
             return 0
         if to_pos > self._scanned:
             raise RingPositionError(f"pop to {to_pos}: beyond the last position read ({self._scanned})")
