@@ -21,8 +21,10 @@ from node.ring.errors import (
     RingConfigError,
     RingCorrupt,
     RingError,
+    RingNamespaceError,
     RingPersistError,
     RingPositionError,
+    RingSpaceError,
     RingVersionError,
 )
 from node.ring.reader import Reader, Record
@@ -44,7 +46,9 @@ __all__ = [
     "RingCorrupt",
     "RingError",
     "RingFull",
+    "RingNamespaceError",
     "RingPersistError",
     "RingPositionError",
+    "RingSpaceError",
     "RingVersionError",
 ]

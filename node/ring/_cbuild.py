@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-
 from types import ModuleType
 
 from cffi import FFI  # type: ignore[import-untyped]
@@ -38,13 +37,18 @@ typedef struct {
     uint32_t seed;         /* CRC32C of the ring id */
     uint32_t pid;          /* this producer's pid */
     uint64_t token;        /* this producer's start time */
-    int persist_mode;      /* 0 none, 1 void fn(addr,len), 2 int fn(addr,len), 3 msync */
+    int persist_mode;      /* 0 none, 1 void fn(addr,len), 2 int fn(addr,len), 3 msync, 4 power sim */
     uintptr_t persist_fn;
     uint64_t pagesize;
     int cancel;            /* set by close(): waits in this process return */
     uint32_t max_record;   /* largest payload accepted */
     uintptr_t flush_fn;    /* pmem_flush (pmem backend only, else 0): with drain_fn, enables */
     uintptr_t drain_fn;    /* pmem_drain   non-temporal payload stores + header-line flushes */
+    uintptr_t sim_base;    /* power simulator (tests only, persist_mode 4): the durable image mapping */
+    uint64_t sim_size;     /*   its size (= the ring file's) */
+    uint64_t sim_unit;     /*   what one persist makes durable around a range: 64 (pmem) or 4096 (msync) */
+    int sim_eio;           /*   nonzero: every persist fails with EIO */
+    uint32_t test_flags;   /* TESTS ONLY: IOTRING_LEGACY_* orderings the power simulator must catch */
 } iotring_ctx;
 
 typedef struct {
@@ -73,6 +77,7 @@ int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint6
 int iotring_resolve(const iotring_ctx *c, uint64_t pos, int force_pad);
 int64_t iotring_count(const iotring_ctx *c, uint64_t from, uint64_t to);
 int iotring_pop(const iotring_ctx *c, uint64_t to, uint64_t ndata);
+int iotring_pop_staged(const iotring_ctx *c, uint64_t to, uint64_t ndata, int stage);
 int iotring_wait(const iotring_ctx *c, uint64_t pos, int64_t timeout_ns, int stop_on_claim,
                  iotring_block *blk);
 int iotring_recover(const iotring_ctx *c, uint64_t *out_tail, uint64_t *out_count, uint64_t *out_repaired);
@@ -105,6 +110,12 @@ CSRC = r"""
 @TYPES@
 
 @DEFINES@
+
+/* ctx->test_flags (tests only): the orderings before issue 12, kept so the power
+   simulator's tests can show it catches them.  Never set by the node. */
+#define IOTRING_LEGACY_HEAD 1u     /* pop: producer-visible head stored before the head is persisted */
+#define IOTRING_LEGACY_COMMIT 2u   /* append: commit marker + wake before the persist */
+#define IOTRING_LEGACY_RESOLVE 4u  /* resolve: commit a dead claim, persist its header only */
 
 #define ALIGN_UP(x) (((x) + (D_RECORD_ALIGNMENT - 1)) & ~(uint64_t)(D_RECORD_ALIGNMENT - 1))
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -214,9 +225,23 @@ static int persist_range(const iotring_ctx *c, uintptr_t addr, uint64_t len) {
         return 0;
     case 2:
         return ((int (*)(const void *, size_t))c->persist_fn)((const void *)addr, (size_t)len) ? -errno : 0;
-    default: {
+    case 3: {
         uintptr_t a = addr & ~(uintptr_t)(c->pagesize - 1);
         return msync((void *)a, (size_t)(len + (addr - a)), MS_SYNC) ? -errno : 0;
+    }
+    default: {
+        /* Power simulator (tests only, node/ring/powersim.py): what a persist makes
+           durable -- every whole unit (cache line or page) touching the range -- is
+           copied from the live mapping into the durable image. */
+        if (c->sim_eio) return -EIO;
+        uintptr_t a = addr & ~(uintptr_t)(c->sim_unit - 1);
+        uintptr_t e = (addr + len + c->sim_unit - 1) & ~(uintptr_t)(c->sim_unit - 1);
+        if (a < c->base) a = c->base;
+        if (e > c->base + c->sim_size) e = c->base + c->sim_size;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (e > a) memcpy((void *)(c->sim_base + (a - c->base)), (const void *)a, e - a);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        return 0;
     }
     }
 }
@@ -313,7 +338,8 @@ static int64_t claim(const iotring_ctx *c, const uint32_t *lens, uint32_t n, uin
     const uint64_t cap = c->cap, mask = cap - 1;
     int r = claim_lock(c);
     if (r) return r;
-    uint64_t head = LOAD_ACQ(U64(c, D_HEAD_OFFSET));
+    /* The free head, not the head: space is reused only once its release is durable. */
+    uint64_t head = LOAD_ACQ(U64(c, D_FREE_HEAD_OFFSET));
     uint64_t start = *U64(c, D_TAIL_OFFSET);
     uint64_t p = start;
     uint32_t k = 0;
@@ -449,6 +475,17 @@ static void fill_lanes(lane_t *L, int m, int nt) {
     }
 }
 
+/* The commit markers of k claimed records from p (release stores). */
+static void commit_all(const iotring_ctx *c, const uint32_t *lens, uint32_t k, uint64_t p) {
+    const uint64_t cap = c->cap, mask = cap - 1;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
+        if ((p & mask) + rsz > cap) p += cap - (p & mask);
+        STORE_REL(R_STATE(REC(c, p)), (uint16_t)D_STATE_COMMITTED);
+        p += rsz;
+    }
+}
+
 /* Outside the lock: payloads and checksums (stage >= 1), commit markers (stage 2).
    Payload i comes from srcs[i], or (srcs NULL) from src, the payloads back to back.
    Non-temporal stores (nt) are fenced before any commit marker is stored. */
@@ -476,14 +513,7 @@ static void fill(const iotring_ctx *c, const uint8_t *src, const uint8_t *const 
         if (nt) _mm_sfence();  /* payloads visible before any commit marker */
 #endif
     }
-    if (stage >= 2) {
-        for (uint32_t i = 0; i < k; i++) {
-            uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
-            if ((p & mask) + rsz > cap) p += cap - (p & mask);
-            STORE_REL(R_STATE(REC(c, p)), (uint16_t)D_STATE_COMMITTED);
-            p += rsz;
-        }
-    }
+    if (stage >= 2) commit_all(c, lens, k, p);
 }
 
 /* Persist after an nt fill: flush every cache line written by ordinary stores
@@ -526,9 +556,13 @@ static void persist_nt(const iotring_ctx *c, const uint32_t *lens, uint32_t k, u
     ((void (*)(void))c->drain_fn)();
 }
 
-/* Appends a prefix of the batch: claim, write, commit, wake, ONE persist of the range.
-   Returns the number appended (0 when full), -errno (records committed, not durable),
-   or IOTRING_TOO_LARGE - i when lens[i] > max_record (nothing appended). */
+/* Appends a prefix of the batch: claim, write, ONE persist of the range, then commit
+   and wake.  The commit marker is stored only after the persist returned, so a reader
+   (which stops at claimed records) never sees a record a power cut could still take
+   away.  The marker itself need not be durable: recovery keeps a claimed record whose
+   checksum holds.  Returns the number appended (0 when full), -errno (not durable, not
+   committed: the claims are settled as a dead producer's would be, see below), or
+   IOTRING_TOO_LARGE - i when lens[i] > max_record (nothing appended). */
 #define IOTRING_TOO_LARGE (-(int64_t)1 << 40)
 #define NT_MIN_BYTES 4096  /* ring bytes of an append below which nt stores are not used */
 static int64_t append_impl(const iotring_ctx *c, const uint8_t *buf, const uint8_t *const *srcs,
@@ -541,14 +575,22 @@ static int64_t append_impl(const iotring_ctx *c, const uint8_t *buf, const uint8
     /* Small appends (a single short record) keep ordinary stores + one pmem_persist:
        measured faster there (no sfence before the commit, nothing to split). */
     int nt = end - start >= NT_MIN_BYTES && use_nt(c);
-    fill(c, buf, srcs, lens, (uint32_t)k, start, 2, nt);
-    wake_consumer(c);
-    if (nt) {
-        persist_nt(c, lens, (uint32_t)k, start);
+    if (c->test_flags & IOTRING_LEGACY_COMMIT) {  /* tests only: the pre-issue-12 order */
+        fill(c, buf, srcs, lens, (uint32_t)k, start, 2, nt);
+        wake_consumer(c);
     } else {
-        int r = persist_positions(c, start, end);
-        if (r) return r;
+        fill(c, buf, srcs, lens, (uint32_t)k, start, 1, nt);
     }
+    int r = 0;
+    if (nt) persist_nt(c, lens, (uint32_t)k, start);
+    else r = persist_positions(c, start, end);
+    if (!(c->test_flags & IOTRING_LEGACY_COMMIT)) {
+        /* On a persist error the claims are still committed (this process lives on and
+           must not block the consumer forever); the caller gets -errno and must not ack. */
+        commit_all(c, lens, (uint32_t)k, start);
+        wake_consumer(c);
+    }
+    if (r) return r;
     *first_pos = start;
     return k;
 }
@@ -580,16 +622,25 @@ int64_t iotring_append_packed(const iotring_ctx *c, const char *buf, uint64_t bu
     return iotring_append(c, buf, lens, n, first_pos);
 }
 
-/* TEST HOOK for crash tests: stop at `stage` as a producer killed there would leave
-   the ring (-1: holding the claim mutex; 0: headers claimed only; 1: payloads +
-   checksums written, not committed).  Nothing is persisted.  The caller must die. */
+/* TEST HOOK for crash tests: stop at `stage` as a producer killed (or frozen) there
+   would leave the ring (-1: holding the claim mutex; 0: headers claimed only; 1:
+   payloads + checksums written, not committed, nothing persisted; 2: everything the
+   append does before its persist call (with IOTRING_LEGACY_COMMIT that includes the
+   commit marker); 3: persisted, not committed).  The caller must die (or, in power
+   simulator tests, the power is cut). */
 int64_t iotring_append_partial(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
                                int stage, uint64_t *first_pos) {
     uint64_t start = 0, end = 0;
     if (stage < 0) return claim(c, lens, n, &start, &end, 0);  /* -1: dies holding the mutex */
     int64_t k = claim(c, lens, n, &start, &end, 1);
     if (k <= 0) return k;
-    fill(c, (const uint8_t *)buf, NULL, lens, (uint32_t)k, start, stage < 1 ? 0 : 1, use_nt(c));
+    int fstage = stage < 1 ? 0 : 1;
+    if (stage == 2 && (c->test_flags & IOTRING_LEGACY_COMMIT)) fstage = 2;
+    fill(c, (const uint8_t *)buf, NULL, lens, (uint32_t)k, start, fstage, 0);
+    if (stage >= 3) {
+        int r = persist_positions(c, start, end);
+        if (r) return r;
+    }
     *first_pos = start;
     return k;
 }
@@ -641,23 +692,37 @@ int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint6
 
 /* Settle the claimed record at pos whose producer is dead (or a committed record
    whose checksum fails, force_pad=1): deliver it if its checksum holds, else turn it
-   into padding.  Returns 1 delivered, 0 padded, -1 not a record at pos. */
+   into padding.  A delivered record is persisted WHOLE (header and payload: the dead
+   producer may have died before its own persist) before its commit marker is stored,
+   so the reader sees it only once it is durable.  Returns 1 delivered, 0 padded,
+   IOTRING_NOT_A_RECORD, or -errno when the persist failed (a delivered record then
+   stays claimed: nothing is shown to the reader). */
+#define IOTRING_NOT_A_RECORD (-(1 << 20))
 int iotring_resolve(const iotring_ctx *c, uint64_t pos, int force_pad) {
     uint8_t *h = REC(c, pos);
-    if (*R_POS(h) != pos) return -1;
+    if (*R_POS(h) != pos) return IOTRING_NOT_A_RECORD;
     uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)*R_LEN(h));
-    if ((pos & (c->cap - 1)) + rsz > c->cap) return -1;
-    int delivered = 0;
+    if ((pos & (c->cap - 1)) + rsz > c->cap) return IOTRING_NOT_A_RECORD;
+    int r;
     if (!force_pad && *R_TYPE(h) == D_TYPE_DATA && record_crc(c, h, 1) == *R_CRC(h)) {
-        delivered = 1;
-    } else {
-        if (*R_TYPE(h) == D_TYPE_DATA) __atomic_fetch_sub(U64(c, D_APPENDED_OFFSET), 1, __ATOMIC_RELAXED);
-        *R_TYPE(h) = D_TYPE_PAD;
-        *R_CRC(h) = record_crc(c, h, 0);
+        if (c->test_flags & IOTRING_LEGACY_RESOLVE) {  /* tests only: the pre-issue-12 order */
+            STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
+            persist_range(c, (uintptr_t)h, D_RECORD_HEADER_LENGTH);
+            return 1;
+        }
+        r = persist_range(c, (uintptr_t)h, rsz);
+        if (r) return r;
+        STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
+        return 1;
     }
+    if (*R_TYPE(h) == D_TYPE_DATA) __atomic_fetch_sub(U64(c, D_APPENDED_OFFSET), 1, __ATOMIC_RELAXED);
+    *R_TYPE(h) = D_TYPE_PAD;
+    *R_CRC(h) = record_crc(c, h, 0);
     STORE_REL(R_STATE(h), (uint16_t)D_STATE_COMMITTED);
-    persist_range(c, (uintptr_t)h, D_RECORD_HEADER_LENGTH);
-    return delivered;
+    /* Not durable yet is harmless (recovery pads a torn claim itself), but an error is
+       reported all the same. */
+    r = persist_range(c, (uintptr_t)h, D_RECORD_HEADER_LENGTH);
+    return r ? r : 0;
 }
 
 /* Number of data records in [from, to); -1 if to is not a committed record boundary. */
@@ -673,10 +738,25 @@ int64_t iotring_count(const iotring_ctx *c, uint64_t from, uint64_t to) {
     return pos == to ? n : -1;
 }
 
-int iotring_pop(const iotring_ctx *c, uint64_t to, uint64_t ndata) {
+/* Pop: store the head (+ popped), persist that line, and only then publish the free
+   head producers claim from.  A power cut before the persist returned finds the old
+   head AND no producer has reused the space, so recovery's window [head, head + cap)
+   holds only records of the current lap.  On a persist error the free head is not
+   moved (the space stays unusable until a later pop persists).  TEST HOOK: stage 1
+   stops before the persist (a consumer frozen there). */
+int iotring_pop_staged(const iotring_ctx *c, uint64_t to, uint64_t ndata, int stage) {
     __atomic_fetch_add(U64(c, D_POPPED_OFFSET), ndata, __ATOMIC_RELAXED);
     STORE_REL(U64(c, D_HEAD_OFFSET), to);
-    return persist_range(c, (uintptr_t)P(c, D_CONSUMER_LINE_OFFSET), D_CACHE_LINE);
+    if (c->test_flags & IOTRING_LEGACY_HEAD) STORE_REL(U64(c, D_FREE_HEAD_OFFSET), to);
+    if (stage == 1) return 0;
+    int r = persist_range(c, (uintptr_t)P(c, D_CONSUMER_LINE_OFFSET), D_CACHE_LINE);
+    if (r) return r;
+    STORE_REL(U64(c, D_FREE_HEAD_OFFSET), to);
+    return 0;
+}
+
+int iotring_pop(const iotring_ctx *c, uint64_t to, uint64_t ndata) {
+    return iotring_pop_staged(c, to, ndata, 0);
 }
 
 /* 1: a committed data record is at or after pos (past committed padding);
@@ -778,6 +858,8 @@ int iotring_recover(const iotring_ctx *c, uint64_t *out_tail, uint64_t *out_coun
         }
     }
     *U64(c, D_TAIL_OFFSET) = pos;
+    *U64(c, D_FREE_HEAD_OFFSET) = head;
+    *U64(c, D_EPOCH_OFFSET) += 1;   /* a new incarnation: see "Power loss" in docs/ring.md */
     *U64(c, D_APPENDED_OFFSET) = *U64(c, D_POPPED_OFFSET) + count;
     *U32(c, D_FUTEX_OFFSET) = 0;
     *U32(c, D_WAITERS_OFFSET) = 0;

@@ -10,8 +10,8 @@ from __future__ import annotations
 from node.ring.errors import RingError
 
 try:
-    from node.ring._chelper import ffi, lib  # type: ignore[import-not-found]
-    from node.ring._gather import append_list  # type: ignore[import-not-found]
+    from node.ring._chelper import ffi, lib  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from node.ring._gather import append_list  # type: ignore[import-not-found,import-untyped,unused-ignore]
 except ImportError as exc:  # pragma: no cover - a build problem, not a runtime path
     raise RingError(
         f"the ring's C helpers (node.ring._chelper, node.ring._gather) are not built ({exc});"

@@ -12,6 +12,12 @@ is_pmem), with two implementations:
 * :class:`MmapMapping` -- Python :mod:`mmap` + ``msync`` (through the C helper):
   backend ``"mmap"``, used where libpmem is not installed.  Same file format, same
   guarantees.  PMDK upstream is archived; this path stands on its own.
+* :class:`SimMapping` -- TESTS ONLY, the power-loss simulator (backend ``"sim"``,
+  refused unless ``IOTNODE_RING_POWERSIM=1``; with that variable ``"auto"`` selects it
+  too, so a whole node under test uses it).  A persist copies the whole cache lines
+  (``IOTNODE_RING_POWERSIM_MODEL=pmem``, the default) or pages (``=msync``) it covers
+  from the live mapping into ``<ring>.durable``, the durable image;
+  :mod:`node.ring.powersim` builds post-crash images from the two files.
 
 The C helper does the persisting on the hot path: each mapping exposes
 ``persist_mode`` / ``persist_fn`` (a function pointer as an integer) for it.
@@ -29,13 +35,18 @@ from node.ring.errors import RingBackendError
 
 log = logging.getLogger("node.ring")
 
-BACKENDS = ("auto", "pmem", "msync", "mmap")
+BACKENDS = ("auto", "pmem", "msync", "mmap", "sim")
+POWERSIM_ENV = "IOTNODE_RING_POWERSIM"            # "1": backend "sim" allowed, and chosen by "auto"
+POWERSIM_MODEL_ENV = "IOTNODE_RING_POWERSIM_MODEL"  # "pmem" (64-byte lines, default) | "msync" (pages)
+SIM_UNITS = {"pmem": 64, "msync": mmap.PAGESIZE}
+DURABLE_SUFFIX = ".durable"
 
 # persist_mode values understood by the C helper
 PERSIST_NONE = 0
 PERSIST_VOID_FN = 1   # void fn(const void *, size_t): pmem_persist
 PERSIST_INT_FN = 2    # int fn(const void *, size_t): pmem_msync
 PERSIST_MSYNC = 3     # msync in the helper
+PERSIST_SIM = 4       # power simulator: copy the persisted units into the durable image
 
 _PMEM_CDEF = """
 void *pmem_map_file(const char *path, size_t len, int flags, unsigned int mode, size_t *mapped_lenp, int *is_pmemp);
@@ -86,6 +97,9 @@ class Mapping:
     # non-temporally and flush just the header lines (0 elsewhere)
     flush_fn: int = 0
     drain_fn: int = 0
+    # power simulator only: the durable image's mapping and the persist unit
+    sim_base: int = 0
+    sim_unit: int = 0
 
     def persist(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` of the file durable (a no-op is never allowed)."""
@@ -94,6 +108,9 @@ class Mapping:
         ctx.persist_mode = self.persist_mode
         ctx.persist_fn = self.persist_fn
         ctx.pagesize = mmap.PAGESIZE
+        ctx.sim_base = self.sim_base
+        ctx.sim_size = self.size
+        ctx.sim_unit = self.sim_unit
         rc = lib.iotring_persist(ctx, offset, length)
         if rc:
             raise OSError(-rc, os.strerror(-rc))
@@ -167,11 +184,53 @@ class MmapMapping(Mapping):
             self._mm.close()
 
 
+class SimMapping(MmapMapping):
+    """TESTS ONLY: the live mapping of the ring plus its durable image ``<ring>.durable``.
+
+    The image is created from the ring file when missing (the file itself was made
+    durable by fsync at creation) and mapped shared, so every process of a test
+    persists into the same image.
+    """
+
+    def __init__(self, path: str, fd: int, size: int) -> None:
+        model = os.environ.get(POWERSIM_MODEL_ENV, "pmem")
+        if model not in SIM_UNITS:
+            raise RingBackendError(f"{POWERSIM_MODEL_ENV}={model!r}: expected one of {', '.join(SIM_UNITS)}")
+        super().__init__(fd, size)
+        self.name = "sim"
+        self.model = model
+        self.persist_mode = PERSIST_SIM
+        self.sim_unit = SIM_UNITS[model]
+        durable = path + DURABLE_SUFFIX
+        dfd = os.open(durable, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(dfd).st_size != size:
+                os.ftruncate(dfd, size)
+                os.pwrite(dfd, os.pread(fd, size, 0), 0)
+            self._dmm = mmap.mmap(dfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(dfd)
+        self._dbuf = ffi.from_buffer("char[]", self._dmm, require_writable=True)
+        self.sim_base = int(ffi.cast("uintptr_t", self._dbuf))
+
+    def close(self) -> None:
+        if self._open:
+            ffi.release(self._dbuf)
+            self._dmm.close()
+        super().close()
+
+
 def open_mapping(path: str, fd: int, size: int, backend: str) -> Mapping:
     """Map ``path`` (already open as ``fd``, ``size`` bytes) with the chosen backend.
 
-    ``auto``: libpmem when it loads (``pmem`` or ``msync``), else ``mmap``.
+    ``auto``: libpmem when it loads (``pmem`` or ``msync``), else ``mmap``; the power
+    simulator instead when ``IOTNODE_RING_POWERSIM=1`` (tests only).
     """
+    sim_allowed = os.environ.get(POWERSIM_ENV) == "1"
+    if backend == "sim" or (backend == "auto" and sim_allowed):
+        if not sim_allowed:
+            raise RingBackendError(f"backend 'sim' is the test-only power simulator: set {POWERSIM_ENV}=1")
+        return SimMapping(path, fd, size)
     if backend == "mmap":
         return MmapMapping(fd, size)
     if backend == "auto":

@@ -20,15 +20,19 @@ File = one 4096-byte header page, then ``capacity`` data bytes (a power of two):
      +---------------------------------------------------------------+
   48 |                      created (u64, unix ns)                   |
      +---------------------------------------------------------------+
+  56 |     PID namespace (u64: inode of /proc/self/ns/pid at creation)  |
+     +---------------------------------------------------------------+
   64 |  claim mutex: robust, process-shared pthread_mutex_t (64 B)   |
      +---------------------------------------------------------------+
  128 |  tail (u64)   | appended (u64) |  ... producer line (64 B)    |
      +---------------------------------------------------------------+
- 192 |  head (u64)   | popped (u64)   |  ... consumer line (64 B)    |
+ 192 |  head (u64)   | popped (u64)   | free head (u64) | ... consumer |
      +---------------------------------------------------------------+
  256 |  futex (u32)  | waiters (u32)  |  ... wake line (64 B)        |
      +---------------------------------------------------------------+
- 320 |                      reserved (zero) up to 4096               |
+ 320 |  epoch (u64)  |  ... recovery line (64 B)                     |
+     +---------------------------------------------------------------+
+ 384 |                      reserved (zero) up to 4096               |
      +---------------------------------------------------------------+
 4096 |                      data: capacity bytes                     |
      +---------------------------------------------------------------+
@@ -57,6 +61,15 @@ record always fits at the wrap point)::
   (none for padding).  The state word is the commit marker: it is written last.
 * A header whose position differs from where it lies is stale (an earlier lap)
   or not yet written; no zeroing is needed on pop.
+* ``head`` is the durable head (recovery starts there); ``free head`` is the head
+  producers size their claims from.  ``pop`` stores and persists ``head`` first and
+  only then publishes ``free head``, so no producer reuses bytes whose release is
+  not yet durable (version 2; see "Power loss" in docs/ring.md).
+* ``epoch`` (the ring incarnation) is incremented and persisted by every recovery
+  (exclusive open), before any producer can claim: a position names one record only
+  within one epoch.
+* ``PID namespace`` is checked at every open: producer liveness is read from
+  ``/proc``, which only means something inside the namespace the ring was made in.
 * ``max_record`` = ``capacity // 4 - 32`` (capped at 1 GiB): a record plus a
   worst-case padding record always fit in an otherwise empty ring.
 """
@@ -68,7 +81,7 @@ from typing import NamedTuple
 
 # --------------------------------------------------------------------- file header
 MAGIC = b"IOTRING\x00"
-VERSION = 1
+VERSION = 2                 # 2: free head, epoch, PID namespace
 HEADER_SIZE = 4096          # data starts here (page aligned)
 CACHE_LINE = 64
 
@@ -81,6 +94,7 @@ FLAGS_OFFSET = MAX_RECORD_OFFSET + 4
 RING_ID_OFFSET = FLAGS_OFFSET + 4
 RING_ID_LENGTH = 16
 CREATED_OFFSET = RING_ID_OFFSET + RING_ID_LENGTH
+PIDNS_OFFSET = CREATED_OFFSET + 8
 MUTEX_OFFSET = 64
 MUTEX_SPACE = 64
 PRODUCER_LINE_OFFSET = MUTEX_OFFSET + MUTEX_SPACE        # 128
@@ -89,13 +103,16 @@ APPENDED_OFFSET = TAIL_OFFSET + 8
 CONSUMER_LINE_OFFSET = PRODUCER_LINE_OFFSET + CACHE_LINE  # 192
 HEAD_OFFSET = CONSUMER_LINE_OFFSET
 POPPED_OFFSET = HEAD_OFFSET + 8
+FREE_HEAD_OFFSET = POPPED_OFFSET + 8
 WAKE_LINE_OFFSET = CONSUMER_LINE_OFFSET + CACHE_LINE      # 256
 FUTEX_OFFSET = WAKE_LINE_OFFSET
 WAITERS_OFFSET = FUTEX_OFFSET + 4
+RECOVERY_LINE_OFFSET = WAKE_LINE_OFFSET + CACHE_LINE      # 320
+EPOCH_OFFSET = RECOVERY_LINE_OFFSET
 DATA_OFFSET = HEADER_SIZE
 
 # The static part written once at creation and checked at every open.
-_STATIC = struct.Struct("<8sIIQII16sQ8x")
+_STATIC = struct.Struct("<8sIIQII16sQQ")
 assert _STATIC.size == MUTEX_OFFSET
 
 # --------------------------------------------------------------------- record header
@@ -153,13 +170,15 @@ class FileHeader(NamedTuple):
     flags: int
     ring_id: bytes
     created_ns: int
+    pid_namespace: int
 
 
-def pack_file_header(capacity: int, ring_id: bytes, created_ns: int) -> bytes:
-    """The whole header page of a new, empty ring (head = tail = 0)."""
+def pack_file_header(capacity: int, ring_id: bytes, created_ns: int, pid_namespace: int) -> bytes:
+    """The whole header page of a new, empty ring (head = tail = 0, epoch 0)."""
     page = bytearray(HEADER_SIZE)
     _STATIC.pack_into(
-        page, 0, MAGIC, VERSION, HEADER_SIZE, capacity, max_record_for(capacity), 0, ring_id, created_ns
+        page, 0, MAGIC, VERSION, HEADER_SIZE, capacity, max_record_for(capacity), 0, ring_id, created_ns,
+        pid_namespace,
     )
     return bytes(page)
 
@@ -172,7 +191,8 @@ def c_defines() -> str:
     """The layout as C ``#define`` lines, compiled into the C helper."""
     names = [
         "HEADER_SIZE", "CACHE_LINE", "MUTEX_OFFSET", "MUTEX_SPACE", "TAIL_OFFSET", "APPENDED_OFFSET",
-        "HEAD_OFFSET", "POPPED_OFFSET", "CONSUMER_LINE_OFFSET", "FUTEX_OFFSET", "WAITERS_OFFSET",
+        "HEAD_OFFSET", "POPPED_OFFSET", "FREE_HEAD_OFFSET", "CONSUMER_LINE_OFFSET", "EPOCH_OFFSET",
+        "RECOVERY_LINE_OFFSET", "FUTEX_OFFSET", "WAITERS_OFFSET",
         "DATA_OFFSET", "RECORD_ALIGNMENT", "RECORD_HEADER_LENGTH", "REC_POS_OFFSET", "REC_LENGTH_OFFSET",
         "REC_TYPE_OFFSET", "REC_STATE_OFFSET", "REC_CRC_OFFSET", "REC_PID_OFFSET", "REC_TOKEN_OFFSET",
         "TYPE_DATA", "TYPE_PAD", "STATE_CLAIMED", "STATE_COMMITTED",

@@ -11,6 +11,8 @@ returns how many were appended); exceptions mean misuse or a damaged file::
     ├── RingBackendError                    the requested backend is unavailable (e.g. libpmem missing)
     ├── RingPersistError (also OSError)     persist (msync / pmem) failed: the records are NOT durable
     ├── RingPositionError (also ValueError) read/pop at a position that is not a valid record boundary
+    ├── RingNamespaceError                  ring created in another PID namespace (names both)
+    ├── RingSpaceError (also OSError)       ring file not fully allocated on disk (names path and bytes)
     ├── ConsumerBusy                        another process already consumes this ring (names the lock)
     └── RingClosed                          the ring or reader was used after close()
 """
@@ -77,3 +79,29 @@ class ConsumerBusy(RingError):
 
 class RingClosed(RingError):
     """The ring or reader was used after ``close()``."""
+
+
+class RingNamespaceError(RingError):
+    """The ring was created in another PID namespace: its producers' liveness cannot be read here."""
+
+    def __init__(self, path: str, found: int, expected: int) -> None:
+        self.path = path
+        self.found = found
+        self.expected = expected
+        super().__init__(
+            f"{path}: ring created in PID namespace {found} (inode of /proc/self/ns/pid), this process is in"
+            f" PID namespace {expected}; every producer and the consumer must share one PID namespace"
+        )
+
+
+class RingSpaceError(RingError, OSError):
+    """The ring file's blocks are not all allocated (sparse): a write could fail with ENOSPC."""
+
+    def __init__(self, path: str, needed: int, allocated: int) -> None:
+        self.path = path
+        self.needed = needed
+        self.allocated = allocated
+        super().__init__(
+            f"{path}: ring file needs {needed} bytes allocated on disk, only {allocated} are"
+            " (sparse or truncated file; recreate it, or free space and preallocate it with fallocate)"
+        )

@@ -7,7 +7,11 @@ removes anything: a record is released only by :meth:`Reader.pop`.
 A record claimed by a producer that is still alive (even one stopped with SIGSTOP)
 blocks the reader at that position until it is committed.  If its producer is dead
 (pid + start time, checked at most every few ms) the record is settled: delivered
-if its checksum holds, else turned into padding.
+if its checksum holds, else turned into padding (a delivered one is persisted whole
+first).  "Dead" needs positive evidence (see :mod:`node.ring.liveness`).
+
+Built on :class:`node.ring.mapped.MappedRing`, the open file it shares with its
+:class:`~node.ring.ring.Ring`; this module imports nothing else of the ring.
 """
 
 from __future__ import annotations
@@ -16,15 +20,13 @@ import fcntl
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Self
 
 from node.ring import descriptor as D
 from node.ring._native import ffi, lib
 from node.ring.errors import ConsumerBusy, RingClosed, RingCorrupt, RingPersistError, RingPositionError
 from node.ring.liveness import is_alive
-
-if TYPE_CHECKING:
-    from node.ring.ring import Ring
+from node.ring.mapped import MappedRing, open_lock_file
 
 log = logging.getLogger("node.ring")
 
@@ -33,6 +35,7 @@ _SCAN_END, _SCAN_LIMIT, _SCAN_BLOCKED, _SCAN_CORRUPT, _SCAN_BADCRC = range(5)
 
 LIVENESS_INTERVAL = 0.005  # seconds between /proc checks of one blocking claimer
 _MAX_SETTLE = 1024          # claims settled per read() call at most (bounded loop)
+_NOT_A_RECORD = -(1 << 20)  # iotring_resolve: no record header at that position
 
 
 class Record(NamedTuple):
@@ -42,21 +45,21 @@ class Record(NamedTuple):
 
 
 class Reader:
-    """The consumer side of a :class:`~node.ring.ring.Ring`."""
+    """The consumer side of a :class:`~node.ring.ring.Ring` (made by ``ring.reader()``)."""
 
-    def __init__(self, ring: "Ring") -> None:
+    def __init__(self, ring: MappedRing) -> None:
         if ring.closed:
             raise RingClosed(f"{ring.path}: ring is closed")
         self.ring = ring
         self.lock_path = ring.path + ".consumer"
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(self.lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise ConsumerBusy(self.lock_path) from None
         self._lock_fd = fd
-        self._ctx = ring._ctx
+        self._ctx = ring.ctx
         lib.iotring_reset_waiters(self._ctx)  # a killed consumer may have left waiters > 0
         self._cap = ring.capacity
         self._nbuf = 0
@@ -117,7 +120,7 @@ class Reader:
         start = pos
         self._grow(max_records)
         out: list[Record] = []
-        view = self.ring._view
+        view = self.ring.view
         mask = self._cap - 1
         base = D.DATA_OFFSET + D.RECORD_HEADER_LENGTH
         nbytes = 0
@@ -136,7 +139,7 @@ class Reader:
             if status == _SCAN_BLOCKED:
                 bpos, bpid, btoken = self._blk.pos, self._blk.pid, self._blk.token
                 if bpos == pos and len(out) < max_records and not self._alive(bpid, btoken):
-                    delivered = lib.iotring_resolve(self._ctx, bpos, 0)
+                    delivered = self._resolve(bpos, 0)
                     self.settled_dead += 1
                     log.warning(
                         "ring %s: producer pid %d died holding a claim at %d; record %s",
@@ -145,7 +148,7 @@ class Reader:
                     continue
                 break
             if status == _SCAN_BADCRC:
-                lib.iotring_resolve(self._ctx, pos, 1)
+                self._resolve(pos, 1)
                 self.skipped_corrupt += 1
                 log.error("ring %s: committed record at %d fails its checksum; skipped", self.ring.path, pos)
                 continue
@@ -158,13 +161,22 @@ class Reader:
                         f" (head {head}, tail {self.ring.tail}); reopen the ring to recover"
                     )
             break
-        if pos > self._cursor:
-            self._cursor = pos  # only forward: a replay of older records does not re-arm wait()
-        if pos > self._scanned:
-            self._scanned = pos
+        self._cursor = max(self._cursor, pos)  # only forward: a replay of older records does not re-arm wait()
+        self._scanned = max(self._scanned, pos)
         if not out and pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
             self._pop(pos, 0)  # only padding (or settled claims) before pos: release it
         return out
+
+    def _resolve(self, pos: int, force_pad: int) -> int:
+        """Settle the record at ``pos`` (iotring_resolve): 1 delivered, 0 padded, -1 no record there."""
+        rc = int(lib.iotring_resolve(self._ctx, pos, force_pad))
+        if rc == _NOT_A_RECORD:
+            return -1
+        if rc < 0:
+            raise RingPersistError(
+                -rc, f"{self.ring.path}: persisting the settled record at {pos} failed: {os.strerror(-rc)}"
+            )
+        return rc
 
     def _is_boundary(self, pos: int) -> bool:
         """True if a record starts at ``pos`` (walking the headers from the head)."""
@@ -176,6 +188,8 @@ class Reader:
         self._check()
         head = self.ring.head
         if to_pos <= head:
+            if self.ring.load(D.FREE_HEAD_OFFSET) < head:
+                self._pop(head, 0)  # an earlier pop's persist failed (or was interrupted): finish it
             return 0
         if to_pos > self._scanned:
             raise RingPositionError(f"pop to {to_pos}: beyond the last position read ({self._scanned})")
@@ -185,8 +199,7 @@ class Reader:
         if self._cursor > to_pos and lib.iotring_count(self._ctx, to_pos, self._cursor) == 0:
             to_pos = self._cursor  # release the padding that follows too
         self._pop(to_pos, n)
-        if self._cursor < to_pos:
-            self._cursor = to_pos
+        self._cursor = max(self._cursor, to_pos)
         return int(n)
 
     def _pop(self, to_pos: int, n: int) -> None:
@@ -257,7 +270,7 @@ class Reader:
         if getattr(self, "_lock_fd", -1) >= 0:
             self.close()
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

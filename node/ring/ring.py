@@ -15,38 +15,43 @@ Open: ``flock(LOCK_EX)`` on ``<ring>.lock`` serialises openers; if
 is recovered (every record from the head is checksum-verified, torn ones become
 padding, tail and counters recomputed, the claim mutex re-initialised); then every
 process holds ``LOCK_SH`` on the ring file for as long as it has it open.
+
+The open file, its mapping and the C context live in :mod:`node.ring.mapped`, which
+the ring and its :class:`~node.ring.reader.Reader` share (this module imports the
+reader; the reader imports only ``mapped``).  Power-loss ordering rules: see
+"Power loss" in ``docs/ring.md``.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
-import mmap
 import os
 import secrets
 import time
 import weakref
 from array import array
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Self
 
 from node.ring import descriptor as D
 from node.ring._native import APPEND_IOV, append_list, ffi, lib
-from node.ring.backend import BACKENDS, PERSIST_NONE, Mapping, open_mapping
+from node.ring.backend import BACKENDS
 from node.ring.errors import (
     RecordTooLarge,
     RingClosed,
     RingConfigError,
     RingCorrupt,
     RingError,
+    RingNamespaceError,
     RingPersistError,
+    RingSpaceError,
     RingVersionError,
 )
-from node.ring.liveness import identity
-
-if TYPE_CHECKING:
-    from node.ring.reader import Reader
+from node.ring.liveness import identity, pid_namespace
+from node.ring.mapped import MappedRing, fsync_directory, open_lock_file
+from node.ring.reader import Reader
 
 log = logging.getLogger("node.ring")
 
@@ -55,7 +60,7 @@ _TOO_LARGE = -(1 << 40)  # iotring_append: _TOO_LARGE - index when lens[index] >
 _BAD_LENGTHS = -(1 << 41)  # iotring_append_packed: lengths do not add up to the buffer
 _NOT_BYTES = -(1 << 42)  # append_list: item _NOT_BYTES - rc is not exactly bytes (general path instead)
 
-_open_rings: "weakref.WeakSet[Ring]" = weakref.WeakSet()
+_open_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -86,6 +91,7 @@ class Ring:
     max_record: int
     durability: str
     recovered: bool
+    epoch: int
 
     @classmethod
     def open(
@@ -94,13 +100,14 @@ class Ring:
         capacity: int = 64 << 20,
         durability: str = "power",
         backend: str = "auto",
-    ) -> "Ring":
+    ) -> Ring:
         """Open (creating if missing) the ring at ``path``.
 
         ``capacity`` (data bytes, a power of two) is used only when creating; an
         existing file keeps its own.  ``durability``: ``"power"`` persists before
         append returns; ``"process"`` skips the persist (survives process crashes,
-        not power loss).  ``backend``: ``"auto"`` | ``"pmem"`` | ``"msync"`` | ``"mmap"``.
+        not power loss).  ``backend``: ``"auto"`` | ``"pmem"`` | ``"msync"`` | ``"mmap"``
+        (``"sim"``: the test-only power simulator, see :mod:`node.ring.powersim`).
         """
         _check_capacity(capacity)
         if durability not in DURABILITIES:
@@ -120,40 +127,35 @@ class Ring:
         self.path = path
         self.durability = durability
         self._closed = True
-        self._fd = -1
-        self._map: Mapping | None = None
-        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._m: MappedRing | None = None
+        lock_fd = open_lock_file(path + ".lock")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             if not os.path.exists(path) or os.path.getsize(path) == 0:
                 self._create(path, capacity)
-            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                hdr = self._check_header(path, self._fd)
+                hdr = self._check_header(path, fd)
+                m = MappedRing(path, fd, hdr, backend)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._m = m
+            try:
                 if hdr.capacity != capacity:
                     log.warning(
                         "ring %s exists with capacity %d; requested %d ignored", path, hdr.capacity, capacity
                     )
-                self.capacity = hdr.capacity
-                self.max_record = hdr.max_record
-                self.ring_id = hdr.ring_id
-                self._map = open_mapping(path, self._fd, D.file_size(hdr.capacity), backend)
-                self.backend = self._map.name
-                self._view = self._map.view
-                self._ctx = ffi.new("iotring_ctx *")
-                self._ctx.base = self._map.address
-                self._ctx.cap = self.capacity
-                self._ctx.seed = lib.iotring_crc32c(0, self.ring_id, len(self.ring_id))
-                self._ctx.pagesize = mmap.PAGESIZE
-                self._ctx.max_record = self.max_record
-                self._ctx.persist_mode = self._map.persist_mode
-                self._ctx.persist_fn = self._map.persist_fn
-                self._ctx.flush_fn = self._map.flush_fn
-                self._ctx.drain_fn = self._map.drain_fn
+                self.capacity = m.capacity
+                self.max_record = m.max_record
+                self.ring_id = m.ring_id
+                self.backend = m.backend
+                self._ctx = m.ctx
                 self._set_identity(*identity())
                 self.recovered = self._recover_if_alone()
+                self.epoch = m.load(D.EPOCH_OFFSET)  # changes only at an exclusive open
                 if durability == "process":
-                    self._ctx.persist_mode = PERSIST_NONE
+                    m.skip_persist()
             except BaseException:
                 self._release()
                 raise
@@ -166,27 +168,36 @@ class Ring:
         self._out_first_addr = int(ffi.cast("uintptr_t", self._out_first))
         _open_rings.add(self)
         log.info(
-            "ring %s open: backend=%s capacity=%d max_record=%d durability=%s head=%d tail=%d%s",
-            path, self.backend, self.capacity, self.max_record, durability, self.head, self.tail,
+            "ring %s open: backend=%s capacity=%d max_record=%d durability=%s head=%d tail=%d epoch=%d%s",
+            path, self.backend, self.capacity, self.max_record, durability, self.head, self.tail, self.epoch,
             " (recovered)" if self.recovered else "",
         )
 
     @staticmethod
     def _create(path: str, capacity: int) -> None:
+        """Write a new ring durably: temp file (0600, every block allocated), fsync, rename, dir fsync."""
         tmp = f"{path}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        size = D.file_size(capacity)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.pwrite(fd, D.pack_file_header(capacity, secrets.token_bytes(D.RING_ID_LENGTH), time.time_ns()), 0)
-            os.ftruncate(fd, D.file_size(capacity))
+            header = D.pack_file_header(capacity, secrets.token_bytes(D.RING_ID_LENGTH), time.time_ns(), pid_namespace())
+            os.pwrite(fd, header, 0)
+            try:
+                os.posix_fallocate(fd, 0, size)  # no ENOSPC later inside a mapping (SIGBUS)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise RingSpaceError(path, size, os.fstat(fd).st_blocks * 512) from exc
+                zeros = bytes(1 << 20)  # a file system without fallocate: write the blocks
+                for off in range(D.HEADER_SIZE, size, len(zeros)):
+                    os.pwrite(fd, zeros[: min(len(zeros), size - off)], off)
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
         os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_directory(path)
         log.info("ring %s created with capacity %d", path, capacity)
 
     @staticmethod
@@ -206,16 +217,23 @@ class Ring:
             raise RingCorrupt(f"{path}: capacity {cap} in the header is not a valid power of two")
         if hdr.max_record != D.max_record_for(cap):
             raise RingCorrupt(f"{path}: max record {hdr.max_record}, expected {D.max_record_for(cap)}")
-        size = os.fstat(fd).st_size
-        if size != D.file_size(cap):
-            raise RingCorrupt(f"{path}: file is {size} bytes, a ring of capacity {cap} has {D.file_size(cap)}")
+        st = os.fstat(fd)
+        if st.st_size != D.file_size(cap):
+            raise RingCorrupt(f"{path}: file is {st.st_size} bytes, a ring of capacity {cap} has {D.file_size(cap)}")
+        if st.st_blocks * 512 < st.st_size:
+            raise RingSpaceError(path, st.st_size, st.st_blocks * 512)
+        here = pid_namespace()
+        if hdr.pid_namespace != here:
+            raise RingNamespaceError(path, hdr.pid_namespace, here)
         return hdr
 
     def _recover_if_alone(self) -> bool:
+        assert self._m is not None
+        fd = self._m.fd
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_SH)
             return False
         tail = ffi.new("uint64_t *")
         count = ffi.new("uint64_t *")
@@ -231,10 +249,11 @@ class Ring:
                 "ring %s: recovery turned %d torn or unfinished region(s) into padding", self.path, repaired[0]
             )
         log.info(
-            "ring %s recovered: %d record(s) from %d to %d",
+            "ring %s recovered: %d record(s) from %d to %d, epoch %d",
             self.path, count[0], lib.iotring_load64(self._ctx, D.HEAD_OFFSET), tail[0],
+            lib.iotring_load64(self._ctx, D.EPOCH_OFFSET),
         )
-        fcntl.flock(self._fd, fcntl.LOCK_SH)  # under the opener lock: nobody can slip in
+        fcntl.flock(fd, fcntl.LOCK_SH)  # under the opener lock: nobody can slip in
         return True
 
     def _set_identity(self, pid: int, token: int) -> None:
@@ -331,9 +350,9 @@ class Ring:
 
     # ------------------------------------------------------------------ counters (any process)
     def _load(self, offset: int) -> int:
-        if self._closed:
+        if self._closed or self._m is None:
             raise RingClosed(f"{self.path}: ring is closed")
-        return int(lib.iotring_load64(self._ctx, offset))
+        return self._m.load(offset)
 
     @property
     def head(self) -> int:
@@ -356,26 +375,23 @@ class Ring:
         return max(0, self._load(D.TAIL_OFFSET) - self._load(D.HEAD_OFFSET))
 
     # ------------------------------------------------------------------ consumer
-    def reader(self) -> "Reader":
+    def reader(self) -> Reader:
         """The single consumer of this ring (:class:`~node.ring.reader.Reader`).
 
         Calling it again on the same Ring returns the same reader while it is open;
         another Ring object (in this or another process) gets ConsumerBusy."""
-        from node.ring.reader import Reader
-
+        if self._closed or self._m is None:
+            raise RingClosed(f"{self.path}: ring is closed")
         if self._reader is not None and not self._reader.closed:
             return self._reader  # one consumer per ring: the same reader again
-        self._reader = Reader(self)
+        self._reader = Reader(self._m)
         return self._reader
 
     # ------------------------------------------------------------------ lifecycle
     def _release(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)  # drops LOCK_SH
-            self._fd = -1
+        if self._m is not None:
+            self._m.close()  # unmaps, closes the file (drops LOCK_SH)
+            self._m = None
 
     def close(self) -> None:
         if self._closed:
@@ -395,7 +411,7 @@ class Ring:
         if not getattr(self, "_closed", True):
             self.close()
 
-    def __enter__(self) -> "Ring":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -36,7 +36,7 @@ class Workers:
         self.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
     def start(self, role: str, *args: object) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{role}-{len(self.procs)}.out", "wb")
+        log = open(self.tmp / f"{role}-{len(self.procs)}.out", "wb")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.ring._workers", role, str(self.ring), self.backend, *map(str, args)],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -174,7 +174,7 @@ def test_whole_node_killed_recovers_acked_unpopped_records(tmp_path: Path, backe
             next_id += 1
         workers.start("consumer", log)
         started = [reports[i] for i in range(next_id - 3, next_id)]
-        wait_until(lambda: all(r.exists() for r in started), 60, what="producers appending")
+        wait_until(lambda started=started: all(r.exists() for r in started), 60, what="producers appending")
         time.sleep(rng.uniform(0.1, 0.6))
         procs = list(workers.procs)
         rng.shuffle(procs)

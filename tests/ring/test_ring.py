@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -44,7 +45,7 @@ def test_appended_records_are_read_in_order_with_positions(ring_path: Path, back
         recs = reader.read(ring.head)
         assert [r.payload for r in recs] == [b"one", b"two", b"", b"x" * 100]
         assert recs[0].pos == 0
-        for a, b in zip(recs, recs[1:]):
+        for a, b in itertools.pairwise(recs):
             assert a.end == b.pos
         assert recs[-1].end == ring.tail
         assert ring.depth == 4

@@ -1,0 +1,107 @@
+"""One open ring file as both sides of the ring use it: descriptor, mapping, C context.
+
+:class:`~node.ring.ring.Ring` (producers, open and recovery) and
+:class:`~node.ring.reader.Reader` (the consumer) share exactly this object and nothing
+else; ``ring.py`` imports ``reader.py``, which imports only this module (no cycle).
+It knows nothing of appending or reading: it holds the open file, its mapping, the
+C helper's context and reads the header counters.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+from node.ring import descriptor as D
+from node.ring._native import ffi, lib
+from node.ring.backend import PERSIST_NONE, Mapping, open_mapping
+from node.ring.errors import RingClosed
+
+
+class MappedRing:
+    """The mapped file of one open ring (owned by its :class:`~node.ring.ring.Ring`)."""
+
+    path: str
+    capacity: int
+    max_record: int
+    ring_id: bytes
+    backend: str
+    view: memoryview
+    ctx: Any  # cffi "iotring_ctx *"
+
+    def __init__(self, path: str, fd: int, header: D.FileHeader, backend: str) -> None:
+        self.path = path
+        self.fd = fd
+        self.capacity = header.capacity
+        self.max_record = header.max_record
+        self.ring_id = header.ring_id
+        self._map: Mapping | None = open_mapping(path, fd, D.file_size(header.capacity), backend)
+        self.backend = self._map.name
+        self.view = self._map.view
+        ctx = ffi.new("iotring_ctx *")
+        ctx.base = self._map.address
+        ctx.cap = self.capacity
+        ctx.seed = lib.iotring_crc32c(0, self.ring_id, len(self.ring_id))
+        ctx.pagesize = mmap.PAGESIZE
+        ctx.max_record = self.max_record
+        ctx.persist_mode = self._map.persist_mode
+        ctx.persist_fn = self._map.persist_fn
+        ctx.flush_fn = self._map.flush_fn
+        ctx.drain_fn = self._map.drain_fn
+        ctx.sim_base = self._map.sim_base
+        ctx.sim_size = self._map.size
+        ctx.sim_unit = self._map.sim_unit
+        self.ctx = ctx
+        self.closed = False
+
+    def skip_persist(self) -> None:
+        """``durability="process"``: from now on nothing is persisted (page cache only)."""
+        self.ctx.persist_mode = PERSIST_NONE
+
+    def load(self, offset: int) -> int:
+        """The u64 header word at ``offset`` (acquire load)."""
+        if self.closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        return int(lib.iotring_load64(self.ctx, offset))
+
+    @property
+    def head(self) -> int:
+        return self.load(D.HEAD_OFFSET)
+
+    @property
+    def tail(self) -> int:
+        return self.load(D.TAIL_OFFSET)
+
+    def close(self) -> None:
+        """Unmap and close the file (drops its ``LOCK_SH``)."""
+        self.closed = True
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def fsync_directory(path: str) -> None:
+    """fsync the directory holding ``path``, so a new entry in it survives a power cut."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def open_lock_file(path: str) -> int:
+    """Open the lock file ``path`` (mode 0600), creating it durably (directory fsynced) if missing."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fsync_directory(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
