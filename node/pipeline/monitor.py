@@ -131,7 +131,8 @@ class Monitor:
         self.ack_timeout = settings.monitor_ack_timeout
         self.ack_timeout_max = settings.monitor_ack_timeout_max
         self.coalesce = settings.pipeline_coalesce
-        self.window = Window(ring.ring_id, ring.head, settings.monitor_window)  # type: ignore[attr-defined]
+        # keyed by the ring's incarnation: a recovered ring is a new source for the router
+        self.window = Window(ring.incarnation, ring.head, settings.monitor_window)  # type: ignore[attr-defined]
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # Queue only on a live connection: a reconnect starts with an empty pipe and

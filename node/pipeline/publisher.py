@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 
 import zmq
@@ -45,7 +46,7 @@ from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
 from node.pipeline.inbox import take_queued
 from node.record import RecordError, device_id_of
-from node.ring.errors import RingError, RingPositionError
+from node.ring.errors import RingCorrupt, RingError, RingPositionError
 
 log = logging.getLogger("node.publisher")
 
@@ -59,6 +60,7 @@ HEARTBEAT_INTERVAL = 0.5  # s
 IDLE_POLL = 0.2  # s: longest block in poll (bounds SIGTERM latency)
 REPLAY_BUDGET = 64  # replay-socket messages handled per loop step
 SUBSCRIPTION_BUDGET = 4096  # XPUB subscription messages handled per loop step
+POP_MARKS = 64  # pop positions remembered for telling padding from released records
 SKIP_READS = 16  # ring reads per loop step while the live stream skips to the newest
 BAD_TOPIC = wire.device_topic("")  # a record whose envelope cannot be read still keeps its place
 # Plain-int flags: send_multipart ORs enum flags per frame, a measurable share per record.
@@ -104,7 +106,9 @@ class TopicFilter:
 class Publisher:
     def __init__(self, settings: Settings, ring: Any, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         self.ring = ring
-        self.ring_id: bytes = ring.ring_id
+        # FETCH/RECORDS/CONFIRM and the live stream name the ring by its incarnation
+        # (ring id + epoch): a durable subscriber's cursor never crosses a recovery.
+        self.ring_id: bytes = ring.incarnation
         self.reader = ring.reader()
         self.durable = tuple(settings.durable_subscribers)
         self.confirmed: dict[str, int] = {}
@@ -131,6 +135,9 @@ class Publisher:
         self.last_heartbeat = 0.0
         self.catching_up = False  # the live stream skips to the newest records first
         self._read_cache: tuple[int, list[Any]] | None = None  # one step's read, shared
+        # position popped to -> records popped before it; a FETCH below the head from
+        # such a position lost nothing if no record was popped since (only padding)
+        self.pop_marks: OrderedDict[int, int] = OrderedDict()
 
     # ------------------------------------------------------------------ ring reads
     def read(self, start: int, max_records: int, max_bytes: int) -> list[Any]:
@@ -270,10 +277,17 @@ class Publisher:
         if count:
             try:
                 records = self.read(start, count, FETCH_MAX_BYTES)
+            except RingCorrupt:
+                raise  # damaged beyond live repair: stop, so that a restart recovers the ring
             except RingError as exc:  # not a record boundary, beyond the tail: a confused peer
                 log.warning("FETCH from %d (head %d): %s: answered with no records", fetch.start, head, exc)
                 ERRORS.labels(stage="publisher", reason="bad_fetch").inc()
                 final = True
+        if mine and fetch.start < start and self.pop_marks.get(fetch.start) == self.ring.popped:
+            # Popped to fetch.start, then only wrap padding after it (the reader releases
+            # padding it has scanned): the answer goes on from where it was asked, so
+            # the subscriber does not take the padding for released records (a false gap).
+            start = fetch.start
         if not records and not final and fetch.wait and mine and count:
             return False
         ends = [rec.end for rec in records]
@@ -349,6 +363,9 @@ class Publisher:
             log.error("cannot pop to confirmed cursor %d: %s", target, exc)
             ERRORS.labels(stage="publisher", reason="bad_confirm").inc()
             return
+        self.pop_marks[target] = self.ring.popped
+        while len(self.pop_marks) > POP_MARKS:
+            self.pop_marks.popitem(last=False)
         self._read_cache = None
         if self.published < target:
             self.published = target  # already durable downstream: no need to publish it again

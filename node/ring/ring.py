@@ -355,6 +355,18 @@ class Ring:
         return self._m.load(offset)
 
     @property
+    def incarnation(self) -> bytes:
+        """``ring_id`` + ``epoch`` (8 bytes, big-endian): what peers key their state by.
+
+        A position names the same record only within one incarnation: a recovery
+        (a new epoch) may have turned records nobody saw into padding, and the next
+        appends reuse those positions.  The monitor -> router dedup, the publisher's
+        FETCH/RECORDS/CONFIRM and the store's cursor all use this identity, so a peer
+        never takes a position of an earlier incarnation for one of this.
+        """
+        return self.ring_id + self.epoch.to_bytes(8, "big")
+
+    @property
     def head(self) -> int:
         """Position of the oldest un-popped record."""
         return self._load(D.HEAD_OFFSET)
@@ -363,6 +375,11 @@ class Ring:
     def tail(self) -> int:
         """Position after the newest claimed record."""
         return self._load(D.TAIL_OFFSET)
+
+    @property
+    def popped(self) -> int:
+        """Records popped so far (padding not counted); recomputed by recovery."""
+        return self._load(D.POPPED_OFFSET)
 
     @property
     def depth(self) -> int:

@@ -36,7 +36,7 @@ def main() -> None:
             " (batches of <= %d records / %d bytes, window %d, ack timeout %gs..%gs)",
             path,
             ring.backend,
-            ring.ring_id.hex(),
+            ring.incarnation.hex(),
             ring.head,
             ring.tail,
             settings.router_connect_endpoint,

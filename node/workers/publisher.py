@@ -57,22 +57,28 @@ def run(settings: Settings, stop: threading.Event) -> None:
         "publisher: fan-in ring %s (%s, id %s, head %d, tail %d), XPUB %s, replay %s, durable subscribers %s",
         path,
         ring.backend,
-        ring.ring_id.hex(),
+        ring.incarnation.hex(),
         ring.head,
         ring.tail,
         settings.pub_endpoint,
         settings.replay_endpoint,
         ",".join(settings.durable_subscribers),
     )
+    failed: RingError | None = None
     try:
         while not stop.is_set():
             publisher.step()
+    except RingError as exc:  # e.g. RingCorrupt met serving a FETCH: only a recovery repairs it
+        failed = exc
     finally:
         stop.set()
         head = ring.head
         publisher.close()
         ctx.term()
         ring.close()
+    if failed is not None:
+        log.error("fan-in ring %s failed: %s; exiting so that the next start recovers it", path, failed)
+        raise SystemExit(1)
     log.info("publisher: stopped (published up to %d, head %d)", publisher.published, head)
 
 

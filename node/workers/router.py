@@ -39,7 +39,7 @@ def main() -> None:
             settings.ring_path("fanin"),
             ring.backend,
             ring.capacity,
-            ring.ring_id.hex(),
+            ring.incarnation.hex(),
             ring.tail,
             settings.router_gather_batches,
             settings.router_gather_bytes,

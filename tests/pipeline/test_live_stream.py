@@ -187,7 +187,7 @@ def test_a_restarted_publisher_releases_what_the_store_already_holds_without_new
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     publisher = Publisher(settings, ring, ctx)  # starts at the head: read nothing yet
     try:
-        publisher.on_confirm(wire.Confirm("store", ring.ring_id, ring.tail))  # the store holds it all
+        publisher.on_confirm(wire.Confirm("store", ring.incarnation, ring.tail))  # the store holds it all
         for _ in range(20):  # bounded: a few reads of up to 2,048 records each
             if ring.depth == 0:
                 break

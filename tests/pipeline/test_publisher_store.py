@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -254,7 +257,7 @@ def test_long_poll_fetch_is_parked_until_records_arrive_then_answered_at_once(pi
     pipeline.append(0, 10)
     replay = Replay(pipeline)
     try:
-        ring_id = pipeline.ring.ring_id
+        ring_id = pipeline.ring.incarnation
         replay.fetch(ring_id, 0, 100)
         first, _ = replay.answer(10)
         assert first is not None and len(first.records) == 10  # records exist: answered at once
@@ -323,7 +326,7 @@ def test_a_durable_subscriber_that_never_confirms_keeps_records_in_the_ring(
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as dealer:
         dealer.setsockopt(zmq.LINGER, 1000)
         dealer.connect(f"ipc://{data_dir.resolve()}/replay.sock")
-        dealer.send_multipart(wire.encode_confirm("audit", pipeline.ring.ring_id, tail))
+        dealer.send_multipart(wire.encode_confirm("audit", pipeline.ring.incarnation, tail))
         wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to be popped after audit confirmed")
     assert pipeline.ring.head == tail
 
@@ -344,16 +347,16 @@ def test_fetch_below_the_head_is_answered_from_the_head_and_a_probe_learns_the_r
         dealer.connect(f"ipc://{pipeline.data_dir.resolve()}/replay.sock")
         dealer.send_multipart(wire.encode_fetch(b"", 0, 0))
         probe = wire.decode_records(dealer.recv_multipart())
-        assert probe.ring == pipeline.ring.ring_id and probe.items == []
+        assert probe.ring == pipeline.ring.incarnation and probe.items == []
         head = pipeline.ring.head
-        dealer.send_multipart(wire.encode_fetch(pipeline.ring.ring_id, 0, 5))
+        dealer.send_multipart(wire.encode_fetch(pipeline.ring.incarnation, 0, 5))
         answer = wire.decode_records(dealer.recv_multipart())
         # Confused requests (not a record boundary, far beyond the tail) get an empty answer.
         for bad_from in (head + 7, pipeline.ring.tail + (1 << 30)):
-            dealer.send_multipart(wire.encode_fetch(pipeline.ring.ring_id, bad_from, 5))
+            dealer.send_multipart(wire.encode_fetch(pipeline.ring.incarnation, bad_from, 5))
             assert wire.decode_records(dealer.recv_multipart()).items == []
         dealer.send_multipart([b"NONSENSE", b"\xc1"])
-        dealer.send_multipart(wire.encode_fetch(pipeline.ring.ring_id, head, 1))
+        dealer.send_multipart(wire.encode_fetch(pipeline.ring.incarnation, head, 1))
         assert len(wire.decode_records(dealer.recv_multipart()).items) == 1
     assert processes_alive(pipeline, "publisher")
     assert answer.start == head > 0 and answer.ask == 0
@@ -540,3 +543,141 @@ def test_ring_wraps_with_padding_while_a_live_subscriber_listens_keep_the_publis
         reader.join(5)
         sub.close(linger=0)
         ctx.term()
+
+
+def test_a_caught_up_store_counts_no_gap_when_wrap_padding_is_released_after_its_cursor(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    """Issue 12: wrap padding after the store's cursor C can be released (the live
+    stream reads through it and pops it) before the store's next FETCH from C is
+    answered; that answer starts past the padding.  Only padding was released, so
+    ``iotnode_store_gaps_total`` -- the metric that means loss -- must stay 0."""
+    pipeline = make(data_dir, processes, request, NODE_FANIN_RING_BYTES=1 << 20)
+    pipeline.start("publisher")
+    pipeline.start("store")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")  # a live subscriber: the publisher streams every record
+    sub.connect(f"ipc://{data_dir.resolve()}/pub.sock")
+    rng = random.Random(12)
+    n = padded = 0
+    try:
+        wait_until(
+            lambda: "live subscriber subscribed" in processes.log("publisher"), 10, what="the subscription"
+        )
+        for _ in range(400):  # bounded: ~12 wraps of trickled ~64 KiB records, each wrap padded
+            if pipeline.ring.head > 12 * pipeline.ring.capacity:
+                break
+            data = {"i": n, "pad": "x" * rng.randint(40_000, 90_000)}
+            big = pack_record(f"dev{n % DEVICES}", n, None, 1_700_000_000.0 + n, data)
+            left = pipeline.ring.capacity - pipeline.ring.tail % pipeline.ring.capacity
+            padded += left < len(big) + 32
+            wait_until(lambda: pipeline.ring.append_batch([big]) == 1, 20, what="room")  # noqa: B023
+            n += 1
+            pipeline.wait_stored(n, timeout=20)  # caught up: its next FETCH waits at its cursor
+            while sub.poll(0):
+                sub.recv_multipart()
+        assert padded >= 8, f"only {padded} wraps with padding"
+        wait_until(lambda: pipeline.ring.depth == 0, 10, what="the ring to drain")
+        assert pipeline.metric("iotnode_store_gaps_total", "NODE_METRICS_PORT_STORE") == 0
+        assert "released before the store had them" not in processes.log("store")
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+
+
+def test_a_fetch_from_the_cursor_before_released_wrap_padding_is_answered_from_the_cursor(
+    data_dir: Path, processes: Processes, request: pytest.FixtureRequest
+) -> None:
+    """Issue 12, made deterministic: the store's cursor C sits right before wrap padding
+    whose next record is still claimed (a stopped producer), the publisher's read of the
+    parked FETCH(C) scans through the padding, and CONFIRM(C) pops past it.  The answer,
+    once the record is settled, must start at C: only padding lies between C and the
+    head, and a later start is what the store counts as records lost
+    (``iotnode_store_gaps_total``)."""
+    pipeline = make(data_dir, processes, request, NODE_FANIN_RING_BYTES=1 << 20)
+    pipeline.start("publisher")  # no store: the test is the durable subscriber "store"
+    ring = pipeline.ring
+    cap = ring.capacity
+    big = b"b" * ring.max_record  # a record of cap/4 bytes with its header
+    assert ring.append_batch([big, big, big, b"c" * (ring.max_record - 32)]) == 4
+    cursor = ring.tail
+    assert cursor == cap - 32  # 32 bytes left before the wrap: the next record pads them
+    replay = Replay(pipeline)
+    ready = data_dir / "claimed"
+    claimer: subprocess.Popen[bytes] | None = None
+    try:
+        inc = ring.incarnation
+        replay.fetch(inc, 0, 100)
+        first, _ = replay.answer(10)
+        assert first is not None and first.next == cursor and len(first.records) == 4
+        replay.sock.send_multipart(wire.encode_confirm("store", inc, first.ends[0]))  # room for the claim
+        wait_until(lambda: ring.head == first.ends[0], 10, what="the first record popped")
+        worker = [
+            "-m",
+            "tests.ring._workers",
+            "claimer",
+            str(data_dir / "fanin.ring"),
+            "auto",
+            "1",
+            str(ready),
+        ]
+        claimer = subprocess.Popen([sys.executable, *worker], env=pipeline.env)
+        wait_until(ready.exists, 15, what="the claim after the padding")
+        replay.fetch(inc, cursor, 100)  # parked: the publisher's read passes the padding, stops at the claim
+        parked, _ = replay.answer(0.3)
+        assert parked is None
+        replay.sock.send_multipart(wire.encode_confirm("store", inc, cursor))
+        wait_until(lambda: ring.head > cursor, 10, what="the pop to the cursor and the padding after it")
+        assert ring.head == cap
+        claimer.kill()  # the claim is settled (its checksum holds): delivered
+        claimer.wait(10)
+        answer, _ = replay.answer(10)
+        assert answer is not None and answer.ask == cursor
+        assert answer.start == cursor, f"answered from {answer.start}: the store would count a gap"
+        assert len(answer.records) == 1 and answer.ends == [answer.next]
+    finally:
+        if claimer is not None and claimer.poll() is None:
+            claimer.kill()
+            claimer.wait(10)
+        replay.close()
+
+
+def test_a_corrupt_record_met_serving_a_fetch_stops_the_publisher_so_a_restart_recovers_it(
+    pipeline: Pipeline,
+) -> None:
+    """Issue 12: RingCorrupt while answering a FETCH is not a confused peer: the publisher
+    exits non-zero (logged), and the next start recovers the ring and serves again."""
+    pipeline.start("publisher")  # no store: the test is the durable subscriber
+    ring = pipeline.ring
+    assert ring.append_batch([envelope(i) for i in range(3)]) == 3
+    replay = Replay(pipeline)
+    try:
+        replay.fetch(ring.incarnation, 0, 1, wait=False)
+        first, _ = replay.answer(10)
+        assert first is not None and len(first.records) == 1
+        second = first.next  # the second record's header: smash it
+        with open(pipeline.data_dir / "fanin.ring", "r+b") as fh:
+            fh.seek(4096 + second)
+            fh.write(b"\xff" * 32)
+        replay.fetch(ring.incarnation, second, 10, wait=False)
+        proc = pipeline.processes.procs["publisher"]
+        assert proc.wait(20) == 1
+        log = pipeline.processes.log("publisher")
+        assert "failed" in log and "no valid record header" in log and "Traceback" not in log
+    finally:
+        replay.close()
+    pipeline.close()  # the test's own mapping: the restarted publisher must be alone to recover
+    pipeline._ring = None
+    pipeline.start("publisher")
+    ring = pipeline.ring
+    assert ring.append_batch([envelope(9)]) == 1
+    replay = Replay(pipeline)
+    try:
+        replay.fetch(ring.incarnation, 0, 100, wait=False)
+        answer, _ = replay.answer(10)
+        # recovery padded the smashed record only: the records around it are kept
+        assert answer is not None and [unpack_record(r).seq for r in answer.records] == [0, 2, 9]
+    finally:
+        replay.close()
