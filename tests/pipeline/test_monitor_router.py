@@ -368,3 +368,41 @@ def test_monitor_batch_size_window_and_ack_timeout_come_from_configuration(
         sock.close(linger=0)
         ctx.term()
         producer.close()
+
+
+def test_a_front_ring_restored_to_an_older_image_is_a_new_source_for_a_running_router(
+    stages: Callable[..., Stages],
+) -> None:
+    """Issue 12, the cross-node loss: a router keeps its per-source dedup state while a
+    front node's ingress ring comes back with a lower tail (an older image of the file,
+    as a power cut could leave before the ring's fixes), and new records reuse the
+    positions above it.  The monitor names its ring by the incarnation (ring id + the
+    epoch that every recovery bumps): the router takes it for a new source and drops
+    nothing.  Keyed by the ring id alone, it acked them as duplicates and they were lost."""
+    s = stages()
+    s.start("router")
+    s.start("monitor")
+    producer = IngressProducer(s.ingress_path, pad=200)
+    consumer = FaninConsumer(s.fanin_path)
+    try:
+        producer.append(50)
+        consumer.until_distinct(50)
+        image = s.ingress_path.read_bytes()  # the ring with 50 records appended
+        producer.append(50)
+        consumer.until_distinct(100)  # the router's dedup state now says "known up to record 100"
+        s.processes.kill("monitor")
+        producer.close()
+        s.ingress_path.write_bytes(image)  # the front node boots on an older image
+        s.start("monitor", "-2")  # recovers the ring alone: a new epoch
+        wait_until(lambda: "forwarding ingress ring" in s.processes.log("monitor-2"), 15, what="the monitor")
+        late = IngressProducer(s.ingress_path, pad=200, prefix="late")
+        late.append(50)  # at positions the router already saw for the old incarnation
+        want = set(late.sent)
+        wait_until(
+            lambda: consumer.drain() >= 0 and want <= set(consumer.got),
+            30,
+            what="the late records downstream",
+        )
+        late.close()
+    finally:
+        consumer.close()
