@@ -114,3 +114,20 @@ def test_unopenable_store_path_names_the_path(tmp_path: Path) -> None:
     s = SqliteSink(tmp_path / "missing-dir" / "store.sqlite3")
     with pytest.raises(SinkError, match="missing-dir"):
         s.open()
+
+
+@pytest.mark.parametrize(("durability", "level"), [("power", 2), ("process", 1)])
+def test_power_durability_commits_data_and_cursor_with_synchronous_full(
+    tmp_path: Path, durability: str, level: int
+) -> None:
+    """Issue 12: in power mode each write (rows and cursor, one transaction) is fsynced at
+    COMMIT (synchronous=FULL = 2): a cursor the store confirmed survives a power cut.
+    ``process`` mode keeps NORMAL (1): it survives process crashes only, as documented."""
+    s = SqliteSink(tmp_path / "store.sqlite3", durability)
+    s.open()
+    try:
+        assert s._conn().execute("PRAGMA synchronous").fetchone()[0] == level
+        s.write([Record("d", 1, None, 1.0, {"v": 1})], RING, 64)
+        assert s.cursor(RING) == 64
+    finally:
+        s.close()
