@@ -34,7 +34,7 @@ import zmq
 
 from node.config import Settings
 
-WAIT = 0.2  # s: longest single block, bounds how long close() waits for the thread
+WAIT = 5.0  # s: longest single block in the ring's wait (close() interrupts it)
 COALESCE = Settings.pipeline_coalesce  # s: from the first committed record to the poke (its one default)
 
 
@@ -76,8 +76,9 @@ class Doorbell:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self._armed.wait(WAIT):
-                continue
+            self._armed.wait()  # close() sets it too: no timed wake-ups while disarmed
+            if self._stop.is_set():
+                return
             if self._reader.wait(WAIT):
                 if self._coalesce:
                     self._stop.wait(self._coalesce)  # let a few more groups commit
@@ -89,6 +90,12 @@ class Doorbell:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * WAIT + 1)
+        self._armed.set()
+        for _ in range(50):  # bounded; again if the thread entered a wait after an interrupt
+            if self._reader is not None and not self._reader.closed:
+                self._reader.interrupt()
+            self._thread.join(timeout=0.1)
+            if not self._thread.is_alive():
+                break
         self._out.close(linger=0)
         self.inbox.close(linger=0)

@@ -1,4 +1,5 @@
-"""Taking what a stage's sockets have queued, without blocking: one loop for every stage.
+"""Taking what a stage's sockets have queued, without blocking: one loop for every stage;
+and the stop signal's fd in a stage's poller.
 
 A stage's poll loop wakes when a socket is readable, then handles a bounded number
 of queued messages (a budget, so one busy peer cannot starve the rest of the loop).
@@ -49,6 +50,17 @@ def take_queued(
         except wire.WireError as exc:
             log.warning("dropped a malformed %s message: %s", what, exc)
             ERRORS.labels(stage=stage, reason="wire").inc()
+    return True
+
+
+def register_stop(poller: zmq.Poller, stop: object) -> bool:
+    """Register the fd of ``stop`` (a :class:`node.workers.runtime.Stop`, readable once
+    SIGTERM/SIGINT arrived) in ``poller``, so a long idle poll returns at the signal.
+    Returns False for a plain ``threading.Event`` (tests): poll on a short timeout then."""
+    fd = getattr(stop, "fd", None)
+    if not isinstance(fd, int):
+        return False
+    poller.register(fd, zmq.POLLIN)
     return True
 
 

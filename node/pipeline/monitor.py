@@ -37,11 +37,12 @@ from node.config import Settings
 from node.errors import NodeError
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
-from node.pipeline.inbox import socket_events
+from node.pipeline.inbox import register_stop, socket_events
 
 log = logging.getLogger("node.monitor")
 
-POLL_MS = 200
+POLL_MS = 200  # longest poll when a signal cannot wake it (a plain Event: tests)
+IDLE_POLL_MS = 5000  # longest poll when the stop fd wakes it at SIGTERM
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
 # libzmq never reconnects after the peer refused the handshake (ZAP denial, mechanism
@@ -288,12 +289,15 @@ class Monitor:
         )
         self.timeout = min(self.timeout * 2, self.ack_timeout_max)
 
-    def poll_ms(self) -> int:
+    def poll_ms(self, longest: int = POLL_MS) -> int:
+        """Until the oldest batch's ack timeout or a refused handshake's retry, at most ``longest``."""
+        due = [] if self.retry_at is None else [self.retry_at]
         oldest = self.window.oldest_sent()
-        if oldest is None:
-            return POLL_MS
-        left = oldest + self.timeout - time.monotonic()
-        return max(1, min(POLL_MS, int(left * 1000) + 1))
+        if oldest is not None:
+            due.append(oldest + self.timeout)
+        if not due:
+            return longest
+        return max(1, min(longest, int((min(due) - time.monotonic()) * 1000) + 1))
 
     # ---------------------------------------------------------------- loop
     def run(self, stop: threading.Event) -> None:
@@ -302,11 +306,12 @@ class Monitor:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
         poller.register(doorbell.inbox, zmq.POLLIN)
+        longest = IDLE_POLL_MS if register_stop(poller, stop) else POLL_MS
         try:
             while not stop.is_set():
                 if not doorbell.armed and self.fill():
                     doorbell.arm()
-                ready = dict(poller.poll(self.poll_ms()))
+                ready = dict(poller.poll(self.poll_ms(longest)))
                 if self.events in ready:
                     self.take_events()
                 if self.sock in ready:

@@ -44,7 +44,7 @@ from node import wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
-from node.pipeline.inbox import take_queued
+from node.pipeline.inbox import register_stop, take_queued
 from node.record import RecordError, device_id_of
 from node.ring.errors import RingCorrupt, RingError, RingPositionError
 
@@ -57,7 +57,8 @@ FETCH_MAX_BYTES = 2 << 20
 PARK_TIMEOUT = 0.5  # s: a parked FETCH is answered empty after this long
 MAX_PARKED = 64  # parked FETCHes (one per peer); beyond, answered at once
 HEARTBEAT_INTERVAL = 0.5  # s
-IDLE_POLL = 0.2  # s: longest block in poll (bounds SIGTERM latency)
+IDLE_POLL = 0.2  # s: longest block in poll when a signal cannot wake it (bounds SIGTERM latency)
+IDLE_POLL_WOKEN = 5.0  # s: the same once the stop fd is in the poller (watch_stop)
 REPLAY_BUDGET = 64  # replay-socket messages handled per loop step
 SUBSCRIPTION_BUDGET = 4096  # XPUB subscription messages handled per loop step
 POP_MARKS = 64  # pop positions remembered for telling padding from released records
@@ -126,6 +127,7 @@ class Publisher:
         self.poller.register(self.replay, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.poller.register(self.doorbell.inbox, zmq.POLLIN)
+        self.idle_poll = IDLE_POLL
         self.topics = TopicFilter()
         self.epoch = int.from_bytes(os.urandom(6), "big")  # this process's live-stream counters
         self.counts: dict[bytes, int] = {}  # messages published per topic (n)
@@ -138,6 +140,11 @@ class Publisher:
         # position popped to -> records popped before it; a FETCH below the head from
         # such a position lost nothing if no record was popped since (only padding)
         self.pop_marks: OrderedDict[int, int] = OrderedDict()
+
+    def watch_stop(self, stop: object) -> None:
+        """Wake the poll when ``stop``'s signal arrives: an idle step may then block longer."""
+        if register_stop(self.poller, stop):
+            self.idle_poll = IDLE_POLL_WOKEN
 
     # ------------------------------------------------------------------ ring reads
     def read(self, start: int, max_records: int, max_bytes: int) -> list[Any]:
@@ -383,7 +390,7 @@ class Publisher:
             self.doorbell.arm()  # records committed past the last read wake the poll
         if now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
             self.heartbeat()
-        timeout = min(IDLE_POLL, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
+        timeout = min(self.idle_poll, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
         if self.parked:
             timeout = min(timeout, max(0.0, min(d for _, d in self.parked.values()) - now))
         if n >= READ_RECORDS:

@@ -39,13 +39,14 @@ from node import curve, wire
 from node.config import Settings
 from node.errors import ConfigError, NodeError
 from node.metrics import ERRORS, MESSAGES
-from node.pipeline.inbox import socket_events
+from node.pipeline.inbox import register_stop, socket_events
 
 log = logging.getLogger("node.router")
 
 # ZeroMQ send queue bound for acks, in messages (the receive bound is NODE_ROUTER_RCVHWM).
 SNDHWM = 4096
-POLL_MS = 200
+POLL_MS = 200  # longest poll when a signal cannot wake it (a plain Event: tests)
+IDLE_POLL_MS = 5000  # longest poll when the stop fd wakes it at SIGTERM
 FULL_BACKOFF_MIN = 0.001
 FULL_BACKOFF_MAX = 0.05
 # Handshakes refused by the CURVE server itself (a peer without CURVE, or not knowing our
@@ -287,13 +288,14 @@ class Router:
         poller.register(self.sock, zmq.POLLIN)
         if self.events is not None:
             poller.register(self.events, zmq.POLLIN)
+        longest = IDLE_POLL_MS if register_stop(poller, stop) else POLL_MS
         while not stop.is_set():  # type: ignore[attr-defined]
             if self.pending:
                 if not self.flush():
                     stop.wait(self.backoff)  # type: ignore[attr-defined]
                     self.backoff = min(self.backoff * 2, FULL_BACKOFF_MAX)
                 continue
-            ready = dict(poller.poll(POLL_MS))
+            ready = dict(poller.poll(longest))
             if not ready:
                 continue
             if self.events is not None and self.events in ready:

@@ -40,7 +40,7 @@ import zmq
 from node import wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES, STORE_COMMIT_SECONDS, STORE_GAPS, STORE_LAG_SECONDS
-from node.pipeline.inbox import take_queued
+from node.pipeline.inbox import register_stop, take_queued
 from node.record import Record, RecordError, unpack_record
 from node.sinks.base import RecordRejected, Sink
 
@@ -55,7 +55,8 @@ EMPTY_RETRY = 0.5  # s: wait before asking again after an immediate empty answer
 SEND_RETRY = 0.05  # s: retry a FETCH the DEALER could not send (no connection: ZMQ_IMMEDIATE)
 QUICK_EMPTY = 0.05  # s: an empty answer faster than this was not a long-poll timeout
 CONFIRM_INTERVAL = 1.0  # s: re-confirm the cursor even when idle
-IDLE_POLL = 0.2  # s: longest block in poll (bounds SIGTERM latency)
+IDLE_POLL = 0.2  # s: longest block in poll when a signal cannot wake it (bounds SIGTERM latency)
+IDLE_POLL_WOKEN = 5.0  # s: the same once the stop fd is in the poller (watch_stop)
 DRAIN_BUDGET = 8  # answers handled per loop step before committing / polling
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -80,6 +81,7 @@ class Store:
         self.dealer.connect(settings.replay_endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
+        self.idle_poll = IDLE_POLL
 
         self.ring: bytes | None = None
         self.durable: int | None = None
@@ -229,6 +231,11 @@ class Store:
         except zmq.Again:
             pass  # the publisher is away; confirmed again within CONFIRM_INTERVAL
 
+    def watch_stop(self, stop: object) -> None:
+        """Wake the poll when ``stop``'s signal arrives: an idle step may then block longer."""
+        if register_stop(self.poller, stop):
+            self.idle_poll = IDLE_POLL_WOKEN
+
     # ------------------------------------------------------------------ loop
     def drain(self) -> None:
         """Handle the queued answers (a few at most: one FETCH is outstanding); commit when due."""
@@ -251,7 +258,9 @@ class Store:
             self.start_fetch()
         if now - self.last_confirm >= CONFIRM_INTERVAL:
             self.confirm()
-        timeout = min(IDLE_POLL, max(0.0, self.fetch_due - now))
+        timeout = max(
+            0.0, min(self.idle_poll, self.fetch_due - now, self.last_confirm + CONFIRM_INTERVAL - now)
+        )
         if self.dirty:
             timeout = max(0.0, min(timeout, self.pending_since + MAX_DELAY - now))
         if self.poller.poll(int(timeout * 1000)):

@@ -248,6 +248,18 @@ class Reader:
                 return False
         return False
 
+    def interrupt(self) -> None:
+        """Make a wait() blocked in another thread of this process return False now (for
+        its owner's shutdown: a doorbell thread may then wait long without bounding it)."""
+        self._check()
+        self._ctx.cancel = 1
+        lib.iotring_wake_all(self._ctx)
+        for _ in range(2000):  # bounded: a woken wait returns within microseconds
+            if not self._waiting:
+                break
+            time.sleep(0.001)
+        self._ctx.cancel = 0
+
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Release the consumer lock.  A wait() blocked in another thread returns False."""

@@ -64,6 +64,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
         settings.replay_endpoint,
         ",".join(settings.durable_subscribers),
     )
+    publisher.watch_stop(stop)
     failed: RingError | None = None
     try:
         while not stop.is_set():

@@ -17,6 +17,7 @@ finish its current step and exit 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -39,6 +40,19 @@ def configure_logging(settings: Settings, name: str) -> None:
     )
 
 
+class Stop(threading.Event):
+    """Set by SIGTERM/SIGINT.  ``fd`` becomes readable when the signal arrives (the
+    interpreter's wakeup fd), so a stage that registers it in its poller wakes at once
+    instead of polling on a short timeout: an idle stage can block for seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write_fd, False)
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+
 def start(name: str) -> tuple[Settings, threading.Event]:
     settings = load_settings()
     configure_logging(settings, name)
@@ -55,7 +69,7 @@ def start(name: str) -> tuple[Settings, threading.Event]:
                 "cannot serve /metrics on %s:%s (%s=%s): %s", settings.host, port, var, port, exc
             )
             raise SystemExit(2) from None
-    stop = threading.Event()
+    stop = Stop()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()

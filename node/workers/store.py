@@ -31,6 +31,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
         raise SystemExit(1) from None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     store = Store(settings, sink, ctx)
+    store.watch_stop(stop)
     log.info(
         "store: %s, fetching from replay %s, durability %s",
         settings.store_path,

@@ -71,6 +71,9 @@ class FaninConsumer:
     def drain(self, pop: bool = True) -> int:
         n = 0
         for _ in range(1000):
+            # A pop releases the wrap padding after it too once the reader has scanned
+            # it (it stops at the record claimed after the padding): go on from the head.
+            self.pos = max(self.pos, self.ring.head)
             recs = self.reader.read(self.pos, max_records=4096, max_bytes=8 << 20)
             if not recs:
                 break
