@@ -223,9 +223,9 @@ class Store:
         self.confirm()
 
     def confirm(self) -> None:
+        self.last_confirm = time.monotonic()  # also with nothing to confirm: the next try is due then
         if self.ring is None or self.durable is None:
             return
-        self.last_confirm = time.monotonic()
         try:
             self.dealer.send_multipart(wire.encode_confirm(NAME, self.ring, self.durable), zmq.NOBLOCK)
         except zmq.Again:

@@ -452,11 +452,17 @@ def test_second_publisher_on_the_same_ring_exits_non_zero(pipeline: Pipeline) ->
     assert pipeline.processes.procs["publisher"].poll() is None
 
 
-def test_idle_stages_do_not_spin(pipeline: Pipeline) -> None:
+@pytest.mark.parametrize("records", [10, 0], ids=["after-records", "fresh-node"])
+def test_idle_stages_do_not_spin(pipeline: Pipeline, records: int) -> None:
+    """A fresh node too: its store has no cursor to confirm yet (it once spun there)."""
     pipeline.start("publisher")
     pipeline.start("store")
-    pipeline.append(0, 10)
-    pipeline.wait_stored(10)
+    if records:
+        pipeline.append(0, records)
+        pipeline.wait_stored(records)
+    else:
+        wait_until(lambda: "fetching from replay" in pipeline.processes.log("store"), 15, what="the store")
+        time.sleep(0.5)
 
     def cpu(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
