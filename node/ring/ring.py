@@ -91,7 +91,6 @@ class Ring:
     max_record: int
     durability: str
     recovered: bool
-    epoch: int
 
     @classmethod
     def open(
@@ -153,7 +152,7 @@ class Ring:
                 self._ctx = m.ctx
                 self._set_identity(*identity())
                 self.recovered = self._recover_if_alone()
-                self.epoch = m.load(D.EPOCH_OFFSET)  # changes only at an exclusive open
+                self._epoch = m.load(D.EPOCH_OFFSET)  # changes only at an exclusive open: read once
                 if durability == "process":
                     m.skip_persist()
             except BaseException:
@@ -353,6 +352,15 @@ class Ring:
         if self._closed or self._m is None:
             raise RingClosed(f"{self.path}: ring is closed")
         return self._m.load(offset)
+
+    @property
+    def epoch(self) -> int:
+        """The ring's incarnation: +1 (persisted) at every recovery, i.e. every exclusive open.
+
+        Fixed while this Ring is open (nobody can recover a ring others have open).  A
+        position names one record only within one epoch: key peers by (ring_id, epoch, pos).
+        """
+        return self._epoch
 
     @property
     def head(self) -> int:
