@@ -486,6 +486,20 @@ static void commit_all(const iotring_ctx *c, const uint32_t *lens, uint32_t k, u
     }
 }
 
+/* The k claimed records from p become padding (still claimed: commit_all follows). */
+static void pad_claims(const iotring_ctx *c, const uint32_t *lens, uint32_t k, uint64_t p) {
+    const uint64_t cap = c->cap, mask = cap - 1;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
+        if ((p & mask) + rsz > cap) p += cap - (p & mask);
+        uint8_t *h = REC(c, p);
+        *R_TYPE(h) = D_TYPE_PAD;
+        *R_CRC(h) = record_crc(c, h, 0);
+        p += rsz;
+    }
+    __atomic_fetch_sub(U64(c, D_APPENDED_OFFSET), k, __ATOMIC_RELAXED);
+}
+
 /* Outside the lock: payloads and checksums (stage >= 1), commit markers (stage 2).
    Payload i comes from srcs[i], or (srcs NULL) from src, the payloads back to back.
    Non-temporal stores (nt) are fenced before any commit marker is stored. */
@@ -585,8 +599,11 @@ static int64_t append_impl(const iotring_ctx *c, const uint8_t *buf, const uint8
     if (nt) persist_nt(c, lens, (uint32_t)k, start);
     else r = persist_positions(c, start, end);
     if (!(c->test_flags & IOTRING_LEGACY_COMMIT)) {
-        /* On a persist error the claims are still committed (this process lives on and
-           must not block the consumer forever); the caller gets -errno and must not ack. */
+        /* On a persist error the claims become padding (committed, so this live process
+           does not block the consumer): a reader never sees a record whose persist
+           failed, and the caller gets -errno and must not ack.  If the bytes reached
+           the media anyway, recovery may keep them (an unacked record: at-least-once). */
+        if (r) pad_claims(c, lens, (uint32_t)k, start);
         commit_all(c, lens, (uint32_t)k, start);
         wake_consumer(c);
     }

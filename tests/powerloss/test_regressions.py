@@ -148,7 +148,7 @@ def test_a_failing_persist_while_settling_a_dead_claim_raises_and_delivers_nothi
         assert [parse(r.payload) for r in reader.read()] == [1]
 
 
-def test_a_failing_append_persist_raises_and_a_failing_pop_persist_frees_nothing(shm_dir: Path) -> None:
+def test_a_failing_append_persist_raises_delivers_nothing_and_a_failing_pop_persist_frees_nothing(shm_dir: Path) -> None:
     path = shm_dir / "r.ring"
     with Ring.open(path, capacity=CAP, backend="sim") as ring:
         reader = ring.reader()
@@ -156,11 +156,15 @@ def test_a_failing_append_persist_raises_and_a_failing_pop_persist_frees_nothing
         with pytest.raises(RingPersistError, match="not durable"):
             ring.append(payload(1, 10))
         fail_persists(ring, False)
+        assert reader.read() == [] and ring.depth == 0  # never shown: it became padding
+        assert ring.append(payload(2, 10))
         recs = reader.read()
+        assert [parse(r.payload) for r in recs] == [2]
+        free = ring._load(D.FREE_HEAD_OFFSET)
         fail_persists(ring)
         with pytest.raises(RingPersistError, match="head"):
             reader.pop(recs[-1].end)
-        assert ring._load(D.FREE_HEAD_OFFSET) == 0  # producers may not reuse it yet
+        assert ring._load(D.FREE_HEAD_OFFSET) == free < recs[-1].end  # producers may not reuse it yet
         fail_persists(ring, False)
         assert reader.pop(recs[-1].end) == 0  # finishes the failed pop
         assert ring._load(D.FREE_HEAD_OFFSET) == ring.head == recs[-1].end
