@@ -52,6 +52,7 @@ class MappedRing:
         ctx.sim_base = self._map.sim_base
         ctx.sim_size = self._map.size
         ctx.sim_unit = self._map.sim_unit
+        ctx.sim_nt = self._map.sim_nt
         self.ctx = ctx
         self.closed = False
 
