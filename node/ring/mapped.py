@@ -68,11 +68,15 @@ class MappedRing:
 
     @property
     def head(self) -> int:
-        return self.load(D.HEAD_OFFSET)
+        if self.closed:  # inlined load(): on every read() and pop()
+            raise RingClosed(f"{self.path}: ring is closed")
+        return int(lib.iotring_load64(self.ctx, D.HEAD_OFFSET))
 
     @property
     def tail(self) -> int:
-        return self.load(D.TAIL_OFFSET)
+        if self.closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        return int(lib.iotring_load64(self.ctx, D.TAIL_OFFSET))
 
     def close(self) -> None:
         """Unmap and close the file (drops its ``LOCK_SH``)."""

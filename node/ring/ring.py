@@ -349,9 +349,9 @@ class Ring:
 
     # ------------------------------------------------------------------ counters (any process)
     def _load(self, offset: int) -> int:
-        if self._closed or self._m is None:
+        if self._closed:
             raise RingClosed(f"{self.path}: ring is closed")
-        return self._m.load(offset)
+        return int(lib.iotring_load64(self._ctx, offset))
 
     @property
     def epoch(self) -> int:
