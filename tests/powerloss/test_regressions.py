@@ -78,6 +78,29 @@ def test_space_freed_by_a_pop_is_reused_only_once_the_head_is_durable(shm_dir: P
         assert problems == []
 
 
+def test_a_pop_interrupted_before_publishing_is_finished_by_the_next_consumer_or_empty_read(
+    shm_dir: Path,
+) -> None:
+    path = shm_dir / "r.ring"
+    with Ring.open(path, capacity=CAP, backend="sim") as ring:
+        while ring.append(payload(1, 200)):
+            pass
+        reader = ring.reader()
+        recs = reader.read(max_records=1000)
+        pop_before_persist(reader, recs[-1].end)  # the consumer dies here
+        reader.close()
+        assert not ring.append(payload(2, 200))  # everything popped, yet full for producers
+        reader = ring.reader()  # its replacement
+        assert ring.append(payload(2, 200))
+        while ring.append(payload(2, 200)):
+            pass
+        recs = reader.read(max_records=1000)
+        pop_before_persist(reader, recs[-1].end)  # the same consumer, stuck once
+        assert not ring.append(payload(3, 200))
+        assert reader.read() == []  # nothing left to pop: an empty read finishes it
+        assert ring.append(payload(3, 200))
+
+
 # --------------------------------------------------------------------------- defect 2
 @pytest.mark.parametrize("legacy", [False, True], ids=["fixed", "legacy-commit-before-persist"])
 def test_a_reader_never_sees_a_record_before_its_persist_returned(shm_dir: Path, legacy: bool) -> None:
