@@ -335,8 +335,11 @@ class Ring:
         """TEST HOOK: claim ``payloads`` and stop as a producer killed mid-append would.
 
         ``stage`` -1: holding the claim mutex, tail not published; 0: only the claimed
-        headers are written; 1: payloads and checksums too, but no commit marker.
-        The caller must die right after.  Used by the crash tests; never by the node.
+        headers are written; 1: payloads and checksums too, but no commit marker and
+        nothing persisted; 2: everything before the persist (with the legacy-commit
+        test flag that includes the commit marker); 3: persisted, not committed.
+        The caller must die right after (or, under the power simulator, the power is
+        cut).  Used by the crash and power-loss tests; never by the node.
         """
         lens = array("I", map(len, payloads))
         rc = lib.iotring_append_partial(
