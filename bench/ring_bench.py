@@ -289,12 +289,27 @@ def micro(size: int, rounds: int, reps: int = 400) -> list[tuple[str, float, flo
             drain()
             for _ in range(length // len(packed) + 1):
                 raw(packed)
+        def cycle() -> int:  # the consumer's side too: read it back and pop it (head persisted)
+            if not ring.append(payloads[0]):
+                return 0
+            recs = reader.read()
+            reader.pop(recs[-1].end)
+            return 1
+
+        def raw_cycle() -> int:  # raw: the record's copy+persist and one persisted 8-byte head store
+            raw(payloads[0])
+            pm.pmem_memcpy_persist(addr, head_word, 8)
+            return 1
+
+        head_word = bytes(8)
         variants = {
             "raw batch": lambda: raw(packed),
             "append_batch(list)": lambda: ring.append_batch(payloads),
             "append_packed": lambda: ring.append_packed(packed, lens),
             "raw single": lambda: raw(payloads[0]),
             "append(single)": lambda: int(ring.append(payloads[0])),
+            "raw cycle": raw_cycle,
+            "append+read+pop": cycle,
         }
         best: dict[str, float] = {}
         for _ in range(rounds):
@@ -319,11 +334,12 @@ def micro(size: int, rounds: int, reps: int = 400) -> list[tuple[str, float, flo
         (f"append_batch {BATCH} x {size} B (list)", best["append_batch(list)"], best["raw batch"]),
         (f"append_packed {BATCH} x {size} B", best["append_packed"], best["raw batch"]),
         (f"append 1 x {size} B", best["append(single)"], best["raw single"]),
+        (f"append+read+pop 1 x {size} B", best["append+read+pop"], best["raw cycle"]),
     ]
 
 
 # ---------------------------------------------------------------------- main
-def main() -> None:  # noqa: C901
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=0.4, help="seconds per measurement (default 0.4)")
     ap.add_argument("--quick", action="store_true", help="256 B only, 1 and 2 producers")

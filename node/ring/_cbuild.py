@@ -48,6 +48,7 @@ typedef struct {
     uint64_t sim_size;     /*   its size (= the ring file's) */
     uint64_t sim_unit;     /*   what one persist makes durable around a range: 64 (pmem) or 4096 (msync) */
     int sim_eio;           /*   nonzero: every persist fails with EIO */
+    int sim_nt;            /*   nonzero: every append takes the pmem non-temporal path (model "pmem-nt") */
     uint32_t test_flags;   /* TESTS ONLY: IOTRING_LEGACY_* orderings the power simulator must catch */
 } iotring_ctx;
 
@@ -396,7 +397,7 @@ typedef struct {
 static inline int use_nt(const iotring_ctx *c) {
     if (!__atomic_load_n(&crc_ready, __ATOMIC_ACQUIRE)) crc_init();
 #if defined(__x86_64__)
-    return c->persist_mode == 1 && c->flush_fn && c->drain_fn && crc_hw;
+    return ((c->persist_mode == 1 && c->flush_fn && c->drain_fn) || (c->persist_mode == 4 && c->sim_nt)) && crc_hw;
 #else
     (void)c;
     return 0;
@@ -486,6 +487,20 @@ static void commit_all(const iotring_ctx *c, const uint32_t *lens, uint32_t k, u
     }
 }
 
+/* The k claimed records from p become padding (still claimed: commit_all follows). */
+static void pad_claims(const iotring_ctx *c, const uint32_t *lens, uint32_t k, uint64_t p) {
+    const uint64_t cap = c->cap, mask = cap - 1;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t rsz = ALIGN_UP(D_RECORD_HEADER_LENGTH + (uint64_t)lens[i]);
+        if ((p & mask) + rsz > cap) p += cap - (p & mask);
+        uint8_t *h = REC(c, p);
+        *R_TYPE(h) = D_TYPE_PAD;
+        *R_CRC(h) = record_crc(c, h, 0);
+        p += rsz;
+    }
+    __atomic_fetch_sub(U64(c, D_APPENDED_OFFSET), k, __ATOMIC_RELAXED);
+}
+
 /* Outside the lock: payloads and checksums (stage >= 1), commit markers (stage 2).
    Payload i comes from srcs[i], or (srcs NULL) from src, the payloads back to back.
    Non-temporal stores (nt) are fenced before any commit marker is stored. */
@@ -522,11 +537,18 @@ static void fill(const iotring_ctx *c, const uint8_t *src, const uint8_t *const 
    the non-temporal stores. */
 typedef struct { uintptr_t from, to; } span_t;
 
+/* pmem_flush of [from, to); in the power simulator, the lines it makes durable (at the
+   drain that follows) are copied into the durable image instead. */
+static void flush_span(const iotring_ctx *c, uintptr_t from, uintptr_t to) {
+    if (c->persist_mode == 4) { persist_range(c, from, to - from); return; }
+    ((void (*)(const void *, size_t))c->flush_fn)((const void *)from, to - from);
+}
+
 static void span_add(const iotring_ctx *c, span_t *s, uintptr_t from, uintptr_t to) {
     from &= ~(uintptr_t)(D_CACHE_LINE - 1);
     to = (to + D_CACHE_LINE - 1) & ~(uintptr_t)(D_CACHE_LINE - 1);
     if (s->to > s->from && from <= s->to && from >= s->from) { if (to > s->to) s->to = to; return; }
-    if (s->to > s->from) ((void (*)(const void *, size_t))c->flush_fn)((const void *)s->from, s->to - s->from);
+    if (s->to > s->from) flush_span(c, s->from, s->to);
     s->from = from;
     s->to = to;
 }
@@ -545,6 +567,7 @@ static void persist_nt(const iotring_ctx *c, const uint32_t *lens, uint32_t k, u
         uintptr_t h = (uintptr_t)hp, end = h + D_RECORD_HEADER_LENGTH + lens[i], a, b;
         nt_span(hp, lens[i], &a, &b);
         if (b > a) {   /* the split of copy_payload: [a, b) went non-temporal */
+            if (c->persist_mode == 4) persist_range(c, a, b - a);  /* simulator: durable at the drain */
             span_add(c, &s, h, a);
             if (end > b) span_add(c, &s, b, end);
         } else {
@@ -552,7 +575,8 @@ static void persist_nt(const iotring_ctx *c, const uint32_t *lens, uint32_t k, u
         }
         p += rsz;
     }
-    if (s.to > s.from) ((void (*)(const void *, size_t))c->flush_fn)((const void *)s.from, s.to - s.from);
+    if (s.to > s.from) flush_span(c, s.from, s.to);
+    if (c->persist_mode == 4) return;  /* the simulator: the non-temporal lines were copied above */
     ((void (*)(void))c->drain_fn)();
 }
 
@@ -574,7 +598,7 @@ static int64_t append_impl(const iotring_ctx *c, const uint8_t *buf, const uint8
     if (k <= 0) return k;
     /* Small appends (a single short record) keep ordinary stores + one pmem_persist:
        measured faster there (no sfence before the commit, nothing to split). */
-    int nt = end - start >= NT_MIN_BYTES && use_nt(c);
+    int nt = (end - start >= NT_MIN_BYTES || c->sim_nt) && use_nt(c);
     if (c->test_flags & IOTRING_LEGACY_COMMIT) {  /* tests only: the pre-issue-12 order */
         fill(c, buf, srcs, lens, (uint32_t)k, start, 2, nt);
         wake_consumer(c);
@@ -585,8 +609,11 @@ static int64_t append_impl(const iotring_ctx *c, const uint8_t *buf, const uint8
     if (nt) persist_nt(c, lens, (uint32_t)k, start);
     else r = persist_positions(c, start, end);
     if (!(c->test_flags & IOTRING_LEGACY_COMMIT)) {
-        /* On a persist error the claims are still committed (this process lives on and
-           must not block the consumer forever); the caller gets -errno and must not ack. */
+        /* On a persist error the claims become padding (committed, so this live process
+           does not block the consumer): a reader never sees a record whose persist
+           failed, and the caller gets -errno and must not ack.  If the bytes reached
+           the media anyway, recovery may keep them (an unacked record: at-least-once). */
+        if (r) pad_claims(c, lens, (uint32_t)k, start);
         commit_all(c, lens, (uint32_t)k, start);
         wake_consumer(c);
     }

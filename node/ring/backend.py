@@ -15,7 +15,9 @@ is_pmem), with two implementations:
 * :class:`SimMapping` -- TESTS ONLY, the power-loss simulator (backend ``"sim"``,
   refused unless ``IOTNODE_RING_POWERSIM=1``; with that variable ``"auto"`` selects it
   too, so a whole node under test uses it).  A persist copies the whole cache lines
-  (``IOTNODE_RING_POWERSIM_MODEL=pmem``, the default) or pages (``=msync``) it covers
+  (``IOTNODE_RING_POWERSIM_MODEL=pmem``, the default; ``=pmem-nt``: every append takes
+  the pmem backend's non-temporal path, whose flushed lines and non-temporal lines are
+  what it copies) or pages (``=msync``) it covers
   from the live mapping into ``<ring>.durable``, the durable image;
   :mod:`node.ring.powersim` builds post-crash images from the two files.
 
@@ -38,7 +40,7 @@ log = logging.getLogger("node.ring")
 BACKENDS = ("auto", "pmem", "msync", "mmap", "sim")
 POWERSIM_ENV = "IOTNODE_RING_POWERSIM"            # "1": backend "sim" allowed, and chosen by "auto"
 POWERSIM_MODEL_ENV = "IOTNODE_RING_POWERSIM_MODEL"  # "pmem" (64-byte lines, default) | "msync" (pages)
-SIM_UNITS = {"pmem": 64, "msync": mmap.PAGESIZE}
+SIM_UNITS = {"pmem": 64, "pmem-nt": 64, "msync": mmap.PAGESIZE}  # "pmem-nt": every append non-temporal
 DURABLE_SUFFIX = ".durable"
 
 # persist_mode values understood by the C helper
@@ -100,6 +102,7 @@ class Mapping:
     # power simulator only: the durable image's mapping and the persist unit
     sim_base: int = 0
     sim_unit: int = 0
+    sim_nt: int = 0
 
     def persist(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` of the file durable (a no-op is never allowed)."""
@@ -201,6 +204,7 @@ class SimMapping(MmapMapping):
         self.model = model
         self.persist_mode = PERSIST_SIM
         self.sim_unit = SIM_UNITS[model]
+        self.sim_nt = 1 if model == "pmem-nt" else 0
         durable = path + DURABLE_SUFFIX
         dfd = os.open(durable, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

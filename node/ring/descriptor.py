@@ -24,9 +24,9 @@ File = one 4096-byte header page, then ``capacity`` data bytes (a power of two):
      +---------------------------------------------------------------+
   64 |  claim mutex: robust, process-shared pthread_mutex_t (64 B)   |
      +---------------------------------------------------------------+
- 128 |  tail (u64)   | appended (u64) |  ... producer line (64 B)    |
+ 128 |  tail (u64)   | appended (u64) | free head (u64) | ... producer |
      +---------------------------------------------------------------+
- 192 |  head (u64)   | popped (u64)   | free head (u64) | ... consumer |
+ 192 |  head (u64)   | popped (u64)   |  ... consumer line (64 B)    |
      +---------------------------------------------------------------+
  256 |  futex (u32)  | waiters (u32)  |  ... wake line (64 B)        |
      +---------------------------------------------------------------+
@@ -100,10 +100,10 @@ MUTEX_SPACE = 64
 PRODUCER_LINE_OFFSET = MUTEX_OFFSET + MUTEX_SPACE        # 128
 TAIL_OFFSET = PRODUCER_LINE_OFFSET
 APPENDED_OFFSET = TAIL_OFFSET + 8
+FREE_HEAD_OFFSET = APPENDED_OFFSET + 8  # read by every claim; not in the line pop persists (no store miss)
 CONSUMER_LINE_OFFSET = PRODUCER_LINE_OFFSET + CACHE_LINE  # 192
 HEAD_OFFSET = CONSUMER_LINE_OFFSET
 POPPED_OFFSET = HEAD_OFFSET + 8
-FREE_HEAD_OFFSET = POPPED_OFFSET + 8
 WAKE_LINE_OFFSET = CONSUMER_LINE_OFFSET + CACHE_LINE      # 256
 FUTEX_OFFSET = WAKE_LINE_OFFSET
 WAITERS_OFFSET = FUTEX_OFFSET + 4

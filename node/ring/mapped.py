@@ -52,6 +52,7 @@ class MappedRing:
         ctx.sim_base = self._map.sim_base
         ctx.sim_size = self._map.size
         ctx.sim_unit = self._map.sim_unit
+        ctx.sim_nt = self._map.sim_nt
         self.ctx = ctx
         self.closed = False
 
@@ -67,11 +68,15 @@ class MappedRing:
 
     @property
     def head(self) -> int:
-        return self.load(D.HEAD_OFFSET)
+        if self.closed:  # inlined load(): on every read() and pop()
+            raise RingClosed(f"{self.path}: ring is closed")
+        return int(lib.iotring_load64(self.ctx, D.HEAD_OFFSET))
 
     @property
     def tail(self) -> int:
-        return self.load(D.TAIL_OFFSET)
+        if self.closed:
+            raise RingClosed(f"{self.path}: ring is closed")
+        return int(lib.iotring_load64(self.ctx, D.TAIL_OFFSET))
 
     def close(self) -> None:
         """Unmap and close the file (drops its ``LOCK_SH``)."""

@@ -74,6 +74,7 @@ class Reader:
         self._waiting = 0  # wait() calls in progress (a doorbell thread), see close()
         self.settled_dead = 0   # claims of dead producers delivered or padded
         self.skipped_corrupt = 0  # committed records whose checksum failed (never delivered)
+        self._finish_pop()  # a consumer killed inside pop() may have left the free head behind
 
     def _grow(self, n: int) -> None:
         if n > self._nbuf:
@@ -163,9 +164,22 @@ class Reader:
             break
         self._cursor = max(self._cursor, pos)  # only forward: a replay of older records does not re-arm wait()
         self._scanned = max(self._scanned, pos)
-        if not out and pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
-            self._pop(pos, 0)  # only padding (or settled claims) before pos: release it
+        if not out:
+            if pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
+                self._pop(pos, 0)  # only padding (or settled claims) before pos: release it
+            else:
+                self._finish_pop()
         return out
+
+    def _finish_pop(self) -> None:
+        """Persist and publish the head if an earlier pop did not get that far.
+
+        Its persist failed, or the previous consumer died between storing the head and
+        publishing the free head: producers would see the ring fuller than it is, and
+        with nothing left to pop, forever.  Checked when a read finds nothing."""
+        head = self.ring.head
+        if self.ring.load(D.FREE_HEAD_OFFSET) < head:
+            self._pop(head, 0)
 
     def _resolve(self, pos: int, force_pad: int) -> int:
         """Settle the record at ``pos`` (iotring_resolve): 1 delivered, 0 padded, -1 no record there."""
@@ -188,8 +202,7 @@ class Reader:
         self._check()
         head = self.ring.head
         if to_pos <= head:
-            if self.ring.load(D.FREE_HEAD_OFFSET) < head:
-                self._pop(head, 0)  # an earlier pop's persist failed (or was interrupted): finish it
+            self._finish_pop()  # an earlier pop's persist failed (or was interrupted)
             return 0
         if to_pos > self._scanned:
             raise RingPositionError(f"pop to {to_pos}: beyond the last position read ({self._scanned})")

@@ -91,7 +91,6 @@ class Ring:
     max_record: int
     durability: str
     recovered: bool
-    epoch: int
 
     @classmethod
     def open(
@@ -153,7 +152,7 @@ class Ring:
                 self._ctx = m.ctx
                 self._set_identity(*identity())
                 self.recovered = self._recover_if_alone()
-                self.epoch = m.load(D.EPOCH_OFFSET)  # changes only at an exclusive open
+                self._epoch = m.load(D.EPOCH_OFFSET)  # changes only at an exclusive open: read once
                 if durability == "process":
                     m.skip_persist()
             except BaseException:
@@ -336,8 +335,11 @@ class Ring:
         """TEST HOOK: claim ``payloads`` and stop as a producer killed mid-append would.
 
         ``stage`` -1: holding the claim mutex, tail not published; 0: only the claimed
-        headers are written; 1: payloads and checksums too, but no commit marker.
-        The caller must die right after.  Used by the crash tests; never by the node.
+        headers are written; 1: payloads and checksums too, but no commit marker and
+        nothing persisted; 2: everything before the persist (with the legacy-commit
+        test flag that includes the commit marker); 3: persisted, not committed.
+        The caller must die right after (or, under the power simulator, the power is
+        cut).  Used by the crash and power-loss tests; never by the node.
         """
         lens = array("I", map(len, payloads))
         rc = lib.iotring_append_partial(
@@ -350,9 +352,18 @@ class Ring:
 
     # ------------------------------------------------------------------ counters (any process)
     def _load(self, offset: int) -> int:
-        if self._closed or self._m is None:
+        if self._closed:
             raise RingClosed(f"{self.path}: ring is closed")
-        return self._m.load(offset)
+        return int(lib.iotring_load64(self._ctx, offset))
+
+    @property
+    def epoch(self) -> int:
+        """The ring's incarnation: +1 (persisted) at every recovery, i.e. every exclusive open.
+
+        Fixed while this Ring is open (nobody can recover a ring others have open).  A
+        position names one record only within one epoch: key peers by (ring_id, epoch, pos).
+        """
+        return self._epoch
 
     @property
     def incarnation(self) -> bytes:

@@ -18,6 +18,14 @@ import pytest
 from node.ring.backend import POWERSIM_ENV, POWERSIM_MODEL_ENV
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # hypothesis' failure report touches a deprecated mypy_extensions name; with
+    # filterwarnings = error that hides the falsifying example behind an INTERNALERROR.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )
+
+
 @pytest.fixture(autouse=True)
 def powersim(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(POWERSIM_ENV, "1")

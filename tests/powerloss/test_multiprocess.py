@@ -5,7 +5,7 @@ Four producer processes (two of them die inside appends now and then) share a
 reads and pops for a few ms, then every producer is frozen, a legal post-crash image
 is taken and recovered on a scratch copy (invariant in ``_sim.py``), and they go on.
 At the end the power is cut for real: every process killed, the image installed,
-the ring reopened.  ``IOTNODE_POWERSIM_ROUNDS`` (default 20) runs more.
+the ring reopened.  All three simulator models.  ``IOTNODE_POWERSIM_ROUNDS`` (default 20) runs more.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from node.ring import Ring
-from node.ring.backend import POWERSIM_ENV
+from node.ring.backend import POWERSIM_ENV, POWERSIM_MODEL_ENV
 from node.ring.powersim import crash_image, install_image
 
 from ._sim import Books, check_cut, parse
 
 ROUNDS = int(os.environ.get("IOTNODE_POWERSIM_ROUNDS", "20"))
 REPO = Path(__file__).resolve().parents[2]
+MODELS = {"pmem": 64, "pmem-nt": 64, "msync": 512}  # simulator model -> unit a cut keeps or loses
 
 
 def _stopped(pid: int) -> bool:
@@ -45,7 +48,12 @@ def _acked(reports: list[Path], books: Books) -> None:
                 books.ack((rid for rid in range(first, first + n) if rid not in books.acked), first >> 24)
 
 
-def test_producer_processes_frozen_at_random_instants_lose_nothing_acked(shm_dir: Path) -> None:
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_producer_processes_frozen_at_random_instants_lose_nothing_acked(
+    shm_dir: Path, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(POWERSIM_MODEL_ENV, model)  # inherited by the producers
+    granularity = MODELS[model]
     path = shm_dir / "mp.ring"
     scratch = shm_dir / "scratch.ring"
     rng = random.Random(int(os.environ.get("IOTNODE_POWERSIM_SEED", "12")))
@@ -95,7 +103,7 @@ def test_producer_processes_frozen_at_random_instants_lose_nothing_acked(shm_dir
                         break
                     time.sleep(0.001)
             _acked(reports, books)  # read after the freeze: every line is an append that returned
-            image = crash_image(path, rng, 64, rng.choice((0.0, 0.3, 0.7, 1.0)))
+            image = crash_image(path, rng, granularity, rng.choice((0.0, 0.3, 0.7, 1.0)))
             found, _ = check_cut(image, scratch, books)
             problems.extend(found)
             for p in live:
@@ -107,7 +115,7 @@ def test_producer_processes_frozen_at_random_instants_lose_nothing_acked(shm_dir
         for p in procs:
             p.wait(timeout=10)
         _acked(reports, books)
-        image = crash_image(path, rng, 64, 0.5)
+        image = crash_image(path, rng, granularity, 0.5)
         reader.close()
         ring.close()
         install_image(path, image)

@@ -4,8 +4,10 @@ Two in-process producers (distinct live identities), a dead producer whose claim
 stop at every stage of an append, the consumer reading and popping (also frozen in
 the middle of a pop), wraps of a 4 KiB ring, real power cuts with restart; after
 every operation a legal post-crash image is recovered and checked (the invariant is
-in ``tests/powerloss/_sim.py``).  Both persistence models: pmem (64-byte lines) and
-msync (pages persisted; 512-byte sectors lost or kept independently).
+in ``tests/powerloss/_sim.py``).  Three persistence models: pmem (64-byte lines,
+``persist_range``), pmem-nt (every append on the pmem batch path: non-temporal
+payload lines + flushed header/edge lines) and msync (pages persisted; 512-byte
+sectors lost or kept independently).
 
 ``IOTNODE_POWERSIM_EXAMPLES`` (default 60 per model) runs more: the soak.
 """
@@ -27,7 +29,7 @@ from node.ring.powersim import LEGACY_COMMIT, LEGACY_HEAD, LEGACY_RESOLVE
 from ._harness import OPS, Harness, random_program
 
 EXAMPLES = int(os.environ.get("IOTNODE_POWERSIM_EXAMPLES", "60"))
-MODELS = {"pmem": 64, "msync": 512}
+MODELS = {"pmem": 64, "pmem-nt": 64, "msync": 512}
 
 step = st.tuples(
     st.sampled_from(OPS),

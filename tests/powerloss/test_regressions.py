@@ -78,6 +78,29 @@ def test_space_freed_by_a_pop_is_reused_only_once_the_head_is_durable(shm_dir: P
         assert problems == []
 
 
+def test_a_pop_interrupted_before_publishing_is_finished_by_the_next_consumer_or_empty_read(
+    shm_dir: Path,
+) -> None:
+    path = shm_dir / "r.ring"
+    with Ring.open(path, capacity=CAP, backend="sim") as ring:
+        while ring.append(payload(1, 200)):
+            pass
+        reader = ring.reader()
+        recs = reader.read(max_records=1000)
+        pop_before_persist(reader, recs[-1].end)  # the consumer dies here
+        reader.close()
+        assert not ring.append(payload(2, 200))  # everything popped, yet full for producers
+        reader = ring.reader()  # its replacement
+        assert ring.append(payload(2, 200))
+        while ring.append(payload(2, 200)):
+            pass
+        recs = reader.read(max_records=1000)
+        pop_before_persist(reader, recs[-1].end)  # the same consumer, stuck once
+        assert not ring.append(payload(3, 200))
+        assert reader.read() == []  # nothing left to pop: an empty read finishes it
+        assert ring.append(payload(3, 200))
+
+
 # --------------------------------------------------------------------------- defect 2
 @pytest.mark.parametrize("legacy", [False, True], ids=["fixed", "legacy-commit-before-persist"])
 def test_a_reader_never_sees_a_record_before_its_persist_returned(shm_dir: Path, legacy: bool) -> None:
@@ -148,7 +171,7 @@ def test_a_failing_persist_while_settling_a_dead_claim_raises_and_delivers_nothi
         assert [parse(r.payload) for r in reader.read()] == [1]
 
 
-def test_a_failing_append_persist_raises_and_a_failing_pop_persist_frees_nothing(shm_dir: Path) -> None:
+def test_a_failing_append_persist_raises_delivers_nothing_and_a_failing_pop_persist_frees_nothing(shm_dir: Path) -> None:
     path = shm_dir / "r.ring"
     with Ring.open(path, capacity=CAP, backend="sim") as ring:
         reader = ring.reader()
@@ -156,11 +179,15 @@ def test_a_failing_append_persist_raises_and_a_failing_pop_persist_frees_nothing
         with pytest.raises(RingPersistError, match="not durable"):
             ring.append(payload(1, 10))
         fail_persists(ring, False)
+        assert reader.read() == [] and ring.depth == 0  # never shown: it became padding
+        assert ring.append(payload(2, 10))
         recs = reader.read()
+        assert [parse(r.payload) for r in recs] == [2]
+        free = ring._load(D.FREE_HEAD_OFFSET)
         fail_persists(ring)
         with pytest.raises(RingPersistError, match="head"):
             reader.pop(recs[-1].end)
-        assert ring._load(D.FREE_HEAD_OFFSET) == 0  # producers may not reuse it yet
+        assert ring._load(D.FREE_HEAD_OFFSET) == free < recs[-1].end  # producers may not reuse it yet
         fail_persists(ring, False)
         assert reader.pop(recs[-1].end) == 0  # finishes the failed pop
         assert ring._load(D.FREE_HEAD_OFFSET) == ring.head == recs[-1].end
