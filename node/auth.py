@@ -27,25 +27,27 @@ client endpoint, an unusable device id).
 Device ids are non-empty ``str`` without NUL, at most :data:`MAX_DEVICE_ID_BYTES`
 UTF-8 bytes: the NUL-terminated id is the ZeroMQ topic downstream.
 
-Key length: PyJWT warns below 32 bytes for HS256; the node's policy is the one in
-``node.config`` (at least 16 characters; generated secrets have 43), so that
-warning is silenced here, and only here.
+Key length: at least :data:`node.config.MIN_SECRET_BYTES` (32) bytes, the HS256
+minimum of RFC 7518 (PyJWT warns below it): a configured ``NODE_JWT_SECRET`` is
+checked by ``node.config``, the ``jwt_secret`` file here (generated ones hold 43
+characters, 256 bits); the file must not be readable by group or others.
 
 Secrets and tokens are never logged or put into exception messages.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import stat
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import jwt
 
-from node.config import Settings
+from node.config import MIN_SECRET_BYTES, Settings
 from node.errors import AuthError, NodeError
 from node.privatefile import create_once
 
@@ -67,14 +69,9 @@ ALL_DEVICES: Final = "*"
 _ALGORITHM: Final = "HS256"
 _SECRET_BYTES: Final = 32  # -> 43 url-safe characters
 
-try:  # PyJWT >= 2.10
-    from jwt.warnings import InsecureKeyLengthWarning as _KeyLengthWarning
-except ImportError:  # pragma: no cover - older PyJWT does not warn
-    _KeyLengthWarning = None  # type: ignore[assignment,misc]
-
 
 class SecretError(NodeError):
-    """The secret file exists but cannot be used (empty, unreadable)."""
+    """The secret file exists but cannot be used (too short, unreadable, readable by others)."""
 
 
 # ------------------------------------------------------------------- device ids
@@ -97,20 +94,14 @@ def check_device_id(device_id: object) -> str:
 
 # ----------------------------------------------------------------------- tokens
 def _encode(secret: str, claims: dict[str, Any]) -> str:
-    with warnings.catch_warnings():
-        if _KeyLengthWarning is not None:
-            warnings.simplefilter("ignore", _KeyLengthWarning)
-        return jwt.encode(claims, secret, algorithm=_ALGORITHM)
+    return jwt.encode(claims, secret, algorithm=_ALGORITHM)
 
 
 def _decode(secret: str, token: str | None, required: list[str]) -> dict[str, Any]:
     if not token:
         raise AuthError("missing token: send 'Authorization: Bearer <jwt>' or '?token=<jwt>'", 401)
     try:
-        with warnings.catch_warnings():
-            if _KeyLengthWarning is not None:
-                warnings.simplefilter("ignore", _KeyLengthWarning)
-            return jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": required})
+        return jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": required})
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired", 401) from None
     except jwt.ImmatureSignatureError:
@@ -225,9 +216,20 @@ def load_secret(settings: Settings) -> str:
 
 
 def _read_secret(path: Path) -> str:
-    value = path.read_text(encoding="ascii").strip()
-    if len(value) < 16:
+    with open(path, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        raw = fh.read()
+    if mode & 0o077:
         raise SecretError(
-            f"{path} holds {len(value)} characters, expected at least 16; delete it to regenerate"
+            f"{path} is accessible by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+        )
+    try:
+        value = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise SecretError(f"{path} is not ASCII text; delete it to regenerate") from None
+    if len(value) < MIN_SECRET_BYTES:
+        raise SecretError(
+            f"{path} holds {len(value)} characters, expected at least {MIN_SECRET_BYTES};"
+            " delete it to regenerate"
         )
     return value

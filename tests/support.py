@@ -75,7 +75,7 @@ def node_env(data_dir: Path, **overrides: object) -> dict[str, str]:
         NODE_METRICS_PORT_ROUTER=str(free_port()),
         NODE_METRICS_PORT_PUBLISHER=str(free_port()),
         NODE_METRICS_PORT_STORE=str(free_port()),
-        NODE_JWT_SECRET="test-secret-0123456789abcdef",
+        NODE_JWT_SECRET="test-secret-0123456789abcdef-0123456789",
         NODE_WEB_WORKERS="2",
         NODE_INGRESS_RING_BYTES=str(4 << 20),
         NODE_FANIN_RING_BYTES=str(8 << 20),
