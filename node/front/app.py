@@ -41,6 +41,7 @@ from node.config import Settings, load_settings
 from node.errors import AuthError
 from node.front.committer import Committer, Conn, FrontStats, GroupCallback
 from node.gcpolicy import GcPolicy
+from node.httpguard import Limits, install
 from node.protocol import ErrorReply, parse_frame, reject
 from node.record import pack_record
 
@@ -143,6 +144,7 @@ def create_app(
         raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
     _install_logging(settings.log_level)
+    install(Limits.from_settings(settings))  # node.httpguard, in this worker
     state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
 
     @asynccontextmanager

@@ -22,13 +22,13 @@ from node.auth import load_secret
 from node.config import Settings, load_settings
 from node.errors import NodeError
 from node.fanout.app import create_app
+from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, Limits, install, set_user_timeout
 from node.metrics import register_process
 from node.workers.runtime import configure_logging
 
 log = logging.getLogger("node.workers.fanout")
 
 GRACE = 5  # seconds uvicorn waits for open streams at shutdown
-STALLED_PEER_MS = 60_000  # TCP_USER_TIMEOUT of client connections (see _listen)
 MAX_CLIENT_FRAME = 4096  # client apps have nothing to say; bigger frames are closed with 1009
 
 _TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s\"']+")
@@ -73,9 +73,9 @@ def _listen(settings: Settings) -> socket.socket:
         )
         raise SystemExit(2) from None
     # Accepted connections inherit this: a client that leaves data unacknowledged (a
-    # zero window: it stopped reading) for this long is aborted by the kernel, so a
-    # stalled client closed with 1013 does not keep its socket buffers forever.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALLED_PEER_MS)
+    # zero window: it stopped reading) for NODE_TCP_USER_TIMEOUT_MS is aborted by the
+    # kernel, so a stalled client closed with 1013 does not keep its socket buffers forever.
+    set_user_timeout(sock, settings.tcp_user_timeout_ms)
     sock.set_inheritable(True)
     return sock
 
@@ -93,10 +93,12 @@ def main() -> None:
         raise SystemExit(2) from None
     sock = _listen(settings)
     register_process("fanout")  # iotnode_process_* on its /metrics
+    install(Limits.from_settings(settings))  # node.httpguard: header cap, deadline, connection counts
     config = uvicorn.Config(
         create_app(settings, secret),
         lifespan="on",
-        ws="websockets-sansio",
+        http=HTTP_PROTOCOL,  # httptools + node.httpguard's limits
+        ws=WS_PROTOCOL,  # websockets-sansio + node.httpguard's limits
         ws_max_size=MAX_CLIENT_FRAME,
         # One record goes to many clients: per-connection deflate would cost CPU per
         # client per message (its context is per connection), so frames go uncompressed.

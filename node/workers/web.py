@@ -13,6 +13,12 @@ raised to the hard limit (here and in every worker), no per-message deflate
 alive pings from ``NODE_WS_PING_INTERVAL``/``_TIMEOUT`` (0 disables), frames over
 ``NODE_MAX_MESSAGE_BYTES`` closed with 1009 by the WebSocket layer from the frame
 header, access log off (it would also log ``?token=``).
+
+Hostile clients (docs/security.md): uvicorn gets the protocol classes of
+:mod:`node.httpguard` (header cap, handshake deadline, connection counts, bounded
+queued frames and unwritten bytes), and the listening socket, bound here, has
+``TCP_USER_TIMEOUT`` (``NODE_TCP_USER_TIMEOUT_MS``), inherited by every accepted
+connection: a peer that leaves our data unacknowledged that long is aborted.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import shutil
 import socket
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from node.auth import load_secret
 from node.config import Settings, load_settings
 from node.front.app import raise_nofile_limit
+from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, set_user_timeout
 
 #: uvicorn's sans-I/O websockets implementation: no reader task per connection
 #: (the legacy one keeps one, plus one keep-alive task), pauses reading while the
@@ -54,8 +62,8 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         port=settings.web_port,
         workers=settings.web_workers,
         loop="uvloop",
-        http="httptools",
-        ws=WS_IMPLEMENTATION,
+        http=HTTP_PROTOCOL,  # httptools + node.httpguard's limits
+        ws=WS_PROTOCOL,  # websockets-sansio + node.httpguard's limits
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=seconds(settings.ws_ping_interval),
@@ -77,7 +85,22 @@ def main() -> None:
     _check_bind(settings)
     _multiprocess_metrics_dir(settings)
     # node.front.metrics wraps node.front.app:create_app with the metrics seams and /metrics.
-    uvicorn.run("node.front.metrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+    # uvicorn.run(), except that the listening socket gets TCP_USER_TIMEOUT first.
+    config = uvicorn.Config("node.front.metrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+    sock = config.bind_socket()
+    set_user_timeout(sock, settings.tcp_user_timeout_ms)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server = uvicorn.Server(config)
+            server.run(sockets=[sock])
+            if not server.started:
+                raise SystemExit(3)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
 
 
 def _multiprocess_metrics_dir(settings: Settings) -> None:
