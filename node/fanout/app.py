@@ -38,6 +38,7 @@ from node.gcpolicy import GcPolicy
 from node.metrics import (
     ERRORS,
     FANOUT_CLIENTS,
+    CachedExposition,
 )
 
 
@@ -131,8 +132,10 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             hub.remove(client)
             gc_policy.note_garbage(ended=True)
 
+    exposition = CachedExposition(lambda: generate_latest(REGISTRY))  # rate-limited renders
+
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition.get(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
         routes=[WebSocketRoute(STREAM_PATH, stream), Route("/metrics", metrics)],

@@ -10,8 +10,9 @@ Usage in a worker module::
 
 ``start`` reads the configuration once (bad value -> message naming the variable,
 exit status 2), configures logging, serves ``/metrics`` on the stage's port (on
-``NODE_HOST``), and turns SIGTERM/SIGINT into ``stop`` being set so the loop can
-finish its current step and exit 0.
+``NODE_METRICS_HOST``, default 127.0.0.1: not ``NODE_HOST``, which exposes the
+device and client-app servers; see docs/security.md), and turns SIGTERM/SIGINT
+into ``stop`` being set so the loop can finish its current step and exit 0.
 """
 
 from __future__ import annotations
@@ -47,12 +48,19 @@ def start(name: str) -> tuple[Settings, threading.Event]:
     if port_attr is not None:
         metrics.register_process(name)
         port = getattr(settings, port_attr)
+        host = settings.metrics_host
         try:
-            metrics.serve(port, settings.host)
+            metrics.serve(port, host)
         except OSError as exc:
             var = "NODE_" + port_attr.upper()
             logging.getLogger(name).error(
-                "cannot serve /metrics on %s:%s (%s=%s): %s", settings.host, port, var, port, exc
+                "cannot serve /metrics on %s:%s (NODE_METRICS_HOST=%s, %s=%s): %s",
+                host,
+                port,
+                host,
+                var,
+                port,
+                exc,
             )
             raise SystemExit(2) from None
     stop = threading.Event()

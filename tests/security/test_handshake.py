@@ -134,7 +134,7 @@ def test_a_trickled_request_is_closed_at_the_deadline_although_bytes_keep_coming
     assert closed_after <= DEADLINE + SLACK
 
 
-def test_an_upgrade_the_app_never_answers_is_closed_at_the_deadline_and_normal_ones_work(server: Server) -> None:
+def test_an_accepted_websocket_outlives_the_handshake_deadline(server: Server) -> None:
     # A complete, well-formed upgrade with a valid token is answered at once ...
     async def go() -> None:
         headers = {"Authorization": f"Bearer {server.token()}"}
