@@ -144,3 +144,42 @@ def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def ws_open(server: Server, source: str = "127.0.0.1", rcvbuf: int | None = None) -> socket.socket:
+    """A raw socket past a successful WebSocket handshake with ``server`` (token in the header)."""
+    sock = socket.socket()
+    if rcvbuf is not None:  # before connect: it bounds the window the kernel offers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(upgrade_request(server.path, "x", {"Authorization": f"Bearer {server.token()}"}))
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        response += chunk
+    assert status_of(response) == 101, response[:300]
+    return sock
+
+
+def client_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """One masked client frame (mask key 0: the payload goes as is), payload < 126 bytes."""
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """Linux tcpi_state of a socket (1 established, 7 closed)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
