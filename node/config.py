@@ -388,6 +388,7 @@ class Settings:
     def _check_derived(self) -> None:
         # Default ipc:// endpoints live in data_dir: a long data_dir path breaks them.
         for var, endpoint in (
+            ("NODE_DATA_DIR", self._ipc("sessions/4194304.sock")),  # node/front/sessions.py, per worker
             ("NODE_DATA_DIR", self.router_bind_endpoint),
             ("NODE_DATA_DIR", self.pub_endpoint),
             ("NODE_DATA_DIR", self.replay_endpoint),

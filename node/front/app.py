@@ -40,6 +40,7 @@ from node.auth import load_secret, token_from_request, verify_device_token
 from node.config import Settings, load_settings
 from node.errors import AuthError
 from node.front.committer import Committer, Conn, FrontStats, GroupCallback
+from node.front.sessions import CLOSE_TAKEN_OVER, REASON_TAKEN_OVER, Sessions, TakeoverFailed
 from node.gcpolicy import GcPolicy
 from node.httpguard import Limits, install
 from node.protocol import ErrorReply, parse_frame, reject
@@ -62,6 +63,7 @@ class FrontState:
     ring: Any = None  # node.ring.Ring once started
     committer: Committer | None = None
     gc: GcPolicy | None = None  # the worker's GC policy once started
+    sessions: Sessions | None = None  # one session per device (node/front/sessions.py) once started
 
 
 class RedactTokens(logging.Filter):
@@ -168,7 +170,9 @@ def create_app(
             stats=state.stats,
         )
         await committer.start()
-        state.ring, state.committer = ring, committer
+        sessions = Sessions(settings.data_path / "sessions")
+        sessions.start()
+        state.ring, state.committer, state.sessions = ring, committer, sessions
         log.info(
             "ingress ring %s (backend %s, %s commit), window %d",
             settings.ring_path("ingress"),
@@ -186,6 +190,7 @@ def create_app(
             yield
         finally:
             gc_task.cancel()
+            sessions.stop()
             await committer.stop()
             ring.close()
             gc_policy.restore()
@@ -207,6 +212,16 @@ async def _deny(websocket: WebSocket, exc: AuthError) -> None:
         await websocket.close(code=1008)
 
 
+async def _deny_busy(websocket: WebSocket) -> None:
+    response = PlainTextResponse(
+        "an older session of this device is still settling; retry\n", status_code=503
+    )
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(code=1013)
+
+
 async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     stats = state.stats
     if state.gc is not None:
@@ -219,11 +234,26 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
         stats.refused[exc.status] += 1
         await _deny(websocket, exc)
         return
-    committer = state.committer
-    assert committer is not None, "lifespan did not run"
+    committer, sessions = state.committer, state.sessions
+    assert committer is not None and sessions is not None, "lifespan did not run"
     max_record = state.ring.max_record
-    await websocket.accept()
     conn = committer.connect(device_id)
+    # One session per device: older ones (in any worker) settle and close with 4000 first.
+    try:
+        session = await sessions.begin(device_id, lambda: bool(conn.unacked) and not conn.failed)
+    except TakeoverFailed as exc:
+        committer.disconnect(conn)
+        stats.refused[503] += 1
+        log.warning("device %r: %s; refused with 503", device_id, exc)
+        await _deny_busy(websocket)
+        return
+    try:
+        await websocket.accept()
+    except BaseException:
+        committer.disconnect(conn)
+        sessions.end(session)
+        raise
+    session.on_taken(conn.close_when_settled)
     writer = asyncio.get_running_loop().create_task(_write(websocket, conn))
     perf_counter, wall = time.perf_counter, time.time
     receive = websocket.receive
@@ -260,11 +290,14 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
                 stats.errors[too_large.kind] += 1
                 conn.reply(too_large.frame)
                 continue
+            if session.taken:
+                continue  # a newer session of this device exists: it gets the device's resends
             committer.submit(conn, result.seq, result.binary, payload, t_received)  # type: ignore[union-attr]
     except WebSocketDisconnect:
         pass
     finally:
         committer.disconnect(conn)
+        sessions.end(session)
         if state.gc is not None:
             state.gc.note_garbage(ended=True)  # a closed connection's objects are cyclic
         if not writer.done():
@@ -288,6 +321,9 @@ async def _write(websocket: WebSocket, conn: Conn) -> None:
                     await send({"type": "websocket.send", "text": frame})
             if conn.failed:
                 await websocket.close(code=CLOSE_INTERNAL_ERROR, reason="could not persist; resend")
+                return
+            if conn.closing and not conn.unacked:  # settled: the last ack is sent
+                await websocket.close(code=CLOSE_TAKEN_OVER, reason=REASON_TAKEN_OVER)
                 return
     except (WebSocketDisconnect, OSError, RuntimeError):
         return  # the connection is gone (or closing): the reader sees the disconnect
