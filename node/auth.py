@@ -11,12 +11,25 @@ Public API (stable; the front, the fanout and the client library depend on it)
     issue_device_token(secret, device_id, ttl=None) -> str      claims: sub[, iat, exp]
     issue_client_token(secret, devices, ttl=None, subject="client") -> str
                                                             claims: sub, devices[, iat, exp]
-    verify_device_token(secret, token) -> device_id (str)
-    verify_client_token(secret, token) -> frozenset[str]   allowed device ids;
+    verify_device_token(secret, token, policy=None) -> device_id (str)
+    verify_device_claims(secret, token, policy=None) -> (device_id, exp or None)
+    verify_client_token(secret, token, policy=None) -> frozenset[str]   allowed device ids;
                                                             "*" in it means every device
+    TokenPolicy.from_settings(settings)      NODE_JWT_REQUIRE_EXP, NODE_JWT_MAX_TTL,
+                                              NODE_JWT_DENYLIST (a Denylist)
+    token_expiry(token) -> float | None      exp of a token already verified
     client_allows(allowed, device_id) -> bool
     check_device_id(device_id) -> str                       raises ValueError naming the problem
     token_from_request(headers, query) -> str | None        Bearer header, else ?token=
+
+Token lifetime (docs/security.md): ``exp`` is honoured when present (contract 3);
+with ``NODE_JWT_REQUIRE_EXP=on`` a token without ``exp`` is refused, with
+``NODE_JWT_MAX_TTL=S`` also one whose ``exp`` is more than S seconds away.  The
+deny-list file (``NODE_JWT_DENYLIST``) revokes by subject: a line ``SUBJECT``
+refuses every token of it, ``SUBJECT UNIX_TIME`` those issued (``iat``) before that
+time (or without ``iat``); ``#`` starts a comment.  It is re-read when it changes
+(checked at most once a second); a malformed new version is logged and the previous
+one kept.  Refusals by policy are 401.
 
 Refusals raise :class:`node.errors.AuthError` with ``reason`` (safe to show: never
 the token) and ``status``: 401 for a missing, malformed, badly signed or expired
@@ -37,11 +50,14 @@ Secrets and tokens are never logged or put into exception messages.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,21 +69,30 @@ from node.privatefile import create_once
 
 __all__ = [
     "ALL_DEVICES",
+    "DEFAULT_CLI_TTL",
+    "Denylist",
     "MAX_DEVICE_ID_BYTES",
+    "TokenPolicy",
     "check_device_id",
     "client_allows",
     "issue_client_token",
     "issue_device_token",
     "load_secret",
+    "token_expiry",
     "token_from_request",
     "verify_client_token",
+    "verify_device_claims",
     "verify_device_token",
 ]
+
+log = logging.getLogger("iotnode.auth")
 
 MAX_DEVICE_ID_BYTES: Final = 256
 ALL_DEVICES: Final = "*"
 _ALGORITHM: Final = "HS256"
 _SECRET_BYTES: Final = 32  # -> 43 url-safe characters
+#: Lifetime of a token printed by ``python -m node token`` unless told otherwise.
+DEFAULT_CLI_TTL: Final = 365 * 24 * 3600
 
 
 class SecretError(NodeError):
@@ -145,20 +170,129 @@ def issue_client_token(
     return _encode(secret, {"sub": subject, "devices": ids, **_times(ttl)})
 
 
-def verify_device_token(secret: str, token: str | None) -> str:
-    """The device id of a valid device token, or :class:`AuthError`."""
+# ----------------------------------------------------------------------- policy
+class Denylist:
+    """The revoked subjects of ``NODE_JWT_DENYLIST``, re-read when the file changes."""
+
+    CHECK_EVERY = 1.0  # seconds between two stat() calls of the file
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature: tuple[int, int, int] | None = None
+        self._checked = float("-inf")
+        self._entries: dict[str, float] = {}  # subject -> not-before (inf: always refused)
+        self._reload(strict=True)
+
+    @staticmethod
+    def parse(text: str, path: Path) -> dict[str, float]:
+        entries: dict[str, float] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                raise ValueError(f"{path}:{number}: expected 'SUBJECT [UNIX_TIME]', got {line[:60]!r}")
+            not_before = float("inf")
+            if len(parts) == 2:
+                try:
+                    not_before = float(parts[1])
+                except ValueError:
+                    raise ValueError(f"{path}:{number}: {parts[1][:30]!r} is not a unix time") from None
+            entries[parts[0]] = max(not_before, entries.get(parts[0], float("-inf")))
+        return entries
+
+    def _reload(self, strict: bool = False) -> None:
+        try:
+            info = self.path.stat()
+            signature = (info.st_ino, info.st_mtime_ns, info.st_size)
+            if signature == self._signature:
+                return
+            entries = self.parse(self.path.read_text(encoding="utf-8"), self.path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            if strict:
+                raise NodeError(f"NODE_JWT_DENYLIST: {exc}") from None
+            log.error("deny-list not reloaded, the previous one stays in force: %s", exc)
+            self._signature = None  # try again at the next check
+            return
+        self._signature, self._entries = signature, entries
+        log.info("deny-list %s: %d subject(s)", self.path, len(entries))
+
+    def refuses(self, subject: object, issued_at: object) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked >= self.CHECK_EVERY:
+                self._checked = now
+                self._reload()
+            not_before = self._entries.get(subject) if isinstance(subject, str) else None
+        if not_before is None:
+            return False
+        if isinstance(issued_at, bool) or not isinstance(issued_at, (int, float)):
+            return True  # no usable iat: issued at an unknown time
+        return issued_at < not_before
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    """What a node requires of a token beyond its signature (docs/security.md)."""
+
+    require_exp: bool = False
+    max_ttl: float | None = None
+    denylist: Denylist | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenPolicy:
+        denylist = Denylist(settings.jwt_denylist) if settings.jwt_denylist is not None else None
+        return cls(settings.jwt_require_exp, settings.jwt_max_ttl, denylist)
+
+    def check(self, claims: dict[str, Any]) -> None:
+        exp = claims.get("exp")
+        if exp is None:
+            if self.require_exp or self.max_ttl is not None:
+                raise AuthError("token has no exp: this node requires tokens that expire", 401)
+        elif self.max_ttl is not None and exp - time.time() > self.max_ttl:
+            raise AuthError(f"token lives longer than this node accepts ({self.max_ttl:g} s)", 401)
+        if self.denylist is not None and self.denylist.refuses(claims.get("sub"), claims.get("iat")):
+            raise AuthError("token revoked", 401)
+
+
+def _expiry(claims: dict[str, Any]) -> float | None:
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def token_expiry(token: str | None) -> float | None:
+    """The ``exp`` (unix s) of a token that was already verified, if it has one."""
+    return _expiry(jwt.decode(token or "", options={"verify_signature": False}))
+
+
+def verify_device_claims(
+    secret: str, token: str | None, policy: TokenPolicy | None = None
+) -> tuple[str, float | None]:
+    """(device id, exp or None) of a valid device token, or :class:`AuthError`."""
     claims = _decode(secret, token, ["sub"])
     if "devices" in claims:
         raise AuthError("a client-app token cannot send device messages", 403)
     try:
-        return check_device_id(claims["sub"])
+        device_id = check_device_id(claims["sub"])
     except ValueError as exc:
         raise AuthError(f"unusable sub claim: {exc}", 403) from None
+    if policy is not None:
+        policy.check(claims)
+    return device_id, _expiry(claims)
 
 
-def verify_client_token(secret: str, token: str | None) -> frozenset[str]:
+def verify_device_token(secret: str, token: str | None, policy: TokenPolicy | None = None) -> str:
+    """The device id of a valid device token, or :class:`AuthError`."""
+    return verify_device_claims(secret, token, policy)[0]
+
+
+def verify_client_token(secret: str, token: str | None, policy: TokenPolicy | None = None) -> frozenset[str]:
     """The device ids a valid client token may follow (``"*"`` in it: all)."""
     claims = _decode(secret, token, [])
+    if policy is not None:
+        policy.check(claims)
     devices = claims.get("devices")
     if devices is None:
         raise AuthError("token has no 'devices' claim (a device token cannot follow devices)", 403)

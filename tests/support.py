@@ -178,7 +178,7 @@ def start_web(
 
     proc = processes.start(name, "node.workers.web", env, log_dir)
     url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
-    token = issue_device_token(env["NODE_JWT_SECRET"], "readiness-probe")
+    token = issue_device_token(env["NODE_JWT_SECRET"], "readiness-probe", ttl=600)
     try:
         wait_until(
             lambda: proc.poll() is not None or device_handshake_succeeds(url, token),

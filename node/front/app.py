@@ -36,7 +36,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from node.auth import load_secret, token_from_request, verify_device_token
+from node.auth import TokenPolicy, load_secret, token_from_request, verify_device_claims
 from node.config import Settings, load_settings
 from node.errors import AuthError
 from node.front.committer import Committer, Conn, FrontStats, GroupCallback
@@ -53,6 +53,7 @@ log = logging.getLogger("iotnode.front")
 INGEST_PATH = "/v1/ingest"
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOO_BIG = 1009
+CLOSE_POLICY = 1008  # the token that opened the session expired
 
 
 @dataclass
@@ -60,6 +61,7 @@ class FrontState:
     settings: Settings
     secret: str
     stats: FrontStats
+    policy: TokenPolicy | None = None  # NODE_JWT_REQUIRE_EXP / _MAX_TTL / _DENYLIST
     ring: Any = None  # node.ring.Ring once started
     committer: Committer | None = None
     gc: GcPolicy | None = None  # the worker's GC policy once started
@@ -147,7 +149,12 @@ def create_app(
     settings = settings if settings is not None else load_settings()
     _install_logging(settings.log_level)
     install(Limits.from_settings(settings))  # node.httpguard, in this worker
-    state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
+    state = FrontState(
+        settings=settings,
+        secret=load_secret(settings),
+        stats=FrontStats(),
+        policy=TokenPolicy.from_settings(settings),
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -227,8 +234,8 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     if state.gc is not None:
         state.gc.note_garbage()  # a handshake leaves a few cycles; the next GC tick collects young
     try:
-        device_id = verify_device_token(
-            state.secret, token_from_request(websocket.headers, websocket.query_params)
+        device_id, expires_at = verify_device_claims(
+            state.secret, token_from_request(websocket.headers, websocket.query_params), state.policy
         )
     except AuthError as exc:
         stats.refused[exc.status] += 1
@@ -253,8 +260,21 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
         committer.disconnect(conn)
         sessions.end(session)
         raise
-    session.on_taken(conn.close_when_settled)
-    writer = asyncio.get_running_loop().create_task(_write(websocket, conn))
+    # How the session ends early: a newer one took over (4000), its token expired (1008).
+    # Either way it stops taking frames, settles, sends its last ack, then closes.
+    ending: list[tuple[int, str]] = []
+
+    def end_with(code: int, reason: str) -> None:
+        if not ending:
+            ending.append((code, reason))
+            conn.close_when_settled()
+
+    session.on_taken(lambda: end_with(CLOSE_TAKEN_OVER, REASON_TAKEN_OVER))
+    loop = asyncio.get_running_loop()
+    timer = None
+    if expires_at is not None:  # the session lasts no longer than the token that opened it
+        timer = loop.call_later(max(0.0, expires_at - time.time()), end_with, CLOSE_POLICY, "token expired")
+    writer = loop.create_task(_write(websocket, conn, ending))
     perf_counter, wall = time.perf_counter, time.time
     receive = websocket.receive
     try:
@@ -290,12 +310,14 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
                 stats.errors[too_large.kind] += 1
                 conn.reply(too_large.frame)
                 continue
-            if session.taken:
-                continue  # a newer session of this device exists: it gets the device's resends
+            if ending:
+                continue  # taken over or expired: the device resends on its next connection
             committer.submit(conn, result.seq, result.binary, payload, t_received)  # type: ignore[union-attr]
     except WebSocketDisconnect:
         pass
     finally:
+        if timer is not None:
+            timer.cancel()
         committer.disconnect(conn)
         sessions.end(session)
         if state.gc is not None:
@@ -308,8 +330,9 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
             pass
 
 
-async def _write(websocket: WebSocket, conn: Conn) -> None:
-    """Send error replies and acks to one device, in order, until it goes away."""
+async def _write(websocket: WebSocket, conn: Conn, ending: list[tuple[int, str]]) -> None:
+    """Send error replies and acks to one device, in order, until it goes away (or,
+    once ``ending`` holds a close code and nothing is in flight, close with it)."""
     send = websocket.send
     try:
         while True:
@@ -322,8 +345,9 @@ async def _write(websocket: WebSocket, conn: Conn) -> None:
             if conn.failed:
                 await websocket.close(code=CLOSE_INTERNAL_ERROR, reason="could not persist; resend")
                 return
-            if conn.closing and not conn.unacked:  # settled: the last ack is sent
-                await websocket.close(code=CLOSE_TAKEN_OVER, reason=REASON_TAKEN_OVER)
+            if ending and not conn.unacked:  # settled: the last ack is sent
+                code, reason = ending[0]
+                await websocket.close(code=code, reason=reason)
                 return
     except (WebSocketDisconnect, OSError, RuntimeError):
         return  # the connection is gone (or closing): the reader sees the disconnect

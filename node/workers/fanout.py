@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from node.auth import load_secret
+from node.auth import TokenPolicy, load_secret
 from node.config import Settings, load_settings
 from node.errors import NodeError
 from node.fanout.app import create_app
@@ -88,6 +88,7 @@ def main() -> None:
     try:
         settings.data_path.mkdir(parents=True, exist_ok=True)
         secret = load_secret(settings)
+        TokenPolicy.from_settings(settings)  # a malformed NODE_JWT_DENYLIST stops the start
     except (OSError, NodeError) as exc:
         log.error("cannot load the JWT secret (NODE_JWT_SECRET, or %s): %s", settings.jwt_secret_path, exc)
         raise SystemExit(2) from None

@@ -26,12 +26,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from node.auth import load_secret
+from node.auth import TokenPolicy, load_secret
 from node.config import Settings, load_settings
+from node.errors import NodeError
 from node.front.app import raise_nofile_limit
 from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, set_user_timeout
 
@@ -79,8 +81,14 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
 def main() -> None:
     settings = load_settings()
     raise_nofile_limit()
-    # Create the secret (if generated) once, before the workers race for it.
-    load_secret(settings)
+    # Create the secret (if generated) once, before the workers race for it; check the
+    # deny-list file once here too, so a malformed one stops the start (status 2).
+    try:
+        load_secret(settings)
+        TokenPolicy.from_settings(settings)
+    except NodeError as exc:
+        print(f"iotnode web: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     settings.data_path.mkdir(parents=True, exist_ok=True)
     _check_bind(settings)
     _multiprocess_metrics_dir(settings)
