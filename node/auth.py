@@ -37,8 +37,12 @@ token; 403 for a genuine token that does not grant what is asked (a client token
 at the device endpoint, a device token or an empty ``devices`` claim at the
 client endpoint, an unusable device id).
 
-Device ids are non-empty ``str`` without NUL, at most :data:`MAX_DEVICE_ID_BYTES`
-UTF-8 bytes: the NUL-terminated id is the ZeroMQ topic downstream.
+Device ids (:func:`check_device_id`, docs/security.md): a non-empty ``str`` of at
+most :data:`MAX_DEVICE_ID_BYTES` UTF-8 bytes (the NUL-terminated id is the ZeroMQ
+topic downstream) of printable characters: no whitespace or separators (Unicode
+``Z*``), no control, format (bidi overrides and isolates, zero-width characters),
+surrogate, private-use or unassigned code points (Unicode ``C*``); ``*`` alone is
+reserved (the "every device" claim of client tokens).
 
 Key length: at least :data:`node.config.MIN_SECRET_BYTES` (32) bytes, the HS256
 minimum of RFC 7518 (PyJWT warns below it): a configured ``NODE_JWT_SECRET`` is
@@ -56,6 +60,7 @@ import secrets
 import stat
 import threading
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +119,28 @@ def check_device_id(device_id: object) -> str:
         raise ValueError("device id must be valid Unicode (no lone surrogates)") from None
     if size > MAX_DEVICE_ID_BYTES:
         raise ValueError(f"device id is {size} UTF-8 bytes, the limit is {MAX_DEVICE_ID_BYTES}")
+    if device_id == ALL_DEVICES:
+        raise ValueError("device id '*' is reserved (it means every device in client tokens)")
+    if not device_id.isascii() or not device_id.isprintable() or " " in device_id:
+        for position, char in enumerate(device_id):
+            category = unicodedata.category(char)
+            if category[0] in "CZ":  # control, format, surrogate, private, unassigned; spaces
+                raise ValueError(
+                    f"device id must not contain U+{ord(char):04X} ({_CATEGORY.get(category, category)})"
+                    f" at character {position}"
+                )
     return device_id
+
+
+_CATEGORY = {
+    "Cc": "a control character",
+    "Cf": "a format character: bidi control or zero-width",
+    "Co": "a private-use character",
+    "Cn": "an unassigned code point",
+    "Zs": "whitespace",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
 
 
 # ----------------------------------------------------------------------- tokens
