@@ -370,7 +370,7 @@ def load_secret(settings: Settings) -> str:
         return _read_secret(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     create_once(path, (secrets.token_urlsafe(_SECRET_BYTES) + "\n").encode("ascii"))  # or use the winner's
     return _read_secret(path)
 

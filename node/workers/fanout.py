@@ -24,6 +24,7 @@ from node.errors import NodeError
 from node.fanout.app import create_app
 from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, Limits, install, set_user_timeout
 from node.metrics import register_process
+from node.privatefile import private_data_dir
 from node.workers.runtime import configure_logging
 
 log = logging.getLogger("node.workers.fanout")
@@ -86,7 +87,7 @@ def main() -> None:
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_UvicornLogFilter())
     try:
-        settings.data_path.mkdir(parents=True, exist_ok=True)
+        private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
         secret = load_secret(settings)
         TokenPolicy.from_settings(settings)  # a malformed NODE_JWT_DENYLIST stops the start
     except (OSError, NodeError) as exc:

@@ -24,6 +24,7 @@ from types import FrameType
 
 from node import metrics
 from node.config import Settings, load_settings
+from node.privatefile import private_data_dir
 
 _METRICS_PORT = {
     "monitor": "metrics_port_monitor",
@@ -43,7 +44,7 @@ def configure_logging(settings: Settings, name: str) -> None:
 def start(name: str) -> tuple[Settings, threading.Event]:
     settings = load_settings()
     configure_logging(settings, name)
-    settings.data_path.mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
     port_attr = _METRICS_PORT.get(name)
     if port_attr is not None:
         metrics.register_process(name)

@@ -36,6 +36,7 @@ from node.config import Settings, load_settings
 from node.errors import NodeError
 from node.front.app import raise_nofile_limit
 from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, set_user_timeout
+from node.privatefile import private_data_dir
 
 #: uvicorn's sans-I/O websockets implementation: no reader task per connection
 #: (the legacy one keeps one, plus one keep-alive task), pauses reading while the
@@ -81,6 +82,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
 def main() -> None:
     settings = load_settings()
     raise_nofile_limit()
+    private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
     # Create the secret (if generated) once, before the workers race for it; check the
     # deny-list file once here too, so a malformed one stops the start (status 2).
     try:
@@ -89,7 +91,6 @@ def main() -> None:
     except NodeError as exc:
         print(f"iotnode web: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    settings.data_path.mkdir(parents=True, exist_ok=True)
     _check_bind(settings)
     _multiprocess_metrics_dir(settings)
     # node.front.metrics wraps node.front.app:create_app with the metrics seams and /metrics.
