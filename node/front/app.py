@@ -36,6 +36,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from node import logredact
 from node.auth import TokenPolicy, load_secret, token_from_request, verify_device_claims
 from node.config import Settings, load_settings
 from node.errors import AuthError
@@ -108,6 +109,7 @@ def _install_logging(level: str) -> None:
             handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
             ours.addHandler(handler)
             ours.propagate = False
+    logredact.install()  # every handler: JWTs, Authorization values, ?token= in any spelling
 
 
 def raise_nofile_limit() -> int:

@@ -18,6 +18,7 @@ from types import FrameType
 
 import uvicorn
 
+from node import logredact
 from node.auth import TokenPolicy, load_secret
 from node.config import Settings, load_settings
 from node.errors import NodeError
@@ -86,6 +87,7 @@ def main() -> None:
     configure_logging(settings, "fanout")
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_UvicornLogFilter())
+    logredact.install()  # every handler: JWTs, Authorization values, ?token= in any spelling
     try:
         private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
         secret = load_secret(settings)

@@ -22,7 +22,7 @@ import signal
 import threading
 from types import FrameType
 
-from node import metrics
+from node import logredact, metrics
 from node.config import Settings, load_settings
 from node.privatefile import private_data_dir
 
@@ -39,6 +39,7 @@ def configure_logging(settings: Settings, name: str) -> None:
         level=settings.log_level.upper(),
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    logredact.install()  # no credential reaches a handler (node/logredact.py)
 
 
 def start(name: str) -> tuple[Settings, threading.Event]:
