@@ -48,10 +48,9 @@ async def _send_loop(websocket: WebSocket, client: Client) -> None:
     while True:
         await client.wait()
         while queue and not client.overflowed and client.missed is None:
-            await websocket.send_text(queue.popleft())
+            await websocket.send_text(client.take())
         if client.overflowed:
-            reason = f"too slow: more than {client.limit} messages queued"
-            await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, reason), CLOSE_TIMEOUT)
+            await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, client.overflow_reason), CLOSE_TIMEOUT)
             return
         if client.missed is not None:
             await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, client.missed), CLOSE_TIMEOUT)
@@ -118,7 +117,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             await refuse(websocket, exc.status, exc.reason)
             return
         hub = hub_holder[0]
-        client = Client(selection, settings.fanout_queue)
+        client = Client(selection, settings.fanout_queue, settings.fanout_queue_bytes)
         hub.add(
             client
         )  # subscribe before accepting: the subscription's trip to the publisher overlaps the upgrade
