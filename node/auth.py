@@ -12,7 +12,7 @@ Public API (stable; the front, the fanout and the client library depend on it)
     issue_client_token(secret, devices, ttl=None, subject="client") -> str
                                                             claims: sub, devices[, iat, exp]
     verify_device_token(secret, token, policy=None) -> device_id (str)
-    verify_device_claims(secret, token, policy=None) -> (device_id, exp or None)
+    verify_device_claims(secret, token, policy=None) -> DeviceGrant(device_id, exp, iat)
     verify_client_token(secret, token, policy=None) -> frozenset[str]   allowed device ids;
                                                             "*" in it means every device
     TokenPolicy.from_settings(settings)      NODE_JWT_REQUIRE_EXP, NODE_JWT_MAX_TTL,
@@ -64,7 +64,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import jwt
 
@@ -75,6 +75,7 @@ from node.privatefile import create_once
 __all__ = [
     "ALL_DEVICES",
     "DEFAULT_CLI_TTL",
+    "DeviceGrant",
     "Denylist",
     "MAX_DEVICE_ID_BYTES",
     "TokenPolicy",
@@ -208,6 +209,7 @@ class Denylist:
         self._signature: tuple[int, int, int] | None = None
         self._checked = float("-inf")
         self._entries: dict[str, float] = {}  # subject -> not-before (inf: always refused)
+        self.version = 0  # +1 at each reload that changed the entries
         self._reload(strict=True)
 
     @staticmethod
@@ -243,14 +245,21 @@ class Denylist:
             self._signature = None  # try again at the next check
             return
         self._signature, self._entries = signature, entries
+        self.version += 1
         log.info("deny-list %s: %d subject(s)", self.path, len(entries))
 
-    def refuses(self, subject: object, issued_at: object) -> bool:
+    def check(self) -> int:
+        """Re-read the file if it changed (at most once per CHECK_EVERY); the version."""
         now = time.monotonic()
         with self._lock:
             if now - self._checked >= self.CHECK_EVERY:
                 self._checked = now
                 self._reload()
+            return self.version
+
+    def refuses(self, subject: object, issued_at: object) -> bool:
+        self.check()
+        with self._lock:
             not_before = self._entries.get(subject) if isinstance(subject, str) else None
         if not_before is None:
             return False
@@ -293,10 +302,16 @@ def token_expiry(token: str | None) -> float | None:
     return _expiry(jwt.decode(token or "", options={"verify_signature": False}))
 
 
-def verify_device_claims(
-    secret: str, token: str | None, policy: TokenPolicy | None = None
-) -> tuple[str, float | None]:
-    """(device id, exp or None) of a valid device token, or :class:`AuthError`."""
+class DeviceGrant(NamedTuple):
+    """What a valid device token grants: the device id, until when, issued when."""
+
+    device_id: str
+    exp: float | None
+    iat: float | None
+
+
+def verify_device_claims(secret: str, token: str | None, policy: TokenPolicy | None = None) -> DeviceGrant:
+    """The :class:`DeviceGrant` of a valid device token, or :class:`AuthError`."""
     claims = _decode(secret, token, ["sub"])
     if "devices" in claims:
         raise AuthError("a client-app token cannot send device messages", 403)
@@ -306,7 +321,9 @@ def verify_device_claims(
         raise AuthError(f"unusable sub claim: {exc}", 403) from None
     if policy is not None:
         policy.check(claims)
-    return device_id, _expiry(claims)
+    iat = claims.get("iat")
+    issued = float(iat) if isinstance(iat, (int, float)) and not isinstance(iat, bool) else None
+    return DeviceGrant(device_id, _expiry(claims), issued)
 
 
 def verify_device_token(secret: str, token: str | None, policy: TokenPolicy | None = None) -> str:

@@ -26,9 +26,9 @@ import logging
 import re
 import resource
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -54,7 +54,7 @@ log = logging.getLogger("iotnode.front")
 INGEST_PATH = "/v1/ingest"
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOO_BIG = 1009
-CLOSE_POLICY = 1008  # the token that opened the session expired
+CLOSE_POLICY = 1008  # the token that opened the session expired or was revoked
 
 
 @dataclass
@@ -67,6 +67,8 @@ class FrontState:
     committer: Committer | None = None
     gc: GcPolicy | None = None  # the worker's GC policy once started
     sessions: Sessions | None = None  # one session per device (node/front/sessions.py) once started
+    # open device sessions: key -> (device id, token iat, end_with(code, reason)), for revocation
+    revocable: dict[int, tuple[str, float | None, Callable[[int, str], None]]] = field(default_factory=dict)
 
 
 class RedactTokens(logging.Filter):
@@ -195,9 +197,11 @@ def create_app(
         gc_policy.start()
         gc_task = asyncio.get_running_loop().create_task(gc_policy.run(), name="iotnode-gc")
         state.gc = gc_policy
+        revoker = asyncio.get_running_loop().create_task(_revoke_periodically(state), name="iotnode-revoke")
         try:
             yield
         finally:
+            revoker.cancel()
             gc_task.cancel()
             sessions.stop()
             await committer.stop()
@@ -210,6 +214,24 @@ def create_app(
     app = Starlette(routes=[WebSocketRoute(INGEST_PATH, ingest), *routes], lifespan=lifespan)
     app.state.front = state
     return app
+
+
+async def _revoke_periodically(state: FrontState) -> None:
+    """When NODE_JWT_DENYLIST changes, end the open sessions it now refuses (1008)."""
+    denylist = state.policy.denylist if state.policy is not None else None
+    if denylist is None:
+        return
+    seen = denylist.version
+    while True:
+        await asyncio.sleep(denylist.CHECK_EVERY)
+        version = denylist.check()
+        if version == seen:
+            continue
+        seen = version
+        for device_id, issued_at, end_with in list(state.revocable.values()):
+            if denylist.refuses(device_id, issued_at):
+                log.warning("device %r: token revoked (NODE_JWT_DENYLIST), closing its session", device_id)
+                end_with(CLOSE_POLICY, "token revoked")
 
 
 async def _deny(websocket: WebSocket, exc: AuthError) -> None:
@@ -236,7 +258,7 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     if state.gc is not None:
         state.gc.note_garbage()  # a handshake leaves a few cycles; the next GC tick collects young
     try:
-        device_id, expires_at = verify_device_claims(
+        device_id, expires_at, issued_at = verify_device_claims(
             state.secret, token_from_request(websocket.headers, websocket.query_params), state.policy
         )
     except AuthError as exc:
@@ -277,6 +299,7 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     if expires_at is not None:  # the session lasts no longer than the token that opened it
         timer = loop.call_later(max(0.0, expires_at - time.time()), end_with, CLOSE_POLICY, "token expired")
     writer = loop.create_task(_write(websocket, conn, ending))
+    state.revocable[id(conn)] = (device_id, issued_at, end_with)
     perf_counter, wall = time.perf_counter, time.time
     receive = websocket.receive
     try:
@@ -318,6 +341,7 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     except WebSocketDisconnect:
         pass
     finally:
+        state.revocable.pop(id(conn), None)
         if timer is not None:
             timer.cancel()
         committer.disconnect(conn)

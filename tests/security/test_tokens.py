@@ -5,7 +5,8 @@
 * ``python -m node token`` prints tokens that expire in a year by default;
 * a device session is closed with 1008 "token expired" when its token's exp
   passes (after its last ack), like the fanout's streams;
-* NODE_JWT_DENYLIST revokes by subject (and not-before time), re-read on change;
+* NODE_JWT_DENYLIST revokes by subject (and not-before time), re-read on change,
+  at the handshake and for open device sessions (closed with 1008 "token revoked");
 * a configured NODE_JWT_SECRET needs 32 bytes; a group/other-readable jwt_secret
   file is refused.
 """
@@ -191,6 +192,27 @@ def test_the_denylist_revokes_a_device_without_a_restart(web: Server, denylist_p
     denylist_path.write_text("stolen\n")
     wait_until(lambda: asyncio.run(_status(web, token)) == 401, 10, interval=0.3, what="the revocation")
     assert asyncio.run(_status(web, issue_device_token(SECRET, "other", ttl=600))) == 101
+
+
+def test_an_open_session_is_closed_with_1008_when_its_device_is_revoked(
+    web: Server, denylist_path: Path
+) -> None:
+    async def go() -> tuple[int | None, str]:
+        token = issue_device_token(SECRET, "revoked-live", ttl=600)
+        async with websockets.connect(
+            web.ws_url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10
+        ) as ws:
+            await ws.send(msgpack.packb({"seq": 1, "data": 1}))
+            assert msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10)) == {"ack": 1}
+            denylist_path.write_text(denylist_path.read_text() + "revoked-live\n")
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd is not None
+                return closed.rcvd.code, closed.rcvd.reason
+
+    assert asyncio.run(go()) == (1008, "token revoked")
 
 
 # ------------------------------------------------------------------ secrets
