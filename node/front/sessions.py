@@ -9,9 +9,11 @@ What MQTT brokers do with a client id, across every web worker of the node:
   to end: in its own worker directly, in the other workers by a ``TAKE`` datagram
   on their Unix socket ``NODE_DATA_DIR/sessions/<pid>.sock``.  An older session
   stops taking frames (what it has not read is not acked: the device resends it
-  on its new connection), waits until every record it handed to the committer is
-  durable in the ring (*settled*: its ack is then due), sends that last ack, and
-  is closed with **4000 "session taken over"**.  Its worker answers ``DONE``.
+  on its new connection) and waits until every record it handed to the committer is
+  durable in the ring (*settled*: its ack is then due); its worker answers ``DONE``
+  then.  The old connection sends that last ack and is closed with **4000 "session
+  taken over"** as soon as its peer takes them (a peer that reads nothing does not
+  hold the new session back: ``NODE_TCP_USER_TIMEOUT_MS`` ends it).
 * Only then is the new session accepted, so the device's records enter the ring
   in order across workers: everything of the old session is durable before
   anything of the new one is read.  If an older session cannot settle within
@@ -87,10 +89,12 @@ class Session:
                 self._on_taken()
 
     async def wait_settled(self, timeout: float) -> bool:
-        """Until this session's records are durable and (if it was open) it was closed."""
+        """Until this session (taken over, or gone) takes no more frames and every record
+        it handed over is durable.  Its close (last ack, 4000) need not have gone out:
+        a peer that reads nothing would hold the new session back until TCP gives up."""
         deadline = time.monotonic() + timeout
         while not self.settled.is_set():
-            if self.gone and not self.pending():
+            if (self.gone or self.taken) and not self.pending():
                 self.settled.set()
                 break
             left = deadline - time.monotonic()

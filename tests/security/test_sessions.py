@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,26 @@ def test_order_and_acks_hold_across_a_takeover(web: Server) -> None:
     assert old == sorted(old) and new == sorted(new)
     assert old[:acked] == list(range(1, acked + 1))  # what the old connection got acked is durable
     assert set(old) | set(new) == set(range(1, 401))
+
+
+def test_an_old_session_whose_peer_reads_nothing_does_not_hold_the_new_one_back(web: Server) -> None:
+    from tests.security.conftest import client_frame, ws_open
+    from tests.security.test_websocket_amplification import _push
+
+    old = ws_open(web, rcvbuf=65536)  # device "d1", which never reads again
+    try:
+        _push(old, client_frame(0x9, b"p" * 125) * 2000, 64 << 20, 10.0)  # its pongs fill every buffer
+
+        async def go() -> float:
+            start = time.monotonic()
+            async with _connect(web, "d1") as new:
+                await new.send(msgpack.packb({"seq": 1, "data": "new"}))
+                assert msgpack.unpackb(await asyncio.wait_for(new.recv(), 10)) == {"ack": 1}
+            return time.monotonic() - start
+
+        assert asyncio.run(go()) < 3.0
+    finally:
+        old.close()
 
 
 @pytest.fixture
