@@ -9,6 +9,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,7 +46,7 @@ def router() -> Iterator[tuple[Processes, dict[str, str]]]:
 
 
 def _start_router(processes: Processes, env: dict[str, str]) -> int:
-    processes.start("router", "node.workers.router", env, short_dir("sec-router-log-"))
+    processes.start("router", "node.workers.router", env, Path(env["NODE_DATA_DIR"]))
     return int(env["NODE_METRICS_PORT_ROUTER"])
 
 
