@@ -4,8 +4,12 @@ Each subcommand is a pair ``(configure(parser), run(args) -> int)`` registered i
 :data:`COMMANDS`; add one by writing those two functions (in your own module) and
 one line here.
 
-    python -m node token DEVICE_ID [--ttl SECONDS]
-    python -m node token --client --devices a,b [--ttl SECONDS] [--subject NAME]
+    python -m node token DEVICE_ID [--ttl SECONDS | --no-expiry]
+    python -m node token --client --devices a,b [--ttl SECONDS | --no-expiry] [--subject NAME]
+
+Tokens expire after one year unless ``--ttl`` says otherwise (or ``NODE_JWT_MAX_TTL``
+is shorter); ``--no-expiry`` prints one without ``exp`` (refused by nodes run with
+``NODE_JWT_REQUIRE_EXP=on`` or ``NODE_JWT_MAX_TTL``).
 """
 
 from __future__ import annotations
@@ -29,17 +33,25 @@ def _configure_token(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--subject", default="client", help="with --client: the sub claim (default: client)")
     parser.add_argument(
-        "--ttl", type=float, default=None, help="seconds until the token expires (default: never)"
+        "--ttl",
+        type=float,
+        default=None,
+        help="seconds until the token expires (default: one year, or NODE_JWT_MAX_TTL if shorter)",
+    )
+    parser.add_argument(
+        "--no-expiry", action="store_true", help="a token without exp (not for nodes that require one)"
     )
 
 
 def _run_token(args: argparse.Namespace) -> int:
-    from node.auth import issue_client_token, issue_device_token, load_secret
+    from node.auth import DEFAULT_CLI_TTL, issue_client_token, issue_device_token, load_secret
     from node.config import load_settings
 
     parser: argparse.ArgumentParser = args.parser
     if args.ttl is not None and not args.ttl > 0:
         parser.error(f"--ttl must be > 0 seconds, got {args.ttl}")
+    if args.ttl is not None and args.no_expiry:
+        parser.error("--ttl and --no-expiry exclude each other")
     if args.client:
         if args.device_id is not None:
             parser.error("--client takes no DEVICE_ID; list the devices with --devices a,b")
@@ -55,11 +67,14 @@ def _run_token(args: argparse.Namespace) -> int:
             parser.error("DEVICE_ID is required (or --client --devices a,b)")
     settings = load_settings()
     secret = load_secret(settings)
+    ttl = args.ttl
+    if ttl is None and not args.no_expiry:
+        ttl = min(DEFAULT_CLI_TTL, settings.jwt_max_ttl or DEFAULT_CLI_TTL)
     try:
         if args.client:
-            token = issue_client_token(secret, devices, ttl=args.ttl, subject=args.subject)
+            token = issue_client_token(secret, devices, ttl=ttl, subject=args.subject)
         else:
-            token = issue_device_token(secret, args.device_id, ttl=args.ttl)
+            token = issue_device_token(secret, args.device_id, ttl=ttl)
     except ValueError as exc:
         parser.error(str(exc))
     print(token)

@@ -109,6 +109,10 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
+def _parse_switch(name: str, raw: str) -> bool:
+    return _parse_choice(("on", "off"))(name, raw) == "on"
+
+
 def _int_between(minimum: int, maximum: int) -> Callable[[str, str], int]:
     return lambda name, raw: _parse_int(name, raw, minimum=minimum, maximum=maximum)
 
@@ -149,11 +153,32 @@ def _is_loopback_tcp(endpoint: str) -> bool:
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
+#: Shortest accepted HS256 key (RFC 7518 3.2: a key at least as long as the hash, 256 bits).
+MIN_SECRET_BYTES = 32
+
+
 def _parse_secret(name: str, raw: str) -> str:
-    if len(raw) < 16:
+    size = len(raw.encode("utf-8", "surrogateescape"))
+    if size < MIN_SECRET_BYTES:
         # The value itself is a secret: never echo it.
-        raise ConfigError(name, "<hidden>", f"expected at least 16 characters, got {len(raw)}")
+        raise ConfigError(
+            name,
+            "<hidden>",
+            f"expected at least {MIN_SECRET_BYTES} bytes, got {size}"
+            " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
     return raw
+
+
+def _parse_file(name: str, raw: str) -> Path:
+    path = Path(raw.strip())
+    if not path.is_file():
+        raise ConfigError(name, raw, "expected an existing file")
+    return path
+
+
+def _parse_milliseconds(name: str, raw: str) -> int:
+    return _parse_int(name, raw, minimum=0, maximum=24 * 3600 * 1000)
 
 
 @dataclass(frozen=True)
@@ -218,6 +243,21 @@ class Settings:
     pipeline_coalesce: float = 0.005
 
     log_level: str = "info"
+
+    # Hostile clients (docs/security.md): limits of the web and fanout servers, each
+    # enforced per server process (a web worker, the fanout).
+    metrics_host: str = "127.0.0.1"  # where the stages' /metrics listen (not NODE_HOST)
+    max_header_bytes: int = 16384  # request line + headers; more: HTTP 431
+    handshake_timeout: float = 10.0  # seconds from TCP accept to the first response
+    max_connections: int = 16384  # open connections per server process; more: HTTP 503
+    max_connections_per_ip: int = 8192  # open connections per client address per server process
+    ws_max_queued_frames: int = 32  # frames parsed but not taken by the app before reading pauses
+    ws_max_unwritten_bytes: int = 256 * 1024  # bytes waiting to be written before reading pauses
+    tcp_user_timeout_ms: int = 60_000  # TCP_USER_TIMEOUT of accepted connections; 0: kernel default
+    jwt_require_exp: bool = False  # refuse tokens without exp (contract 3 honours exp "when present")
+    jwt_max_ttl: float | None = None  # refuse tokens whose exp is further than this from now (s)
+    jwt_denylist: Path | None = None  # file of denied subjects / not-before times, re-read on change
+    fanout_queue_bytes: int = 8 * MIB  # bytes of JSON queued per client app before 1013
 
     # Metrics: "off" skips the web front's per-group work (ack latency, persist batch
     # sizes, counters sync); its /metrics then shows only CPU/RSS.  The stages count
@@ -317,6 +357,18 @@ class Settings:
             _parse_choice(("critical", "error", "warning", "info", "debug")),
         )
         take("NODE_METRICS", "metrics", lambda n, r: _parse_choice(("on", "off"))(n, r) == "on")
+        take("NODE_METRICS_HOST", "metrics_host", lambda n, r: r.strip())
+        take("NODE_MAX_HEADER_BYTES", "max_header_bytes", _int_between(1024, MIB))
+        take("NODE_HANDSHAKE_TIMEOUT", "handshake_timeout", _seconds_from(0.1))
+        take("NODE_MAX_CONNECTIONS", "max_connections", _int_between(1, 10_000_000))
+        take("NODE_MAX_CONNECTIONS_PER_IP", "max_connections_per_ip", _int_between(1, 10_000_000))
+        take("NODE_WS_MAX_QUEUED_FRAMES", "ws_max_queued_frames", _int_between(1, 65536))
+        take("NODE_WS_MAX_UNWRITTEN_BYTES", "ws_max_unwritten_bytes", _int_between(4096, 1024 * MIB))
+        take("NODE_TCP_USER_TIMEOUT_MS", "tcp_user_timeout_ms", _parse_milliseconds)
+        take("NODE_JWT_REQUIRE_EXP", "jwt_require_exp", _parse_switch)
+        take("NODE_JWT_MAX_TTL", "jwt_max_ttl", _seconds_from(1))
+        take("NODE_JWT_DENYLIST", "jwt_denylist", _parse_file)
+        take("NODE_FANOUT_QUEUE_BYTES", "fanout_queue_bytes", _int_between(4096, 64 * 1024 * MIB))
         # The resend timeout's ceiling: at least the timeout (raised to it when not set).
         timeout = values.get("monitor_ack_timeout", cls.monitor_ack_timeout)
         ceiling = values.get("monitor_ack_timeout_max")
@@ -336,6 +388,7 @@ class Settings:
     def _check_derived(self) -> None:
         # Default ipc:// endpoints live in data_dir: a long data_dir path breaks them.
         for var, endpoint in (
+            ("NODE_DATA_DIR", self._ipc("sessions/4194304.sock")),  # node/front/sessions.py, per worker
             ("NODE_DATA_DIR", self.router_bind_endpoint),
             ("NODE_DATA_DIR", self.pub_endpoint),
             ("NODE_DATA_DIR", self.replay_endpoint),

@@ -24,17 +24,26 @@ Every process also exports its CPU and RSS (``iotnode_process_*``, see
 :mod:`node.procmetrics`); the web front's counters are fed from the committer's
 ``FrontStats`` by :mod:`node.front.metrics`.  Meanings and queries: docs/metrics.md.
 
+Scrapes are cheap and bounded (issue 14): :func:`serve` answers from a
+:class:`CachedExposition` (renders take at most ~1/:data:`COST_FACTOR` of a core
+however often scrapers ask), with
+at most :data:`MAX_SCRAPERS` handler threads (more: 503), a socket timeout and a
+whole-request deadline; the web and fanout endpoints cache the same way.
+
 Hot paths count in batches (``inc(n)`` once per batch), never per message under
 a lock.  Ring gauges are computed at scrape time from the ring header.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 from node.procmetrics import ProcessStatsCollector, this_process
 
@@ -254,6 +263,106 @@ def register_process(name: str) -> None:
 _process_registered = False
 
 
-def serve(port: int, host: str) -> None:
-    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread)."""
-    start_http_server(port, addr=host)
+#: A scrape within COST_FACTOR x (the last render's duration) of that render gets its
+#: text again: a scrape storm spends at most ~1/(1 + COST_FACTOR) of a core rendering.
+COST_FACTOR = 10.0
+#: Concurrent scrape handlers of a stage's /metrics server; more connections get 503.
+MAX_SCRAPERS = 4
+#: Socket timeout of a scrape connection, and its whole-request deadline (seconds).
+SCRAPE_TIMEOUT = 5.0
+
+
+class CachedExposition:
+    """Renders the exposition text for scrapes, at a bounded CPU cost (thread-safe).
+
+    A call within ``max(ttl, COST_FACTOR x duration of the last render)`` seconds of
+    the last render returns that render's text; concurrent callers wait for one
+    render and share it.  So scrapers cannot make a process spend more than about
+    1/(1 + COST_FACTOR) of a core on renders, however often they ask, and a cheap
+    render stays fresh (a 1 ms render is reused for 10 ms)."""
+
+    def __init__(self, render: Callable[[], bytes], ttl: float = 0.0) -> None:
+        self._render = render
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._body = b""
+        self._at = float("-inf")
+        self._reuse_for = ttl
+
+    def get(self) -> bytes:
+        with self._lock:
+            if time.monotonic() - self._at >= self._reuse_for:
+                started = time.monotonic()
+                self._body = self._render()
+                self._at = time.monotonic()
+                self._reuse_for = max(self._ttl, COST_FACTOR * (self._at - started))
+            return self._body
+
+
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def serve(port: int, host: str) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread).
+
+    Bounded: at most :data:`MAX_SCRAPERS` connections are handled at once (others get
+    503 and are closed), each for at most 2 x :data:`SCRAPE_TIMEOUT` seconds, and
+    renders are rate-limited by :class:`CachedExposition`."""
+    cache = CachedExposition(lambda: generate_latest(REGISTRY))
+    slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = SCRAPE_TIMEOUT  # every socket operation
+        protocol_version = "HTTP/1.0"  # one request per connection
+
+        def do_GET(self) -> None:
+            if self.path.partition("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            body = cache.get()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None  # scrapes are not worth a log line each
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 64
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                try:
+                    request.settimeout(0.5)
+                    request.sendall(_BUSY)
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            # The whole request, however it trickles, ends within SCRAPE_TIMEOUT x 2.
+            watchdog = threading.Timer(2 * SCRAPE_TIMEOUT, _abort, (request,))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                watchdog.cancel()
+                slots.release()
+
+    Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="iotnode-metrics", daemon=True).start()
+    return server
+
+
+def _abort(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -158,9 +159,22 @@ def encode_error(reason: str, seq: int | None, binary: bool) -> bytes | str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+# A bounded repr: a few levels, a few items each, so a deeply nested or huge value
+# (a 1 KB frame can hold a 1,000-level list) costs O(1) and never recurses deeply.
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxtuple = _repr.maxlist = _repr.maxdict = _repr.maxset = 4
+# long strings and numbers are cut below (keeping the start), not in the middle by reprlib
+_repr.maxstring = _repr.maxother = 4 * _SHOW
+_repr.maxlong = 10_000
+
+
 def _show(value: Any) -> str:
     """A short, safe rendering of an offending value for a reason string."""
-    text = repr(value)
+    try:
+        text = _repr.repr(value)
+    except (RecursionError, ValueError):  # pragma: no cover - reprlib bounds the depth
+        text = f"<{type(value).__name__}>"
     if len(text) > _SHOW:
         text = text[: _SHOW - 3] + "..."
     return text

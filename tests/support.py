@@ -89,7 +89,7 @@ def node_env(data_dir: Path, **overrides: object) -> dict[str, str]:
         NODE_METRICS_PORT_ROUTER=str(free_port()),
         NODE_METRICS_PORT_PUBLISHER=str(free_port()),
         NODE_METRICS_PORT_STORE=str(free_port()),
-        NODE_JWT_SECRET="test-secret-0123456789abcdef",
+        NODE_JWT_SECRET="test-secret-0123456789abcdef-0123456789",
         NODE_WEB_WORKERS="2",
         NODE_INGRESS_RING_BYTES=str(4 << 20),
         NODE_FANIN_RING_BYTES=str(8 << 20),
@@ -192,7 +192,7 @@ def start_web(
 
     proc = processes.start(name, "node.workers.web", env, log_dir)
     url = f"ws://127.0.0.1:{env['NODE_WEB_PORT']}/v1/ingest"
-    token = issue_device_token(env["NODE_JWT_SECRET"], "readiness-probe")
+    token = issue_device_token(env["NODE_JWT_SECRET"], "readiness-probe", ttl=600)
     try:
         wait_until(
             lambda: proc.poll() is not None or device_handshake_succeeds(url, token),

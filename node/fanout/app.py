@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import jwt
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from node.auth import token_from_request, verify_client_token
+from node.auth import TokenPolicy, token_expiry, token_from_request, verify_client_token
 from node.config import Settings
 from node.errors import AuthError
 from node.fanout.hub import (
@@ -38,6 +37,7 @@ from node.gcpolicy import GcPolicy
 from node.metrics import (
     ERRORS,
     FANOUT_CLIENTS,
+    CachedExposition,
 )
 
 
@@ -48,10 +48,9 @@ async def _send_loop(websocket: WebSocket, client: Client) -> None:
     while True:
         await client.wait()
         while queue and not client.overflowed and client.missed is None:
-            await websocket.send_text(queue.popleft())
+            await websocket.send_text(client.take())
         if client.overflowed:
-            reason = f"too slow: more than {client.limit} messages queued"
-            await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, reason), CLOSE_TIMEOUT)
+            await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, client.overflow_reason), CLOSE_TIMEOUT)
             return
         if client.missed is not None:
             await asyncio.wait_for(websocket.close(CLOSE_TOO_SLOW, client.missed), CLOSE_TIMEOUT)
@@ -75,6 +74,7 @@ async def _drain_incoming(websocket: WebSocket) -> None:
 def create_app(settings: Settings, secret: str) -> Starlette:
     """The fanout's ASGI app: ``/v1/stream`` and ``/metrics`` (one process, default registry)."""
     hub_holder: list[Hub] = []
+    policy = TokenPolicy.from_settings(settings)  # NODE_JWT_REQUIRE_EXP / _MAX_TTL / _DENYLIST
     # The web workers' GC policy (node/gcpolicy.py): many client connections must not
     # make full collections stall the stream either.
     gc_policy = GcPolicy()
@@ -106,8 +106,8 @@ def create_app(settings: Settings, secret: str) -> Starlette:
         try:
             try:
                 token = token_from_request(websocket.headers, websocket.query_params)
-                allowed = verify_client_token(secret, token)
-                expires_at = _expiry(token)
+                allowed = verify_client_token(secret, token, policy)
+                expires_at = token_expiry(token)
             except AuthError as exc:
                 reason = "unauthorized" if exc.status == 401 else "forbidden"
                 raise StreamRefused(exc.status, exc.reason, reason) from None
@@ -117,7 +117,7 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             await refuse(websocket, exc.status, exc.reason)
             return
         hub = hub_holder[0]
-        client = Client(selection, settings.fanout_queue)
+        client = Client(selection, settings.fanout_queue, settings.fanout_queue_bytes)
         hub.add(
             client
         )  # subscribe before accepting: the subscription's trip to the publisher overlaps the upgrade
@@ -131,19 +131,15 @@ def create_app(settings: Settings, secret: str) -> Starlette:
             hub.remove(client)
             gc_policy.note_garbage(ended=True)
 
+    exposition = CachedExposition(lambda: generate_latest(REGISTRY))  # rate-limited renders
+
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition.get(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
         routes=[WebSocketRoute(STREAM_PATH, stream), Route("/metrics", metrics)],
         lifespan=lifespan,
     )
-
-
-def _expiry(token: str | None) -> float | None:
-    """The ``exp`` of a token :func:`verify_client_token` already accepted (unix s), if any."""
-    exp = jwt.decode(token or "", options={"verify_signature": False}).get("exp")
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
 async def _serve(websocket: WebSocket, client: Client, expires_at: float | None) -> None:

@@ -147,13 +147,18 @@ def select_devices(requested: list[str], allowed: frozenset[str]) -> Selection:
 
 # ------------------------------------------------------------------- one client
 class Client:
-    """The bounded queue between the hub and one WebSocket's sender task."""
+    """The bounded queue between the hub and one WebSocket's sender task: at most
+    ``limit`` messages and ``max_bytes`` characters of JSON (NODE_FANOUT_QUEUE,
+    NODE_FANOUT_QUEUE_BYTES); the sender takes from it with :meth:`take`."""
 
-    def __init__(self, selection: Selection, limit: int) -> None:
+    def __init__(self, selection: Selection, limit: int, max_bytes: int | None = None) -> None:
         self.selection = selection
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         self.queue: collections.deque[str] = collections.deque()
         self.overflowed = False
+        self.overflow_reason = ""
         self.missed: str | None = None  # close reason once the live stream had a gap
         self.stopping = False
         self.expired = False
@@ -164,13 +169,28 @@ class Client:
         if self.overflowed or self.stopping or self.missed is not None:
             return True  # already leaving; nothing more is queued
         if len(self.queue) >= self.limit:
-            self.overflowed = True
-            self.queue.clear()
-            self._wake.set()
-            return False
+            return self._overflow(f"too slow: more than {self.limit} messages queued")
+        size = len(text)
+        if self.max_bytes is not None and self.queued_bytes + size > self.max_bytes:
+            return self._overflow(f"too slow: more than {self.max_bytes} bytes queued")
         self.queue.append(text)
+        self.queued_bytes += size
         self._wake.set()
         return True
+
+    def _overflow(self, reason: str) -> bool:
+        self.overflowed = True
+        self.overflow_reason = reason
+        self.queue.clear()
+        self.queued_bytes = 0
+        self._wake.set()
+        return False
+
+    def take(self) -> str:
+        """The oldest queued message (the queue must not be empty)."""
+        text = self.queue.popleft()
+        self.queued_bytes -= len(text)
+        return text
 
     def stop(self) -> None:
         self.stopping = True
@@ -181,6 +201,7 @@ class Client:
         if self.missed is None and not self.overflowed:
             self.missed = reason
             self.queue.clear()
+            self.queued_bytes = 0
             self._wake.set()
 
     def expire(self) -> None:

@@ -26,9 +26,9 @@ import logging
 import re
 import resource
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,11 +36,14 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from node.auth import load_secret, token_from_request, verify_device_token
+from node import logredact
+from node.auth import TokenPolicy, load_secret, token_from_request, verify_device_claims
 from node.config import Settings, load_settings
 from node.errors import AuthError
 from node.front.committer import Committer, Conn, FrontStats, GroupCallback
+from node.front.sessions import CLOSE_TAKEN_OVER, REASON_TAKEN_OVER, Sessions, TakeoverFailed
 from node.gcpolicy import GcPolicy
+from node.httpguard import Limits, install
 from node.protocol import ErrorReply, parse_frame, reject
 from node.record import pack_record
 
@@ -51,6 +54,7 @@ log = logging.getLogger("iotnode.front")
 INGEST_PATH = "/v1/ingest"
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOO_BIG = 1009
+CLOSE_POLICY = 1008  # the token that opened the session expired or was revoked
 
 
 @dataclass
@@ -58,9 +62,13 @@ class FrontState:
     settings: Settings
     secret: str
     stats: FrontStats
+    policy: TokenPolicy | None = None  # NODE_JWT_REQUIRE_EXP / _MAX_TTL / _DENYLIST
     ring: Any = None  # node.ring.Ring once started
     committer: Committer | None = None
     gc: GcPolicy | None = None  # the worker's GC policy once started
+    sessions: Sessions | None = None  # one session per device (node/front/sessions.py) once started
+    # open device sessions: key -> (device id, token iat, end_with(code, reason)), for revocation
+    revocable: dict[int, tuple[str, float | None, Callable[[int, str], None]]] = field(default_factory=dict)
 
 
 class RedactTokens(logging.Filter):
@@ -103,6 +111,7 @@ def _install_logging(level: str) -> None:
             handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
             ours.addHandler(handler)
             ours.propagate = False
+    logredact.install()  # every handler: JWTs, Authorization values, ?token= in any spelling
 
 
 def raise_nofile_limit() -> int:
@@ -143,7 +152,13 @@ def create_app(
         raise ValueError(f"commit_mode must be auto, thread or inline, got {commit_mode!r}")
     settings = settings if settings is not None else load_settings()
     _install_logging(settings.log_level)
-    state = FrontState(settings=settings, secret=load_secret(settings), stats=FrontStats())
+    install(Limits.from_settings(settings))  # node.httpguard, in this worker
+    state = FrontState(
+        settings=settings,
+        secret=load_secret(settings),
+        stats=FrontStats(),
+        policy=TokenPolicy.from_settings(settings),
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -166,7 +181,9 @@ def create_app(
             stats=state.stats,
         )
         await committer.start()
-        state.ring, state.committer = ring, committer
+        sessions = Sessions(settings.data_path / "sessions")
+        sessions.start()
+        state.ring, state.committer, state.sessions = ring, committer, sessions
         log.info(
             "ingress ring %s (backend %s, %s commit), window %d",
             settings.ring_path("ingress"),
@@ -180,10 +197,13 @@ def create_app(
         gc_policy.start()
         gc_task = asyncio.get_running_loop().create_task(gc_policy.run(), name="iotnode-gc")
         state.gc = gc_policy
+        revoker = asyncio.get_running_loop().create_task(_revoke_periodically(state), name="iotnode-revoke")
         try:
             yield
         finally:
+            revoker.cancel()
             gc_task.cancel()
+            sessions.stop()
             await committer.stop()
             ring.close()
             gc_policy.restore()
@@ -196,6 +216,24 @@ def create_app(
     return app
 
 
+async def _revoke_periodically(state: FrontState) -> None:
+    """When NODE_JWT_DENYLIST changes, end the open sessions it now refuses (1008)."""
+    denylist = state.policy.denylist if state.policy is not None else None
+    if denylist is None:
+        return
+    seen = denylist.version
+    while True:
+        await asyncio.sleep(denylist.CHECK_EVERY)
+        version = denylist.check()
+        if version == seen:
+            continue
+        seen = version
+        for device_id, issued_at, end_with in list(state.revocable.values()):
+            if denylist.refuses(device_id, issued_at):
+                log.warning("device %r: token revoked (NODE_JWT_DENYLIST), closing its session", device_id)
+                end_with(CLOSE_POLICY, "token revoked")
+
+
 async def _deny(websocket: WebSocket, exc: AuthError) -> None:
     headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status == 401 else {}
     response = PlainTextResponse(exc.reason + "\n", status_code=exc.status, headers=headers)
@@ -205,24 +243,63 @@ async def _deny(websocket: WebSocket, exc: AuthError) -> None:
         await websocket.close(code=1008)
 
 
+async def _deny_busy(websocket: WebSocket) -> None:
+    response = PlainTextResponse(
+        "an older session of this device is still settling; retry\n", status_code=503
+    )
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(code=1013)
+
+
 async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
     stats = state.stats
     if state.gc is not None:
         state.gc.note_garbage()  # a handshake leaves a few cycles; the next GC tick collects young
     try:
-        device_id = verify_device_token(
-            state.secret, token_from_request(websocket.headers, websocket.query_params)
+        device_id, expires_at, issued_at = verify_device_claims(
+            state.secret, token_from_request(websocket.headers, websocket.query_params), state.policy
         )
     except AuthError as exc:
         stats.refused[exc.status] += 1
         await _deny(websocket, exc)
         return
-    committer = state.committer
-    assert committer is not None, "lifespan did not run"
+    committer, sessions = state.committer, state.sessions
+    assert committer is not None and sessions is not None, "lifespan did not run"
     max_record = state.ring.max_record
-    await websocket.accept()
     conn = committer.connect(device_id)
-    writer = asyncio.get_running_loop().create_task(_write(websocket, conn))
+    # One session per device: older ones (in any worker) settle and close with 4000 first.
+    try:
+        session = await sessions.begin(device_id, lambda: bool(conn.unacked) and not conn.failed)
+    except TakeoverFailed as exc:
+        committer.disconnect(conn)
+        stats.refused[503] += 1
+        log.warning("device %r: %s; refused with 503", device_id, exc)
+        await _deny_busy(websocket)
+        return
+    try:
+        await websocket.accept()
+    except BaseException:
+        committer.disconnect(conn)
+        sessions.end(session)
+        raise
+    # How the session ends early: a newer one took over (4000), its token expired (1008).
+    # Either way it stops taking frames, settles, sends its last ack, then closes.
+    ending: list[tuple[int, str]] = []
+
+    def end_with(code: int, reason: str) -> None:
+        if not ending:
+            ending.append((code, reason))
+            conn.close_when_settled()
+
+    session.on_taken(lambda: end_with(CLOSE_TAKEN_OVER, REASON_TAKEN_OVER))
+    loop = asyncio.get_running_loop()
+    timer = None
+    if expires_at is not None:  # the session lasts no longer than the token that opened it
+        timer = loop.call_later(max(0.0, expires_at - time.time()), end_with, CLOSE_POLICY, "token expired")
+    writer = loop.create_task(_write(websocket, conn, ending))
+    state.revocable[id(conn)] = (device_id, issued_at, end_with)
     perf_counter, wall = time.perf_counter, time.time
     receive = websocket.receive
     try:
@@ -258,11 +335,17 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
                 stats.errors[too_large.kind] += 1
                 conn.reply(too_large.frame)
                 continue
+            if ending:
+                continue  # taken over or expired: the device resends on its next connection
             committer.submit(conn, result.seq, result.binary, payload, t_received)  # type: ignore[union-attr]
     except WebSocketDisconnect:
         pass
     finally:
+        state.revocable.pop(id(conn), None)
+        if timer is not None:
+            timer.cancel()
         committer.disconnect(conn)
+        sessions.end(session)
         if state.gc is not None:
             state.gc.note_garbage(ended=True)  # a closed connection's objects are cyclic
         if not writer.done():
@@ -273,8 +356,9 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
             pass
 
 
-async def _write(websocket: WebSocket, conn: Conn) -> None:
-    """Send error replies and acks to one device, in order, until it goes away."""
+async def _write(websocket: WebSocket, conn: Conn, ending: list[tuple[int, str]]) -> None:
+    """Send error replies and acks to one device, in order, until it goes away (or,
+    once ``ending`` holds a close code and nothing is in flight, close with it)."""
     send = websocket.send
     try:
         while True:
@@ -286,6 +370,10 @@ async def _write(websocket: WebSocket, conn: Conn) -> None:
                     await send({"type": "websocket.send", "text": frame})
             if conn.failed:
                 await websocket.close(code=CLOSE_INTERNAL_ERROR, reason="could not persist; resend")
+                return
+            if ending and not conn.unacked:  # settled: the last ack is sent
+                code, reason = ending[0]
+                await websocket.close(code=code, reason=reason)
                 return
     except (WebSocketDisconnect, OSError, RuntimeError):
         return  # the connection is gone (or closing): the reader sees the disconnect

@@ -115,6 +115,7 @@ class Conn:
         "_room",
         "closed",
         "failed",
+        "closing",
     )
 
     def __init__(self, device_id: str, window: int) -> None:
@@ -132,6 +133,7 @@ class Conn:
         self._room = asyncio.Event()  # the window has room again
         self.closed = False
         self.failed = False  # the committer could not persist: close with 1011
+        self.closing = False  # the writer closes once nothing is in flight (session taken over)
 
     @property
     def unacked(self) -> int:
@@ -145,9 +147,21 @@ class Conn:
         self._replies.append(frame)
         self._wake.set()
 
+    def close_when_settled(self) -> None:
+        """Make :meth:`outgoing` return once nothing is in flight (after the last ack),
+        so the writer can close the connection (a newer session took over)."""
+        self.closing = True
+        self._wake.set()
+
     async def outgoing(self) -> list[bytes | str]:
-        """Wait for, then take, every frame due to this device (replies, then the ack)."""
-        while not self._replies and self._ack is None and not self.failed:
+        """Wait for, then take, every frame due to this device (replies, then the ack);
+        with :attr:`closing`, also return (maybe nothing) once nothing is in flight."""
+        while (
+            not self._replies
+            and self._ack is None
+            and not self.failed
+            and not (self.closing and not self._inflight)
+        ):
             self._wake.clear()
             await self._wake.wait()
         frames: list[bytes | str] = list(self._replies)

@@ -70,12 +70,16 @@ from node.metrics import (
     RING_FULL,
     WEB_PENDING_BYTES,
     WEB_WORKERS,
+    CachedExposition,
 )
 from node.procmetrics import ProcessStatsCollector, is_running, this_process
 
 __all__ = ["FrontMetrics", "create_app", "render_metrics"]
 
 FLUSH_INTERVAL = 1.0
+#: A worker re-renders its merged /metrics at most this often: the counters of the other
+#: workers are up to FLUSH_INTERVAL old anyway.
+RENDER_TTL = 1.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 log = logging.getLogger("iotnode.metrics")
@@ -236,11 +240,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         _fallback_registered = True
     WEB_WORKERS.set(1)
     metrics = FrontMetrics(FrontStats()) if settings.metrics else None
+    # Merging every worker's files is the expensive part of a scrape: at most one render
+    # per RENDER_TTL (or per 10 x its duration) in this worker, however often /metrics is asked.
+    exposition = CachedExposition(lambda: render_metrics(path, supervisor), ttl=RENDER_TTL)
 
     async def endpoint(request: Request) -> Response:
         if metrics is not None:
             metrics.flush()
-        body = await run_in_threadpool(render_metrics, path, supervisor)
+        body = await run_in_threadpool(exposition.get)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     app = front.create_app(

@@ -18,17 +18,19 @@ from types import FrameType
 
 import uvicorn
 
-from node.auth import load_secret
+from node import logredact
+from node.auth import TokenPolicy, load_secret
 from node.config import Settings, load_settings
 from node.errors import NodeError
 from node.fanout.app import create_app
+from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, Limits, install, set_user_timeout
 from node.metrics import register_process
+from node.privatefile import private_data_dir
 from node.workers.runtime import configure_logging
 
 log = logging.getLogger("node.workers.fanout")
 
 GRACE = 5  # seconds uvicorn waits for open streams at shutdown
-STALLED_PEER_MS = 60_000  # TCP_USER_TIMEOUT of client connections (see _listen)
 MAX_CLIENT_FRAME = 4096  # client apps have nothing to say; bigger frames are closed with 1009
 
 _TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s\"']+")
@@ -73,9 +75,9 @@ def _listen(settings: Settings) -> socket.socket:
         )
         raise SystemExit(2) from None
     # Accepted connections inherit this: a client that leaves data unacknowledged (a
-    # zero window: it stopped reading) for this long is aborted by the kernel, so a
-    # stalled client closed with 1013 does not keep its socket buffers forever.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALLED_PEER_MS)
+    # zero window: it stopped reading) for NODE_TCP_USER_TIMEOUT_MS is aborted by the
+    # kernel, so a stalled client closed with 1013 does not keep its socket buffers forever.
+    set_user_timeout(sock, settings.tcp_user_timeout_ms)
     sock.set_inheritable(True)
     return sock
 
@@ -85,18 +87,22 @@ def main() -> None:
     configure_logging(settings, "fanout")
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_UvicornLogFilter())
+    logredact.install()  # every handler: JWTs, Authorization values, ?token= in any spelling
     try:
-        settings.data_path.mkdir(parents=True, exist_ok=True)
+        private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
         secret = load_secret(settings)
+        TokenPolicy.from_settings(settings)  # a malformed NODE_JWT_DENYLIST stops the start
     except (OSError, NodeError) as exc:
         log.error("cannot load the JWT secret (NODE_JWT_SECRET, or %s): %s", settings.jwt_secret_path, exc)
         raise SystemExit(2) from None
     sock = _listen(settings)
     register_process("fanout")  # iotnode_process_* on its /metrics
+    install(Limits.from_settings(settings))  # node.httpguard: header cap, deadline, connection counts
     config = uvicorn.Config(
         create_app(settings, secret),
         lifespan="on",
-        ws="websockets-sansio",
+        http=HTTP_PROTOCOL,  # httptools + node.httpguard's limits
+        ws=WS_PROTOCOL,  # websockets-sansio + node.httpguard's limits
         ws_max_size=MAX_CLIENT_FRAME,
         # One record goes to many clients: per-connection deflate would cost CPU per
         # client per message (its context is per connection), so frames go uncompressed.

@@ -10,8 +10,9 @@ Usage in a worker module::
 
 ``start`` reads the configuration once (bad value -> message naming the variable,
 exit status 2), configures logging, serves ``/metrics`` on the stage's port (on
-``NODE_HOST``), and turns SIGTERM/SIGINT into ``stop`` being set so the loop can
-finish its current step and exit 0.
+``NODE_METRICS_HOST``, default 127.0.0.1: not ``NODE_HOST``, which exposes the
+device and client-app servers; see docs/security.md), and turns SIGTERM/SIGINT
+into ``stop`` being set so the loop can finish its current step and exit 0.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import signal
 import threading
 from types import FrameType
 
-from node import metrics
+from node import logredact, metrics
 from node.config import Settings, load_settings
+from node.privatefile import private_data_dir
 
 _METRICS_PORT = {
     "monitor": "metrics_port_monitor",
@@ -38,6 +40,7 @@ def configure_logging(settings: Settings, name: str) -> None:
         level=settings.log_level.upper(),
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    logredact.install()  # no credential reaches a handler (node/logredact.py)
 
 
 class Stop(threading.Event):
@@ -56,17 +59,24 @@ class Stop(threading.Event):
 def start(name: str) -> tuple[Settings, threading.Event]:
     settings = load_settings()
     configure_logging(settings, name)
-    settings.data_path.mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
     port_attr = _METRICS_PORT.get(name)
     if port_attr is not None:
         metrics.register_process(name)
         port = getattr(settings, port_attr)
+        host = settings.metrics_host
         try:
-            metrics.serve(port, settings.host)
+            metrics.serve(port, host)
         except OSError as exc:
             var = "NODE_" + port_attr.upper()
             logging.getLogger(name).error(
-                "cannot serve /metrics on %s:%s (%s=%s): %s", settings.host, port, var, port, exc
+                "cannot serve /metrics on %s:%s (NODE_METRICS_HOST=%s, %s=%s): %s",
+                host,
+                port,
+                host,
+                var,
+                port,
+                exc,
             )
             raise SystemExit(2) from None
     stop = Stop()

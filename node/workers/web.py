@@ -13,6 +13,12 @@ raised to the hard limit (here and in every worker), no per-message deflate
 alive pings from ``NODE_WS_PING_INTERVAL``/``_TIMEOUT`` (0 disables), frames over
 ``NODE_MAX_MESSAGE_BYTES`` closed with 1009 by the WebSocket layer from the frame
 header, access log off (it would also log ``?token=``).
+
+Hostile clients (docs/security.md): uvicorn gets the protocol classes of
+:mod:`node.httpguard` (header cap, handshake deadline, connection counts, bounded
+queued frames and unwritten bytes), and the listening socket, bound here, has
+``TCP_USER_TIMEOUT`` (``NODE_TCP_USER_TIMEOUT_MS``), inherited by every accepted
+connection: a peer that leaves our data unacknowledged that long is aborted.
 """
 
 from __future__ import annotations
@@ -20,12 +26,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
-from node.auth import load_secret
+from node.auth import TokenPolicy, load_secret
 from node.config import Settings, load_settings
+from node.errors import NodeError
 from node.front.app import raise_nofile_limit
+from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, set_user_timeout
+from node.privatefile import private_data_dir
 
 #: uvicorn's sans-I/O websockets implementation: no reader task per connection
 #: (the legacy one keeps one, plus one keep-alive task), pauses reading while the
@@ -54,8 +65,8 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         port=settings.web_port,
         workers=settings.web_workers,
         loop="uvloop",
-        http="httptools",
-        ws=WS_IMPLEMENTATION,
+        http=HTTP_PROTOCOL,  # httptools + node.httpguard's limits
+        ws=WS_PROTOCOL,  # websockets-sansio + node.httpguard's limits
         ws_max_size=settings.max_message_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=seconds(settings.ws_ping_interval),
@@ -71,13 +82,34 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
 def main() -> None:
     settings = load_settings()
     raise_nofile_limit()
-    # Create the secret (if generated) once, before the workers race for it.
-    load_secret(settings)
-    settings.data_path.mkdir(parents=True, exist_ok=True)
+    private_data_dir(settings.data_path)  # umask 077, 0700 (docs/security.md)
+    # Create the secret (if generated) once, before the workers race for it; check the
+    # deny-list file once here too, so a malformed one stops the start (status 2).
+    try:
+        load_secret(settings)
+        TokenPolicy.from_settings(settings)
+    except NodeError as exc:
+        print(f"iotnode web: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     _check_bind(settings)
     _multiprocess_metrics_dir(settings)
     # node.front.metrics wraps node.front.app:create_app with the metrics seams and /metrics.
-    uvicorn.run("node.front.metrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+    # uvicorn.run(), except that the listening socket gets TCP_USER_TIMEOUT first.
+    config = uvicorn.Config("node.front.metrics:create_app", **uvicorn_options(settings))  # type: ignore[arg-type]
+    sock = config.bind_socket()
+    set_user_timeout(sock, settings.tcp_user_timeout_ms)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server = uvicorn.Server(config)
+            server.run(sockets=[sock])
+            if not server.started:
+                raise SystemExit(3)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
 
 
 def _multiprocess_metrics_dir(settings: Settings) -> None:

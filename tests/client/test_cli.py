@@ -52,7 +52,7 @@ def test_cli_envelope_lines_json_frames_and_bad_lines_named_by_number(shared_fro
 
 def test_cli_refused_token_exits_2_with_the_status(shared_front: Node) -> None:
     front = shared_front
-    token = issue_device_token("some-other-secret-0123456789", "cli-3")
+    token = issue_device_token("some-other-secret-0123456789-0123456789", "cli-3")
     result = cli(front, '{"a": 1}\n', "--token", token, timeout=30)
     assert result.returncode == 2
     assert "refused the connection" in result.stderr and "HTTP 401" in result.stderr

@@ -205,7 +205,7 @@ def test_refused_token_is_a_distinct_error_and_is_not_retried(shared_front: Node
     front = shared_front
 
     async def scenario() -> None:
-        bad = issue_device_token("another-secret-0123456789", "dev-x")
+        bad = issue_device_token("another-secret-0123456789-0123456789", "dev-x")
         client = DeviceClient(front.url, bad, backoff=FAST)
         with pytest.raises(HandshakeRefused) as info:
             await client.start(timeout=20)

@@ -14,7 +14,7 @@ import websockets
 from node.auth import issue_device_token
 from tests.support import Processes, node_env, private_processes, start_web
 
-SECRET = "test-secret-0123456789abcdef"  # what tests.support.node_env sets
+SECRET = "test-secret-0123456789abcdef-0123456789"  # what tests.support.node_env sets
 
 
 @dataclass

@@ -28,7 +28,7 @@ from node.config import Settings
 from node.errors import AuthError
 from tests.support import REPO, node_env, run_module
 
-SECRET = "test-secret-0123456789abcdef"  # the one tests.support.node_env sets
+SECRET = "test-secret-0123456789abcdef-0123456789"  # the one tests.support.node_env sets
 
 
 def raw_token(claims: dict, key: str | None = SECRET, algorithm: str = "HS256") -> str:
@@ -107,7 +107,7 @@ def test_expired_token_is_refused_with_401() -> None:
         (None, "missing token"),
         ("", "missing token"),
         ("not-a-jwt", "malformed token"),
-        (issue_device_token("another-secret-0123456789", "d"), "token signature does not verify"),
+        (issue_device_token("another-secret-0123456789-0123456789", "d"), "token signature does not verify"),
         (raw_token({"sub": "d"}, None, "none"), "token algorithm is not HS256"),
         (raw_token({"x": 1}), "token lacks the 'sub' claim"),
     ],
@@ -200,6 +200,7 @@ def test_generated_secret_file_is_0600_and_stable(tmp_path: Path) -> None:
 
 def test_truncated_secret_file_is_an_error_not_a_weak_key(data_dir: Path) -> None:
     (data_dir / "jwt_secret").write_text("abc")
+    os.chmod(data_dir / "jwt_secret", 0o600)
     with pytest.raises(Exception, match="delete it to regenerate"):
         load_secret(Settings(data_dir=data_dir))
 

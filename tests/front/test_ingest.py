@@ -171,7 +171,7 @@ def test_handshake_without_token_is_refused_401_without_upgrade(front: Front) ->
 
 
 def test_handshake_with_bad_signature_is_refused_401(front: Front) -> None:
-    token = _raw_token({"sub": "x"}, key="some-other-secret-0123456789")
+    token = _raw_token({"sub": "x"}, key="some-other-secret-0123456789-0123456789")
     status, body = _refusal(front, front.url, {"Authorization": f"Bearer {token}"})
     assert status == 401 and b"signature" in body
 

@@ -29,7 +29,7 @@ from tests.support import (
     wait_until,
 )
 
-SECRET = "test-secret-0123456789abcdef"  # what tests.support.node_env sets
+SECRET = "test-secret-0123456789abcdef-0123456789"  # what tests.support.node_env sets
 PROCESSES = ("web", "monitor", "router", "publisher", "store", "fanout")
 PORT_VAR = {
     "web": "NODE_WEB_PORT",
