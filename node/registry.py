@@ -59,7 +59,8 @@ class DeviceContext:
 def geohash(lat: float, lon: float, precision: int = 9) -> str:
     """The standard base-32 geohash of a position."""
     lat_range, lon_range = [-90.0, 90.0], [-180.0, 180.0]
-    out, bits, ch, even = [], 0, 0, True
+    out: list[str] = []
+    bits, ch, even = 0, 0, True
     while len(out) < precision:
         rng, value = (lon_range, lon) if even else (lat_range, lat)
         mid = (rng[0] + rng[1]) / 2
