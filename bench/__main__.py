@@ -3,7 +3,7 @@
 Scenarios: c10k (many paced devices), max (closed-loop throughput), soak (long,
 fixed rate, drift), compare (no-op, iotnode, redis, mosquitto in one run),
 e2e (whole node: stored msg/s and device → fanout-client latency),
-report (re-render a results JSON).
+report (re-render a results JSON: HTML and PNG/SVG charts).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="each target is loaded once per round, in turn (3)")
     _scenario_args(p)
     e2e.add_parser(sub)
-    p = sub.add_parser("report", help="re-render the HTML report of a results JSON")
+    p = sub.add_parser("report", help="re-render the HTML report and charts of a results JSON")
     p.add_argument("json", type=Path)
     return ap
 
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             doc = json.loads(args.json.read_text())
-            out = args.json.with_suffix(".html")
-            out.write_text(report.render_html(doc))
-            print(out)
+            html_path, *chart_paths = report.render_files(doc, args.json)
+            for path in [*chart_paths, html_path]:  # the HTML last
+                print(path)
             return 0
         progress = None if args.quiet else sys.stderr
         if args.command == "compare":
