@@ -273,6 +273,12 @@ def test_a_bad_or_expired_token_shows_a_clear_message_and_no_data(node: Node, br
         assert page.locator("#login").is_visible() and not page.locator("#main").is_visible()
         assert page.locator(".device").count() == 0
         page.close()
+    # a token that expires while the page is open: the stream ends (1008), the page says so
+    page, _ = open_page(browser, f"{base_url(node)}/?token={issue_client_token(SECRET, ['temp-1'], ttl=3)}")
+    sync_api.expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    sync_api.expect(page.locator("#message")).to_contain_text("Token refused: token expired", timeout=10_000)
+    assert page.locator("#login").is_visible() and not page.locator("#main").is_visible()
+    page.close()
     # the login form works with a good token
     page, problems = open_page(browser, f"{base_url(node)}/")
     assert page.locator("#login").is_visible()
