@@ -3,7 +3,7 @@
 Scenarios: c10k (many paced devices), max (closed-loop throughput), soak (long,
 fixed rate, drift), compare (no-op, iotnode, redis, mosquitto in one run),
 e2e (whole node: stored msg/s and device → fanout-client latency),
-report (re-render a results JSON).
+report (re-render a results JSON: HTML and PNG/SVG charts).
 
 Component scenarios (each its own options, ``python -m bench NAME --help``): ring
 (the ring against raw libpmem / msync), pipeline (monitor + router between real
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_parser(sub)
     for name, module in COMPONENTS.items():
         sub.add_parser(name, help=f"component benchmark ({module}; its own options: {name} --help)")
-    p = sub.add_parser("report", help="re-render the HTML report of a results JSON")
+    p = sub.add_parser("report", help="re-render the HTML report and charts of a results JSON")
     p.add_argument("json", type=Path)
     return ap
 
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             doc = json.loads(args.json.read_text())
-            out = args.json.with_suffix(".html")
-            out.write_text(report.render_html(doc))
-            print(out)
+            html_path, *chart_paths = report.render_files(doc, args.json)
+            for path in [*chart_paths, html_path]:  # the HTML last
+                print(path)
             return 0
         progress = None if args.quiet else sys.stderr
         if args.command == "compare":

@@ -1,6 +1,11 @@
-"""Results on disk: one JSON file per run and a self-contained HTML report (inline
-SVG, no JavaScript, no dependencies) with the latency percentile curve, throughput
+"""Results on disk: one JSON file per run, its charts, and a self-contained HTML
+report (inline SVG, no JavaScript) with the latency percentile curve, throughput
 over time, and where the target's CPU went.
+
+The latency-percentile, throughput-over-time and p99-over-time charts are drawn by
+matplotlib (Agg canvas, object API: no pyplot state) and written as PNG and SVG
+next to the JSON (``<stamp>-<name>-latency.png`` ...); the HTML inlines the SVGs.
+The smaller per-target charts (RSS, ring depth) stay hand-drawn SVG.
 """
 
 from __future__ import annotations
@@ -19,16 +24,123 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17
 def save(
     results: list[dict[str, Any]], name: str, out_dir: Path = RESULTS, command: str = ""
 ) -> tuple[Path, Path]:
-    """Write ``<stamp>-<name>.json`` and ``.html``; returns both paths."""
+    """Write ``<stamp>-<name>.json``, its charts (PNG + SVG) and ``.html``; returns the
+    JSON and HTML paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     base = out_dir / f"{stamp}-{name}"
     doc = {"command": command, "results": results, "table": table_rows(results)}
     json_path = base.with_suffix(".json")
     json_path.write_text(json.dumps(doc, indent=1))
-    html_path = base.with_suffix(".html")
-    html_path.write_text(render_html(doc))
-    return json_path, html_path
+    return json_path, render_files(doc, json_path)[0]
+
+
+def render_files(doc: dict[str, Any], json_path: Path) -> list[Path]:
+    """The HTML report and the charts of a results document, next to its JSON file:
+    ``[html, <base>-latency.png, <base>-latency.svg, <base>-throughput.png, ...]``."""
+    figs = charts(doc)
+    paths = write_charts(figs, json_path.with_suffix(""))
+    html_path = json_path.with_suffix(".html")
+    html_path.write_text(render_html(doc, figs))
+    return [html_path, *paths]
+
+
+# ------------------------------------------------------------------- matplotlib charts
+PERCENTILE_TICKS = (
+    (0, "0"),
+    (90, "90"),
+    (99, "99"),
+    (99.9, "99.9"),
+    (99.99, "99.99"),
+    (99.999, "99.999"),
+    (100, "max"),
+)
+
+
+def charts(doc: dict[str, Any]) -> dict[str, Any]:
+    """``{"latency": Figure, "throughput": Figure, "p99": Figure}`` of the non-skipped results."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    results = [r for r in doc["results"] if "skipped" not in r]
+    figs: dict[str, Any] = {}
+
+    def figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+        fig = Figure(figsize=(8, 3.6), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", color="#e6e6e6")
+        ax.set_axisbelow(True)
+        return fig, ax
+
+    fig, ax = figure("Ack latency by percentile (from the scheduled send time)", "percentile", "ms (log)")
+    for i, r in enumerate(results):
+        pts = [(_nines(p), v) for p, v in r.get("latency_curve_ms") or [] if v > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=COLORS[i % len(COLORS)], lw=2, label=r["target"]["name"])
+    ax.set_yscale("log")
+    ax.set_xticks([_nines(p) for p, _ in PERCENTILE_TICKS], [label for _, label in PERCENTILE_TICKS])
+    figs["latency"] = _finish(fig, ax)
+
+    fig, ax = figure("Acked messages per second", "seconds", "msg/s")
+    for i, r in enumerate(results):
+        pts = [(t["t"], t["acked"]) for t in r.get("timeline") or []]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=COLORS[i % len(COLORS)], lw=1.8, label=r["target"]["name"])
+    ax.set_ylim(bottom=0)
+    figs["throughput"] = _finish(fig, ax)
+
+    fig, ax = figure("p99 ack latency per second", "seconds", "ms (log)")
+    for i, r in enumerate(results):
+        pts = [(t["t"], t["p99_ms"]) for t in r.get("timeline") or [] if t.get("p99_ms")]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=COLORS[i % len(COLORS)], lw=1.8, label=r["target"]["name"])
+    ax.set_yscale("log")
+    figs["p99"] = _finish(fig, ax)
+    return figs
+
+
+def _finish(fig: Any, ax: Any) -> Any:
+    if ax.get_lines():
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="#888")
+    return fig
+
+
+def _svg_settings() -> dict[str, Any]:
+    # text as text (small files), stable ids and no date: the same JSON gives the same SVG
+    return {"svg.fonttype": "none", "svg.hashsalt": "iotnode-bench"}
+
+
+def write_charts(figs: dict[str, Any], base: Path) -> list[Path]:
+    """``<base>-<name>.png`` and ``.svg`` for each figure."""
+    import matplotlib
+
+    paths = []
+    with matplotlib.rc_context(_svg_settings()):
+        for name, fig in figs.items():
+            for ext, extra in (("png", {"dpi": 120}), ("svg", {"metadata": {"Date": None}})):
+                path = base.with_name(f"{base.name}-{name}.{ext}")
+                fig.savefig(path, format=ext, **extra)
+                paths.append(path)
+    return paths
+
+
+def _inline_svg(fig: Any) -> str:
+    """A figure as an ``<svg>`` element (XML prolog and doctype removed) for the HTML."""
+    import io
+
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context(_svg_settings()):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -184,23 +296,10 @@ def svg_chart(
     return "\n".join(out)
 
 
-def render_html(doc: dict[str, Any]) -> str:
+def render_html(doc: dict[str, Any], figs: dict[str, Any] | None = None) -> str:
+    """The report; ``figs`` from :func:`charts` (drawn here when not given)."""
     results = [r for r in doc["results"] if "skipped" not in r]
-    curve = [(r["target"]["name"], [(_nines(p), v) for p, v in r["latency_curve_ms"]]) for r in results]
-    ticks = [
-        (_nines(p), lbl)
-        for p, lbl in (
-            (0, "0"),
-            (90, "90"),
-            (99, "99"),
-            (99.9, "99.9"),
-            (99.99, "99.99"),
-            (99.999, "99.999"),
-            (100, "max"),
-        )
-    ]
-    thr = [(r["target"]["name"], [(t["t"], t["acked"]) for t in r["timeline"]]) for r in results]
-    p99t = [(r["target"]["name"], [(t["t"], t["p99_ms"]) for t in r["timeline"]]) for r in results]
+    figs = charts(doc) if figs is None else figs
     parts = [
         "<!doctype html><meta charset='utf-8'><title>iotnode bench</title>",
         "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
@@ -213,18 +312,8 @@ def render_html(doc: dict[str, Any]) -> str:
         scn = doc["results"][0].get("scenario", {})
         parts.append(f"<p>Scenario: <code>{html.escape(json.dumps(scn))}</code></p>")
     parts.append(_html_table(doc["table"]))
-    parts.append(
-        svg_chart(
-            curve,
-            "Ack latency by percentile (latency from the scheduled send time)",
-            "percentile",
-            "ms (log)",
-            ylog=True,
-            xticks=ticks,
-        )
-    )
-    parts.append(svg_chart(thr, "Acked messages per second", "seconds", "msg/s"))
-    parts.append(svg_chart(p99t, "p99 ack latency per second", "seconds", "ms (log)", ylog=True))
+    for name in ("latency", "throughput", "p99"):
+        parts.append(f"<figure>{_inline_svg(figs[name])}</figure>")
     for r in results:
         parts.append(
             f"<h2>{html.escape(r['target']['name'])}</h2><p>{html.escape(r['target'].get('note', ''))}</p>"

@@ -145,6 +145,13 @@ def _parse_directory(name: str, raw: str) -> Path:
     return path
 
 
+def _parse_file(name: str, raw: str) -> Path:
+    path = Path(raw.strip())
+    if not path.is_file():
+        raise ConfigError(name, raw, "expected an existing file")
+    return path
+
+
 _LOOPBACK_HOSTS = ("localhost", "[::1]", "::1")
 
 
@@ -224,6 +231,7 @@ class Settings:
 
     # Fanout
     fanout_queue: int = 1024  # messages buffered per client app before it is told it is too slow
+    device_registry: Path | None = None  # CSV of device contexts (node/registry.py), re-read on change
 
     # Publisher / store
     durable_subscribers: tuple[str, ...] = ("store",)  # names whose CONFIRM the publisher waits for
@@ -340,6 +348,7 @@ class Settings:
         take("NODE_WS_PING_TIMEOUT", "ws_ping_timeout", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_CONN_WINDOW", "conn_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=65536))
         take("NODE_FANOUT_QUEUE", "fanout_queue", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
+        take("NODE_DEVICE_REGISTRY", "device_registry", _parse_file)
         take("NODE_DURABLE_SUBSCRIBERS", "durable_subscribers", _parse_names)
         take("NODE_PUB_HWM", "pub_hwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=10_000_000))
         take("NODE_MONITOR_BATCH_RECORDS", "monitor_batch_records", _int_between(1, 65536))

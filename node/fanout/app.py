@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from node.auth import TokenPolicy, token_expiry, token_from_request, verify_client_token
@@ -137,9 +137,20 @@ def create_app(settings: Settings, secret: str) -> Starlette:
         return Response(exposition.get(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
-        routes=[WebSocketRoute(STREAM_PATH, stream), Route("/metrics", metrics)],
+        routes=[
+            WebSocketRoute(STREAM_PATH, stream),
+            Route("/metrics", metrics),
+            *_dashboard(settings, secret),
+        ],
         lifespan=lifespan,
     )
+
+
+def _dashboard(settings: Settings, secret: str) -> list[BaseRoute]:
+    """The live dashboard's page and JSON endpoints (node/fanout/dashboard.py)."""
+    from node.fanout.dashboard import routes
+
+    return routes(settings, secret)
 
 
 async def _serve(websocket: WebSocket, client: Client, expires_at: float | None) -> None:

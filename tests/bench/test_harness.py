@@ -221,6 +221,14 @@ def test_cli_against_a_running_endpoint_writes_json_and_an_html_report(noop: Tar
     assert r["target_procs"]["cpu_s_by_role"], "the --pid tree was sampled"
     html = json_path.with_suffix(".html").read_text()
     assert html.count("<svg") >= 3 and "Ack latency by percentile" in html
+    # matplotlib charts, PNG and SVG, next to the JSON
+    base = json_path.with_suffix("")
+    for chart in ("latency", "throughput", "p99"):
+        png, svg = base.with_name(f"{base.name}-{chart}.png"), base.with_name(f"{base.name}-{chart}.svg")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, chart
+        assert "<svg" in svg.read_text()
+    assert "Ack latency by percentile" in base.with_name(f"{base.name}-latency.svg").read_text()
+    png_before = base.with_name(f"{base.name}-latency.png").stat().st_mtime_ns
     again = subprocess.run(
         [sys.executable, "-m", "bench", "report", str(json_path)],
         cwd=REPO,
@@ -230,6 +238,8 @@ def test_cli_against_a_running_endpoint_writes_json_and_an_html_report(noop: Tar
         check=False,
     )
     assert again.returncode == 0 and again.stdout.strip().endswith(".html")
+    assert f"{base.name}-latency.png" in again.stdout  # the charts are drawn again too
+    assert base.with_name(f"{base.name}-latency.png").stat().st_mtime_ns >= png_before
 
 
 def test_cli_refuses_a_target_off_loopback_with_the_url(tmp_path: Path) -> None:
