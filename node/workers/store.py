@@ -10,6 +10,7 @@ import threading
 import zmq
 
 from node.config import Settings
+from node.errors import ConfigError
 from node.pipeline.store import Store, log, ring_name
 from node.sinks.base import SinkError
 from node.workers.runtime import start
@@ -30,11 +31,17 @@ def run(settings: Settings, stop: threading.Event) -> None:
         log.error("%s", exc)
         raise SystemExit(1) from None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    store = Store(settings, sink, ctx)
+    try:
+        store = Store(settings, sink, ctx)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        sink.close()
+        ctx.term()
+        raise SystemExit(2) from None
     log.info(
         "store: %s, fetching from replay %s, durability %s",
         settings.store_path,
-        settings.replay_endpoint,
+        store.endpoint,
         settings.durability,
     )
     try:
