@@ -31,11 +31,13 @@ a lock.  Ring gauges are computed at scrape time from the ring header.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from node.headroom import FillRate
 from node.procmetrics import ProcessStatsCollector, this_process
 
 # Buckets that resolve 100 µs .. 1 s (and a little beyond) for device ack latency.
@@ -69,6 +71,8 @@ RING_DEPTH: Gauge
 RING_BYTES_USED: Gauge
 RING_CAPACITY: Gauge
 RING_BACKEND: Gauge
+RING_FILL_RATIO: Gauge
+RING_HEADROOM_SECONDS: Gauge
 # web front (multiprocess: counters and histograms summed over workers)
 ACK_LATENCY: Histogram
 PERSIST_BATCHES: Counter
@@ -125,6 +129,20 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
         "Ring persistence backend (value 1)",
         ["ring", "backend"],
         multiprocess_mode="max",
+    ),
+    "RING_FILL_RATIO": lambda: Gauge(
+        "iotnode_ring_fill_ratio",
+        "Bytes of the ring holding un-popped records / its capacity (1: full, the stage in front pushes"
+        " back)",
+        ["ring"],
+        multiprocess_mode="livemax",
+    ),
+    "RING_HEADROOM_SECONDS": lambda: Gauge(
+        "iotnode_ring_headroom_seconds",
+        "Seconds of ingest the ring still takes at the current append rate if its consumer stopped now "
+        "(free bytes / append rate between scrapes; +Inf when nothing is appended)",
+        ["ring"],
+        multiprocess_mode="livemin",
     ),
     "ACK_LATENCY": lambda: Histogram(
         "iotnode_ack_latency_seconds", "Device message received -> ack sent", buckets=LATENCY_BUCKETS
@@ -235,11 +253,21 @@ def __getattr__(name: str) -> Any:  # PEP 562: ``node.metrics.X`` and ``from nod
 
 
 def watch_ring(name: str, ring: object) -> None:
-    """Export a ring's depth, bytes used, capacity and backend, read at scrape time."""
+    """Export a ring's depth, bytes used, capacity, backend, fill ratio and headroom, read at scrape
+    time (the headroom's append rate from the tail's growth between scrapes: node.headroom)."""
     _metric("RING_DEPTH").labels(ring=name).set_function(lambda: ring.depth)
     _metric("RING_BYTES_USED").labels(ring=name).set_function(lambda: ring.bytes_used)
     _metric("RING_CAPACITY").labels(ring=name).set(ring.capacity)
     _metric("RING_BACKEND").labels(ring=name, backend=ring.backend).set(1)
+    capacity = ring.capacity
+    _metric("RING_FILL_RATIO").labels(ring=name).set_function(lambda: ring.bytes_used / capacity)
+    rate = FillRate()
+    rate.observe(time.monotonic(), ring.tail)  # the first scrape already has a rate
+
+    def headroom() -> float:
+        return rate.headroom(time.monotonic(), ring.tail, capacity, ring.bytes_used)
+
+    _metric("RING_HEADROOM_SECONDS").labels(ring=name).set_function(headroom)
 
 
 def register_process(name: str) -> None:
