@@ -411,13 +411,15 @@ class Reconnector:
     step or every few hundred ms) reads the socket's handshake events, logs the
     first refusal with ``hint`` (what the operator must fix), counts each one in
     ``iotnode_errors{stage, reason="handshake"}``, and ``RETRY`` s after a refusal
-    disconnects and connects the endpoint again.  Works for ``zmq.asyncio`` sockets
+    disconnects and connects the endpoint again; ``connected`` says whether a handshake
+    succeeded and the connection has not dropped since (readiness).  Works for ``zmq.asyncio`` sockets
     too (the events are read through a plain socket on the same context).
     """
 
     RETRY: Final = 2.0  # s between connection attempts while refused
     EVENTS: Final = (
         zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_DISCONNECTED
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -444,6 +446,7 @@ class Reconnector:
         self.events.setsockopt(zmq.LINGER, 0)
         self.events.connect(address)
         self.refused = False
+        self.connected = False  # a handshake succeeded and the connection has not dropped since
         self.retry_at: float | None = None
 
     def poll(self) -> None:
@@ -459,6 +462,10 @@ class Reconnector:
                 if self.refused:
                     self.log.info("the %s at %s accepted the handshake", self.peer, self.endpoint)
                 self.refused = False
+                self.connected = True
+                continue
+            if kind == zmq.EVENT_DISCONNECTED:
+                self.connected = False
                 continue
             if not kind & self._FAILED:
                 continue

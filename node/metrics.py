@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 from node.headroom import FillRate
 from node.procmetrics import ProcessStatsCollector, this_process
@@ -283,5 +283,8 @@ _process_registered = False
 
 
 def serve(port: int, host: str) -> None:
-    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread)."""
-    start_http_server(port, addr=host)
+    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread),
+    with ``/healthz`` and ``/readyz`` (node.health) beside it."""
+    from node import health
+
+    health.start_server(port, host, make_wsgi_app())

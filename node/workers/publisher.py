@@ -9,6 +9,7 @@ import threading
 
 import zmq
 
+from node import health
 from node.config import Settings
 from node.errors import ConfigError
 from node.metrics import watch_ring
@@ -58,6 +59,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
         ctx.destroy(linger=0)
         ring.close()
         raise SystemExit(status) from None
+    health.ready_when("fan-in ring", lambda: "closed" if ring.closed else None)
     log.info(
         "publisher: fan-in ring %s (%s, id %s, head %d, tail %d), XPUB %s, replay %s, durable subscribers %s",
         path,

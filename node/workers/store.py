@@ -9,6 +9,7 @@ import threading
 
 import zmq
 
+from node import health
 from node.config import Settings
 from node.errors import ConfigError
 from node.pipeline.store import Store, log, ring_name
@@ -38,6 +39,9 @@ def run(settings: Settings, stop: threading.Event) -> None:
         sink.close()
         ctx.term()
         raise SystemExit(2) from None
+    health.ready_when(
+        "publisher", lambda: None if store.reconnector.connected else f"not connected to {store.endpoint}"
+    )
     log.info(
         "store: %s, fetching from replay %s, durability %s",
         settings.store_path,
