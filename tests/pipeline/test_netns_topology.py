@@ -8,7 +8,7 @@ namespace, every link tcp:// with CURVE, under resending devices and faults.
                                                                     ▼
                                                               sto (store, fanout)
 
-All on one bridge in private namespaces (``tests/netns.py``, subnet 10.213.0.0/24
+All on one bridge in private namespaces (``bench/netns.py``, subnet 10.213.0.0/24
 inside them only).  Faults, in turn: SIGKILL of every process kind on every host
 (restarted at once); each cut link (front node, middle tier, store host) for longer
 than every timeout; loss and delay on the middle tier's link.  At the end every
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.netns import OPT_OUT, Topology, unavailable
 from node.curve import CLIENT, SERVER, load_keypair
 from node.ring import Ring
-from tests.netns import OPT_OUT, Topology, unavailable
 from tests.support import REPO, Processes, node_env, wait_until
 
 FRONTS = ("f1", "f2", "f3")
