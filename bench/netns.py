@@ -1,4 +1,4 @@
-"""Private network namespaces for multi-node tests and benchmarks: hosts on one bridge, links to cut, impairments.
+"""Private network namespaces for multi-node tests and benchmarks: one bridge, links to cut, impairments.
 
 Everything lives inside namespaces this module creates and deletes: a bridge
 namespace holding ``br0`` and the host-side ends of the veth pairs, and one
