@@ -8,7 +8,8 @@ report (re-render a results JSON: HTML and PNG/SVG charts).
 Component scenarios (each its own options, ``python -m bench NAME --help``): ring
 (the ring against raw libpmem / msync), pipeline (monitor + router between real
 ring files), publisher-store (publisher -> store batches), fanout-stream (the
-fanout's per-client cost).  One-off measurements are in ``bench/investigations``.
+fanout's per-client cost), multinode (3 front nodes -> 1 middle tier over network
+namespaces, against a single node; root).  One-off measurements are in ``bench/investigations``.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ COMPONENTS: dict[str, str] = {
     "pipeline": "bench.monitor_router",
     "publisher-store": "bench.publisher_store",
     "fanout-stream": "bench.fanout_stream",
+    "multinode": "bench.multinode",
 }
 
 

@@ -217,12 +217,16 @@ class Settings:
     router_connect: str | None = None  # where monitor connects (default: router_bind)
     pub_bind: str | None = None  # publisher's PUB socket
     replay_bind: str | None = None  # publisher's ROUTER for replay requests and confirms
+    pub_connect: str | None = None  # where the fanout connects (default: pub_bind)
+    replay_connect: str | None = None  # where the store connects (default: replay_bind)
 
     # CURVE on tcp:// links (node/curve.py, docs/monitor-router.md).  "off" runs them
     # unauthenticated and unencrypted (a loud warning at start; isolated lab networks only).
     curve: bool = True
     curve_server_key: bytes | None = None  # Z85 public key of the router a monitor connects to over tcp://
     curve_clients_dir: Path | None = None  # *.key public keys of the monitors a tcp:// router accepts
+    curve_publisher_key: bytes | None = None  # Z85 public key of the publisher a store/fanout connects to
+    curve_subscribers_dir: Path | None = None  # *.key public keys of the stores/fanouts a publisher accepts
 
     # Device connections
     ws_ping_interval: float = 20.0  # seconds; 0 disables keep-alive pings
@@ -307,6 +311,14 @@ class Settings:
     def replay_endpoint(self) -> str:
         return self.replay_bind or self._ipc("replay.sock")
 
+    @property
+    def pub_connect_endpoint(self) -> str:
+        return self.pub_connect or self.pub_endpoint
+
+    @property
+    def replay_connect_endpoint(self) -> str:
+        return self.replay_connect or self.replay_endpoint
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -341,9 +353,13 @@ class Settings:
         take("NODE_ROUTER_CONNECT", "router_connect", _parse_endpoint)
         take("NODE_PUB_BIND", "pub_bind", _parse_endpoint)
         take("NODE_REPLAY_BIND", "replay_bind", _parse_endpoint)
+        take("NODE_PUB_CONNECT", "pub_connect", _parse_endpoint)
+        take("NODE_REPLAY_CONNECT", "replay_connect", _parse_endpoint)
         take("NODE_CURVE", "curve", lambda n, r: _parse_choice(("on", "off"))(n, r) == "on")
         take("NODE_CURVE_SERVER_KEY", "curve_server_key", _parse_curve_key)
         take("NODE_CURVE_CLIENTS_DIR", "curve_clients_dir", _parse_directory)
+        take("NODE_CURVE_PUBLISHER_KEY", "curve_publisher_key", _parse_curve_key)
+        take("NODE_CURVE_SUBSCRIBERS_DIR", "curve_subscribers_dir", _parse_directory)
         take("NODE_WS_PING_INTERVAL", "ws_ping_interval", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_WS_PING_TIMEOUT", "ws_ping_timeout", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_CONN_WINDOW", "conn_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=65536))
@@ -450,13 +466,36 @@ class Settings:
                 " router's public key (its NODE_DATA_DIR/curve_server.key file, or the Z85 text in it),"
                 " or NODE_CURVE=off on both sides (isolated lab networks only)",
             )
+        # The publisher's sockets: CURVE on every tcp:// bind, loopback included (an
+        # unauthenticated local process must not read the stream nor CONFIRM for the
+        # store).  The node's own store/fanout (same data dir) are always accepted; any
+        # other subscriber only when its key is listed, so a bind other nodes can reach
+        # needs the list.
         for var, endpoint in (("NODE_PUB_BIND", self.pub_bind), ("NODE_REPLAY_BIND", self.replay_bind)):
-            if endpoint is not None and endpoint.startswith("tcp://") and not _is_loopback_tcp(endpoint):
+            if (
+                endpoint is not None
+                and endpoint.startswith("tcp://")
+                and not _is_loopback_tcp(endpoint)
+                and self.curve_subscribers_dir is None
+            ):
                 raise ConfigError(
-                    var,
-                    endpoint,
-                    "the publisher has no CURVE yet, so a tcp:// bind must use a loopback address"
-                    " (tcp://127.0.0.1:PORT) or ipc://; NODE_CURVE=off allows it unauthenticated",
+                    "NODE_CURVE_SUBSCRIBERS_DIR",
+                    "<unset>",
+                    f"{var}={endpoint} is a tcp:// bind other hosts can reach: set NODE_CURVE_SUBSCRIBERS_DIR"
+                    " to a directory holding the stores' and fanouts' public keys (their curve_client.key"
+                    " files), or NODE_CURVE=off to run it unauthenticated (isolated lab networks only)",
+                )
+        for var, endpoint in (
+            ("NODE_PUB_CONNECT", self.pub_connect),
+            ("NODE_REPLAY_CONNECT", self.replay_connect),
+        ):
+            if endpoint is not None and endpoint.startswith("tcp://") and not self.curve_publisher_key:
+                raise ConfigError(
+                    "NODE_CURVE_PUBLISHER_KEY",
+                    "<unset>",
+                    f"{var}={endpoint} is tcp://: set NODE_CURVE_PUBLISHER_KEY to the publisher's public"
+                    " key (its NODE_DATA_DIR/curve_server.key file, or the Z85 text in it), or NODE_CURVE=off"
+                    " on both sides (isolated lab networks only)",
                 )
 
 

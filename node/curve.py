@@ -24,8 +24,17 @@ starting together (a private temporary file hard-linked into place, as
 ``node.auth`` does for ``jwt_secret``).
 
 Secret keys are never logged or put into exception messages; logs show a public
-key's :func:`fingerprint` at most.  ``ipc://`` endpoints are left alone: inside
-one node the data directory's file permissions protect them.
+key's :func:`fingerprint` at most.
+
+The publisher's XPUB and replay ROUTER are CURVE servers the same way, behind one
+ZAP authenticator (:func:`secure_servers`), on **every** ``tcp://`` bind, loopback
+included: its clients are the stores and fanouts, whose keys are listed in
+``NODE_CURVE_SUBSCRIBERS_DIR`` (plus this data directory's own client key), and
+they know its key from ``NODE_CURVE_PUBLISHER_KEY``.  A refused client connects
+again by itself (:class:`Reconnector`; libzmq would not).
+
+``ipc://`` endpoints carry no CURVE: they are bound with the umask cleared
+(:func:`bind`, socket file mode 0700), so only this user can connect to them.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ import os
 import secrets
 import stat
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -72,13 +83,21 @@ __all__ = [
     "parse_public_key",
     "read_public_key",
     "resolve_server_key",
+    "Reconnector",
+    "bind",
+    "client_hint",
     "secure_client",
     "secure_server",
+    "secure_servers",
 ]
 
 SERVER: Final = "server"
 CLIENT: Final = "client"
 ZAP_DOMAIN: Final = b"iotnode"
+# ZMTP heartbeats of the publisher's links (the monitor has its own, same values): a peer
+# silent this long behind a cut link or a dead host is dropped and reconnected.
+HEARTBEAT_IVL_MS: Final = 2000
+HEARTBEAT_TIMEOUT_MS: Final = 6000
 _MAX_REFUSED_LOGGED: Final = 1024  # distinct refused keys remembered (each is logged once)
 
 
@@ -174,9 +193,15 @@ class AllowList:
     """
 
     def __init__(
-        self, directory: Path | None, fixed: dict[bytes, str], log: logging.Logger, stage: str
+        self,
+        directory: Path | None,
+        fixed: dict[bytes, str],
+        log: logging.Logger,
+        stage: str,
+        variable: str = "NODE_CURVE_CLIENTS_DIR",
     ) -> None:
         self.directory = directory
+        self.variable = variable
         self.fixed = dict(fixed)
         self.log = log
         self.stage = stage
@@ -234,9 +259,9 @@ class AllowList:
             if key not in self._refused and len(self._refused) < _MAX_REFUSED_LOGGED:
                 self._refused.add(key)
                 self.log.warning(
-                    "refused a CURVE client whose public key (fingerprint %s) is not in "
-                    "NODE_CURVE_CLIENTS_DIR=%s",
+                    "refused a CURVE client whose public key (fingerprint %s) is not in %s=%s",
                     fingerprint(key),
+                    self.variable,
                     self.directory,
                 )
         return allowed
@@ -268,44 +293,71 @@ def secure_server(
     stage: str,
     log: logging.Logger,
 ) -> ServerLink | None:
-    """Make ``sock`` (not yet bound) a CURVE server when ``endpoint`` is ``tcp://`` and CURVE is on.
+    """The router's ROUTER (not yet bound) as a CURVE server of ``NODE_CURVE_CLIENTS_DIR``'s keys."""
+    return secure_servers(
+        ctx,
+        [(sock, endpoint, variable)],
+        settings,
+        stage,
+        log,
+        ("NODE_CURVE_CLIENTS_DIR", settings.curve_clients_dir),
+        "monitor",
+    )
 
-    Starts a ZAP authenticator on ``ctx`` accepting the keys of
-    ``NODE_CURVE_CLIENTS_DIR`` and this data directory's client key.  Returns
-    ``None`` for ``ipc://`` (or ``NODE_CURVE=off``, logged as a warning).  A malformed
-    key file in the clients directory raises :class:`ConfigError`; an empty one is
-    a warning (nobody else gets in until a key is added).
+
+def secure_servers(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    sockets: Sequence[tuple[zmq.Socket[bytes], str, str]],
+    settings: Settings,
+    stage: str,
+    log: logging.Logger,
+    clients: tuple[str, Path | None],
+    who: str,
+) -> ServerLink | None:
+    """Make each ``(socket, endpoint, variable)`` (not yet bound) whose endpoint is ``tcp://`` a
+    CURVE server, all behind **one** ZAP authenticator on ``ctx`` (libzmq allows one per context).
+
+    The authenticator accepts the keys of the directory ``clients = (variable, path)``
+    and this data directory's client key.  Returns ``None`` when no endpoint is
+    ``tcp://`` (or ``NODE_CURVE=off``, logged as a warning per endpoint).  A malformed
+    key file in the directory raises :class:`ConfigError`; an empty or unset one is a
+    warning (nobody but this node's own clients gets in until a key is added).
+    ``who`` names the expected clients in log lines ("monitor", "store or fanout").
     """
-    if not is_tcp(endpoint):
+    tcp = [(sock, endpoint, variable) for sock, endpoint, variable in sockets if is_tcp(endpoint)]
+    if not tcp:
         return None
     if not settings.curve:
-        log.warning(
-            "NODE_CURVE=off: %s=%s is neither authenticated nor encrypted; anyone who can reach it can"
-            " connect (use only on an isolated lab network)",
-            variable,
-            endpoint,
-        )
+        for _, endpoint, variable in tcp:
+            log.warning(
+                "NODE_CURVE=off: %s=%s is neither authenticated nor encrypted; anyone who can reach it can"
+                " connect (use only on an isolated lab network)",
+                variable,
+                endpoint,
+            )
         return None
     if not zmq.has("curve"):
         raise ConfigError(
             "NODE_CURVE", "on", "this libzmq has no CURVE support (install a pyzmq wheel with libsodium)"
         )
-    directory = settings.curve_clients_dir
+    clients_variable, directory = clients
     try:
         pair = load_keypair(settings.data_path, SERVER)
         local = load_keypair(settings.data_path, CLIENT)
     except KeyFileError as exc:
         raise ConfigError("NODE_DATA_DIR", str(settings.data_dir), str(exc)) from None
-    allow = AllowList(directory, {local.public: "this node"}, log, stage)
+    allow = AllowList(directory, {local.public: "this node"}, log, stage, clients_variable)
     try:
         count = allow.load(strict=True)
     except KeyFileError as exc:
-        raise ConfigError("NODE_CURVE_CLIENTS_DIR", str(directory), str(exc)) from None
+        raise ConfigError(clients_variable, str(directory), str(exc)) from None
     if count == 0:
         log.warning(
-            "NODE_CURVE_CLIENTS_DIR=%s holds no *.key file yet: every other node's monitor is refused until"
-            " its curve_client.key is copied there (read again on change, no restart needed)",
+            "%s=%s holds no *.key file yet: every other node's %s is refused until its curve_client.key is"
+            " copied there (read again on change, no restart needed)",
+            clients_variable,
             directory,
+            who,
         )
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -313,20 +365,150 @@ def secure_server(
     auth.start()
     # the domain must be the socket's ZAP domain: "*" would only cover sockets without one
     auth.configure_curve_callback(ZAP_DOMAIN.decode("ascii"), credentials_provider=allow)
-    sock.zap_domain = ZAP_DOMAIN
-    sock.curve_secretkey = pair.secret
-    sock.curve_publickey = pair.public
-    sock.curve_server = True
-    log.info(
-        "CURVE on %s: server key fingerprint %s (give %s to the clients); %d authorized client keys in %s"
-        " + this node's own client key",
-        endpoint,
-        pair.fingerprint,
-        pair.public_path,
-        count,
-        directory,
-    )
+    for sock, endpoint, _ in tcp:
+        sock.zap_domain = ZAP_DOMAIN
+        sock.curve_secretkey = pair.secret
+        sock.curve_publickey = pair.public
+        sock.curve_server = True
+        log.info(
+            "CURVE on %s: server key fingerprint %s (give %s to the %s nodes); %d authorized client keys"
+            " in %s + this node's own client key",
+            endpoint,
+            pair.fingerprint,
+            pair.public_path,
+            who,
+            count,
+            directory,
+        )
     return ServerLink(auth, pair, allow)
+
+
+def bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Bind ``sock``; an ``ipc://`` socket file is created mode 0700 (owner only) whatever the umask.
+
+    Connecting to a Unix socket needs write permission on its file: with the
+    umask cleared while binding, no other user can connect to the node's ipc://
+    links (the data directory's permissions are a second fence, not the only one).
+    The umask is process-wide: call this while the stage sets up, before it
+    starts threads that create files.
+    """
+    if not endpoint.startswith("ipc://"):
+        sock.bind(endpoint)
+        return
+    old = os.umask(0o077)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(old)
+
+
+class Reconnector:
+    """Connect a CURVE client socket again after the server refused its handshake.
+
+    libzmq never retries a connection whose handshake was refused (ZAP denial,
+    mechanism mismatch): without this, a store or fanout started before its key was
+    authorized would wait forever.  :meth:`poll` (non-blocking, call it every loop
+    step or every few hundred ms) reads the socket's handshake events, logs the
+    first refusal with ``hint`` (what the operator must fix), counts each one in
+    ``iotnode_errors{stage, reason="handshake"}``, and ``RETRY`` s after a refusal
+    disconnects and connects the endpoint again; ``connected`` says whether a handshake
+    succeeded and the connection has not dropped since (readiness).  Works for ``zmq.asyncio`` sockets
+    too (the events are read through a plain socket on the same context).
+    """
+
+    RETRY: Final = 2.0  # s between connection attempts while refused
+    EVENTS: Final = (
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_DISCONNECTED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+    _FAILED: Final = (
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+
+    def __init__(
+        self, sock: zmq.Socket[bytes], endpoint: str, peer: str, hint: str, stage: str, log: logging.Logger
+    ) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+        self.peer = peer
+        self.hint = hint
+        self.stage = stage
+        self.log = log
+        address = f"inproc://iotnode-handshakes-{id(self):x}"
+        sock.monitor(address, self.EVENTS)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(sock.context.underlying)
+        self.events: zmq.Socket[bytes] = self._ctx.socket(zmq.PAIR)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.connect(address)
+        self.refused = False
+        self.connected = False  # a handshake succeeded and the connection has not dropped since
+        self.retry_at: float | None = None
+
+    def poll(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.refused:
+                    self.log.info("the %s at %s accepted the handshake", self.peer, self.endpoint)
+                self.refused = False
+                self.connected = True
+                continue
+            if kind == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                continue
+            if not kind & self._FAILED:
+                continue
+            from node.metrics import ERRORS
+
+            ERRORS.labels(stage=self.stage, reason="handshake").inc()
+            if kind != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # libzmq retries that one itself
+                self.retry_at = time.monotonic() + self.RETRY
+            if not self.refused:
+                self.refused = True
+                self.log.error(
+                    "the %s at %s refused the connection handshake (%s): %s; retrying every %gs",
+                    self.peer,
+                    self.endpoint,
+                    zmq.Event(kind).name,
+                    self.hint,
+                    self.RETRY,
+                )
+        if self.retry_at is not None and time.monotonic() >= self.retry_at:
+            self.retry_at = None
+            try:
+                self.sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass  # the refused session is already gone
+            self.sock.connect(self.endpoint)
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.events.close(linger=0)
+
+
+def client_hint(keypair: Keypair | None, server_list: str, server_key: str) -> str:
+    """What an operator must fix when a CURVE server refuses this client."""
+    if keypair is None:
+        return "is the server using CURVE (NODE_CURVE must be the same on both sides)?"
+    return (
+        f"the server must list this node's public key {keypair.public_path} (fingerprint"
+        f" {keypair.fingerprint}) in its {server_list}, and {server_key} must be the server's"
+        " curve_server.key"
+    )
 
 
 def secure_client(

@@ -45,6 +45,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
+from node import health
+from node.headroom import FillRate
 from node.procmetrics import ProcessStatsCollector, this_process
 
 # Buckets that resolve 100 µs .. 1 s (and a little beyond) for device ack latency.
@@ -78,6 +80,8 @@ RING_DEPTH: Gauge
 RING_BYTES_USED: Gauge
 RING_CAPACITY: Gauge
 RING_BACKEND: Gauge
+RING_FILL_RATIO: Gauge
+RING_HEADROOM_SECONDS: Gauge
 # web front (multiprocess: counters and histograms summed over workers)
 ACK_LATENCY: Histogram
 PERSIST_BATCHES: Counter
@@ -134,6 +138,20 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
         "Ring persistence backend (value 1)",
         ["ring", "backend"],
         multiprocess_mode="max",
+    ),
+    "RING_FILL_RATIO": lambda: Gauge(
+        "iotnode_ring_fill_ratio",
+        "Bytes of the ring holding un-popped records / its capacity (1: full, the stage in front pushes"
+        " back)",
+        ["ring"],
+        multiprocess_mode="livemax",
+    ),
+    "RING_HEADROOM_SECONDS": lambda: Gauge(
+        "iotnode_ring_headroom_seconds",
+        "Seconds of ingest the ring still takes at the current append rate if its consumer stopped now "
+        "(free bytes / append rate between scrapes; +Inf when nothing is appended)",
+        ["ring"],
+        multiprocess_mode="livemin",
     ),
     "ACK_LATENCY": lambda: Histogram(
         "iotnode_ack_latency_seconds", "Device message received -> ack sent", buckets=LATENCY_BUCKETS
@@ -244,11 +262,21 @@ def __getattr__(name: str) -> Any:  # PEP 562: ``node.metrics.X`` and ``from nod
 
 
 def watch_ring(name: str, ring: object) -> None:
-    """Export a ring's depth, bytes used, capacity and backend, read at scrape time."""
+    """Export a ring's depth, bytes used, capacity, backend, fill ratio and headroom, read at scrape
+    time (the headroom's append rate from the tail's growth between scrapes: node.headroom)."""
     _metric("RING_DEPTH").labels(ring=name).set_function(lambda: ring.depth)
     _metric("RING_BYTES_USED").labels(ring=name).set_function(lambda: ring.bytes_used)
     _metric("RING_CAPACITY").labels(ring=name).set(ring.capacity)
     _metric("RING_BACKEND").labels(ring=name, backend=ring.backend).set(1)
+    capacity = ring.capacity
+    _metric("RING_FILL_RATIO").labels(ring=name).set_function(lambda: ring.bytes_used / capacity)
+    rate = FillRate()
+    rate.observe(time.monotonic(), ring.tail)  # the first scrape already has a rate
+
+    def headroom() -> float:
+        return rate.headroom(time.monotonic(), ring.tail, capacity, ring.bytes_used)
+
+    _metric("RING_HEADROOM_SECONDS").labels(ring=name).set_function(headroom)
 
 
 def register_process(name: str) -> None:
@@ -303,7 +331,8 @@ _BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: c
 
 
 def serve(port: int, host: str) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread).
+    """Serve ``/metrics`` of this process's default registry on ``host:port`` (a daemon thread),
+    with ``/healthz`` and ``/readyz`` (:mod:`node.health`) beside it.
 
     Bounded: at most :data:`MAX_SCRAPERS` connections are handled at once (others get
     503 and are closed), each for at most 2 x :data:`SCRAPE_TIMEOUT` seconds, and
@@ -316,12 +345,20 @@ def serve(port: int, host: str) -> ThreadingHTTPServer:
         protocol_version = "HTTP/1.0"  # one request per connection
 
         def do_GET(self) -> None:
-            if self.path.partition("?")[0] not in ("/metrics", "/"):
+            path = self.path.partition("?")[0]
+            probe = health.probe(path)  # /healthz, /readyz (node/health.py)
+            if probe is not None:
+                status, text = probe
+                self._answer(status, "text/plain; charset=utf-8", (text + "\n").encode())
+                return
+            if path not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = cache.get()
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self._answer(200, CONTENT_TYPE_LATEST, cache.get())
+
+        def _answer(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

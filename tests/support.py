@@ -107,13 +107,21 @@ class Processes:
         self.logs: dict[str, Path] = {}
 
     def start(
-        self, name: str, module: str, env: Mapping[str, str], log_dir: Path, args: list[str] | None = None
+        self,
+        name: str,
+        module: str,
+        env: Mapping[str, str],
+        log_dir: Path,
+        args: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start ``python -m module args`` as ``name``; ``prefix`` runs it under a command that
+        execs it (e.g. ``ip netns exec NS``: the process group is still the node's)."""
         log = log_dir / f"{name}.log"
         self.logs[name] = log
         fh = open(log, "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *(args or [])],
+            [*(prefix or []), sys.executable, "-m", module, *(args or [])],
             env=dict(env),
             cwd=str(REPO),
             stdout=fh,

@@ -89,8 +89,9 @@ def test_every_contract_variable_is_read() -> None:
         ("NODE_CURVE_SERVER_KEY", "short", "40-character Z85 key, got 5"),
         ("NODE_CURVE_SERVER_KEY", "~" * 40, "Z85 alphabet"),
         ("NODE_CURVE_CLIENTS_DIR", "/nonexistent/iotnode-clients", "expected an existing directory"),
-        ("NODE_PUB_BIND", "tcp://0.0.0.0:5556", "loopback address"),
-        ("NODE_REPLAY_BIND", "tcp://10.0.0.5:5557", "the publisher has no CURVE yet"),
+        ("NODE_CURVE_SUBSCRIBERS_DIR", "/nonexistent/iotnode-subs", "expected an existing directory"),
+        ("NODE_CURVE_PUBLISHER_KEY", "short", "40-character Z85 key, got 5"),
+        ("NODE_PUB_CONNECT", "udp://x:1", "ipc:// or tcp://"),
     ],
 )
 def test_bad_value_names_the_variable_and_the_value(variable: str, value: str, reason: str) -> None:
@@ -201,6 +202,18 @@ def test_curve_is_on_by_default_and_a_tcp_link_without_keys_names_what_to_set(tm
     assert Settings.from_env({"NODE_ROUTER_BIND": "tcp://0.0.0.0:5555", "NODE_CURVE": "off"}).curve is False
     assert Settings.from_env({"NODE_PUB_BIND": "tcp://127.0.0.1:5556"}).pub_bind == "tcp://127.0.0.1:5556"
     assert Settings.from_env({"NODE_PUB_BIND": "tcp://0.0.0.0:5556", "NODE_CURVE": "off"}).pub_bind
+    # a publisher bind other hosts can reach needs the subscribers' keys; a remote one, its key
+    for var in ("NODE_PUB_BIND", "NODE_REPLAY_BIND"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({var: "tcp://0.0.0.0:5556"})
+        assert info.value.variable == "NODE_CURVE_SUBSCRIBERS_DIR" and var in info.value.reason
+        assert Settings.from_env({var: "tcp://0.0.0.0:5556", "NODE_CURVE_SUBSCRIBERS_DIR": str(tmp_path)})
+    for var in ("NODE_PUB_CONNECT", "NODE_REPLAY_CONNECT"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({var: "tcp://middle:5556"})
+        assert info.value.variable == "NODE_CURVE_PUBLISHER_KEY" and "curve_server.key" in info.value.reason
+    s = Settings.from_env({"NODE_PUB_BIND": "tcp://127.0.0.1:5556"})
+    assert s.pub_connect_endpoint == "tcp://127.0.0.1:5556" and s.replay_connect_endpoint == s.replay_endpoint
 
 
 def test_curve_server_key_is_read_from_z85_text_or_a_key_file(tmp_path: Path) -> None:

@@ -81,7 +81,12 @@ def create_app(settings: Settings, secret: str) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        hub = Hub(settings.pub_endpoint, hwm=settings.pub_hwm, queue_limit=settings.fanout_queue)
+        hub = Hub(
+            settings.pub_connect_endpoint,
+            hwm=settings.pub_hwm,
+            queue_limit=settings.fanout_queue,
+            settings=settings,
+        )
         hub.start()
         hub_holder.append(hub)
         app.state.hub = hub

@@ -48,8 +48,9 @@ from typing import Final
 import zmq
 import zmq.asyncio
 
-from node import wire
+from node import curve, wire
 from node.auth import ALL_DEVICES, check_device_id, client_allows
+from node.config import Settings
 from node.errors import NodeError
 from node.metrics import (
     ERRORS,
@@ -72,6 +73,7 @@ CLOSE_GOING_AWAY: Final = 1001
 MAX_BATCH: Final = 256  # SUB messages handled per wake-up (also bounded by half a client queue)
 MAX_CLOSE_REASON_BYTES: Final = 123  # RFC 6455 5.5.1: a control frame body is <= 125 bytes
 CLOSE_TIMEOUT: Final = 30.0  # seconds a close frame may wait behind a full socket
+HANDSHAKE_POLL: Final = 0.25  # seconds between reads of the SUB socket's handshake events
 
 _json_encode = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
@@ -217,7 +219,7 @@ class Client:
 class Hub:
     """Owns the SUB socket, the subscriptions and the clients; routes records to them."""
 
-    def __init__(self, endpoint: str, hwm: int, queue_limit: int) -> None:
+    def __init__(self, endpoint: str, hwm: int, queue_limit: int, settings: Settings | None = None) -> None:
         self.endpoint = endpoint
         self.batch_max = max(1, min(MAX_BATCH, queue_limit // 2))
         self._ctx = zmq.asyncio.Context()
@@ -226,6 +228,24 @@ class Hub:
         # store's path is the durable one).  Same value as the publisher's PUB HWM.
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, curve.HEARTBEAT_IVL_MS)  # a dead link is noticed
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, curve.HEARTBEAT_TIMEOUT_MS)
+        # On tcp:// a CURVE client of the publisher (``settings`` given: node.curve); a
+        # refused handshake is retried by the Reconnector, polled by a small task.
+        keypair = None
+        if settings is not None:
+            keypair = curve.secure_client(
+                self._sock, settings, endpoint, settings.curve_publisher_key, "NODE_PUB_CONNECT", log
+            )
+        self._reconnector = curve.Reconnector(
+            self._sock,
+            endpoint,
+            "publisher",
+            curve.client_hint(keypair, "NODE_CURVE_SUBSCRIBERS_DIR", "NODE_CURVE_PUBLISHER_KEY"),
+            "fanout",
+            log,
+        )
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._sock.connect(endpoint)
         self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)  # non-blocking drains
         self._topics: dict[bytes, int] = {}
@@ -393,6 +413,9 @@ class Hub:
     # --- life cycle
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fanout-hub")
+        self._reconnect_task = asyncio.get_running_loop().create_task(
+            self._watch_handshakes(), name="fanout-handshakes"
+        )
         log.info("subscribed to the publisher at %s", self.endpoint)
 
     async def _run(self) -> None:
@@ -412,10 +435,22 @@ class Hub:
                 log.exception("fanout hub: unexpected error, message dropped")
             await asyncio.sleep(0)  # let the clients' sender tasks drain their queues
 
+    async def _watch_handshakes(self) -> None:
+        while True:
+            await asyncio.sleep(HANDSHAKE_POLL)
+            self._reconnector.poll()
+
     async def close(self) -> None:
         for client in list(self._clients):
             client.stop()
             self.remove(client)
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            try:
+                await self._reconnect_task
+            except asyncio.CancelledError:
+                pass
+        self._reconnector.close()
         if self._task is not None:
             self._task.cancel()
             try:

@@ -40,7 +40,7 @@ from typing import Any
 
 import zmq
 
-from node import wire
+from node import curve, wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
@@ -104,6 +104,38 @@ class TopicFilter:
         return any(topic.startswith(p) for p in self.prefixes)
 
 
+def bind_sockets(
+    ctx: zmq.Context[zmq.Socket[bytes]], pub: zmq.Socket[bytes], replay: zmq.Socket[bytes], settings: Settings
+) -> curve.ServerLink | None:
+    """Bind the XPUB and the replay ROUTER; on ``tcp://`` (loopback included) both are CURVE
+    servers behind one authenticator, accepting ``NODE_CURVE_SUBSCRIBERS_DIR`` and this
+    node's own client key (``node.curve``); ``ipc://`` files are owner-only.  Raises
+    :class:`ConfigError` (key files) or ``zmq.ZMQError`` (bind); nothing is left running then."""
+    for sock in (pub, replay):  # a subscriber behind a dead link is dropped (its subscriptions too)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, curve.HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, curve.HEARTBEAT_TIMEOUT_MS)
+    link = curve.secure_servers(
+        ctx,
+        [
+            (pub, settings.pub_endpoint, "NODE_PUB_BIND"),
+            (replay, settings.replay_endpoint, "NODE_REPLAY_BIND"),
+        ],
+        settings,
+        "publisher",
+        log,
+        ("NODE_CURVE_SUBSCRIBERS_DIR", settings.curve_subscribers_dir),
+        "store or fanout",
+    )
+    try:
+        curve.bind(pub, settings.pub_endpoint)
+        curve.bind(replay, settings.replay_endpoint)
+    except zmq.ZMQError:
+        if link is not None:
+            link.stop()
+        raise
+    return link
+
+
 class Publisher:
     def __init__(self, settings: Settings, ring: Any, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         self.ring = ring
@@ -116,12 +148,11 @@ class Publisher:
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, settings.pub_hwm)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(settings.pub_endpoint)
         self.replay = ctx.socket(zmq.ROUTER)
         self.replay.setsockopt(zmq.SNDHWM, 1000)
         self.replay.setsockopt(zmq.RCVHWM, 1000)
         self.replay.setsockopt(zmq.LINGER, 0)
-        self.replay.bind(settings.replay_endpoint)
+        self.link = bind_sockets(ctx, self.pub, self.replay, settings)
         self.doorbell = Doorbell(ctx, self.reader, "publisher", settings.pipeline_coalesce)
         self.poller = zmq.Poller()
         self.poller.register(self.replay, zmq.POLLIN)
@@ -415,3 +446,5 @@ class Publisher:
         self.doorbell.close()
         self.pub.close()
         self.replay.close()
+        if self.link is not None:
+            self.link.stop()

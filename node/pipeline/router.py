@@ -173,7 +173,7 @@ def bind_router(
         sock.close()
         raise
     try:
-        sock.bind(endpoint)
+        curve.bind(sock, endpoint)  # an ipc:// socket file only this user can connect to
     except zmq.ZMQError as exc:
         sock.close()
         if link is not None:

@@ -37,7 +37,7 @@ import time
 
 import zmq
 
-from node import wire
+from node import curve, wire
 from node.config import Settings
 from node.metrics import ERRORS, MESSAGES, STORE_COMMIT_SECONDS, STORE_GAPS, STORE_LAG_SECONDS
 from node.pipeline.inbox import register_stop, take_queued
@@ -78,7 +78,25 @@ class Store:
         self.dealer.setsockopt(zmq.SNDHWM, 100)
         self.dealer.setsockopt(zmq.RCVHWM, 8)
         self.dealer.setsockopt(zmq.LINGER, 500)  # give the last CONFIRM a chance at exit
-        self.dealer.connect(settings.replay_endpoint)
+        # ZMTP heartbeats: a publisher that vanished without closing (host down, cut link,
+        # half-open tcp://) drops the connection, and libzmq connects again.
+        self.dealer.setsockopt(zmq.HEARTBEAT_IVL, curve.HEARTBEAT_IVL_MS)
+        self.dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, curve.HEARTBEAT_TIMEOUT_MS)
+        self.endpoint = settings.replay_connect_endpoint
+        # On tcp:// a CURVE client of the publisher (node.curve); a refused handshake is
+        # retried by the Reconnector (libzmq gives up on it).
+        keypair = curve.secure_client(
+            self.dealer, settings, self.endpoint, settings.curve_publisher_key, "NODE_REPLAY_CONNECT", log
+        )
+        self.reconnector = curve.Reconnector(
+            self.dealer,
+            self.endpoint,
+            "publisher",
+            curve.client_hint(keypair, "NODE_CURVE_SUBSCRIBERS_DIR", "NODE_CURVE_PUBLISHER_KEY"),
+            "store",
+            log,
+        )
+        self.dealer.connect(self.endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
         self.idle_poll = IDLE_POLL
@@ -251,6 +269,7 @@ class Store:
             self.commit()
 
     def step(self) -> None:
+        self.reconnector.poll()
         now = time.monotonic()
         if now >= self.fetch_due:
             if self.ring is not None and now - self.fetch_sent_at >= FETCH_TIMEOUT:
@@ -270,4 +289,5 @@ class Store:
 
     def close(self) -> None:
         self.commit()
+        self.reconnector.close()
         self.dealer.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import zmq
 
+from node import health
 from node.errors import ConfigError
 from node.metrics import watch_ring
 from node.pipeline.monitor import Monitor, MonitorError, log
@@ -31,6 +32,11 @@ def main() -> None:
             monitor = Monitor(ring, reader, ctx, settings)
         except ConfigError as exc:
             raise MonitorError(f"configuration error: {exc}") from None
+        health.ready_when("ingress ring", lambda: "closed" if ring.closed else None)
+        health.ready_when(
+            "router",
+            lambda: None if monitor.connected else f"not connected to {settings.router_connect_endpoint}",
+        )
         log.info(
             "forwarding ingress ring %s (%s, id %s, head %d, tail %d) to %s"
             " (batches of <= %d records / %d bytes, window %d, ack timeout %gs..%gs)",

@@ -9,7 +9,9 @@ import threading
 
 import zmq
 
+from node import health
 from node.config import Settings
+from node.errors import ConfigError
 from node.metrics import watch_ring
 from node.pipeline.publisher import Publisher, log
 from node.ring.errors import RingError
@@ -39,8 +41,12 @@ def run(settings: Settings, stop: threading.Event) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         publisher = Publisher(settings, ring, ctx)
-    except (RingError, zmq.ZMQError) as exc:
-        if isinstance(exc, RingError):
+    except (RingError, zmq.ZMQError, ConfigError) as exc:
+        status = 1
+        if isinstance(exc, ConfigError):
+            log.error("configuration error: %s", exc)
+            status = 2
+        elif isinstance(exc, RingError):
             log.error("cannot consume the fan-in ring %s: %s", path, exc)
         else:
             log.error(
@@ -52,7 +58,8 @@ def run(settings: Settings, stop: threading.Event) -> None:
         stop.set()
         ctx.destroy(linger=0)
         ring.close()
-        raise SystemExit(1) from None
+        raise SystemExit(status) from None
+    health.ready_when("fan-in ring", lambda: "closed" if ring.closed else None)
     log.info(
         "publisher: fan-in ring %s (%s, id %s, head %d, tail %d), XPUB %s, replay %s, durable subscribers %s",
         path,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zmq
 
-from node import curve
+from node import curve, health
 from node.errors import ConfigError
 from node.pipeline.router import Router, RouterError, bind_router, log
 from node.workers.runtime import start
@@ -46,6 +46,7 @@ def main() -> None:
             settings.router_rcvhwm,
         )
         router = Router(settings, ring, sock)
+        health.ready_when("fan-in ring", lambda: "closed" if ring.closed else None)
         if link is not None:
             router.watch_handshakes()
         try:

@@ -9,7 +9,9 @@ import threading
 
 import zmq
 
+from node import health
 from node.config import Settings
+from node.errors import ConfigError
 from node.pipeline.store import Store, log, ring_name
 from node.sinks.base import SinkError
 from node.workers.runtime import start
@@ -30,12 +32,21 @@ def run(settings: Settings, stop: threading.Event) -> None:
         log.error("%s", exc)
         raise SystemExit(1) from None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    store = Store(settings, sink, ctx)
+    try:
+        store = Store(settings, sink, ctx)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        sink.close()
+        ctx.term()
+        raise SystemExit(2) from None
     store.watch_stop(stop)
+    health.ready_when(
+        "publisher", lambda: None if store.reconnector.connected else f"not connected to {store.endpoint}"
+    )
     log.info(
         "store: %s, fetching from replay %s, durability %s",
         settings.store_path,
-        settings.replay_endpoint,
+        store.endpoint,
         settings.durability,
     )
     try:

@@ -368,6 +368,8 @@ RING = {
     "iotnode_ring_depth",
     "iotnode_ring_used_bytes",
     "iotnode_ring_capacity_bytes",
+    "iotnode_ring_fill_ratio",
+    "iotnode_ring_headroom_seconds",
     "iotnode_ring_backend_info",
 }
 OWNED = {
