@@ -111,8 +111,9 @@ def raw_rate(backend: str, directory: Path, size: int, batched: bool, duration: 
 
 
 # ---------------------------------------------------------------------- ring producers
-def _producer(path: str, backend: str, capacity: int, size: int, batched: bool, duration: float, go: int,
-              out: int) -> None:
+def _producer(
+    path: str, backend: str, capacity: int, size: int, batched: bool, duration: float, go: int, out: int
+) -> None:
     from node.ring import Ring
 
     ring = Ring.open(path, capacity=capacity, backend=backend)
@@ -140,8 +141,9 @@ def _producer(path: str, backend: str, capacity: int, size: int, batched: bool, 
     os.write(out, json.dumps({"n": n, "calls": calls, "elapsed": elapsed}).encode() + b"\n")
 
 
-def ring_rate(backend: str, directory: Path, size: int, producers: int, batched: bool,
-              duration: float, capacity: int) -> dict[str, float]:
+def ring_rate(
+    backend: str, directory: Path, size: int, producers: int, batched: bool, duration: float, capacity: int
+) -> dict[str, float]:
     """Total records/s of ``producers`` processes appending to one fresh ring."""
     from node.ring import Ring
 
@@ -189,7 +191,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def consumer_idle_and_wake(backend: str, directory: Path, idle_seconds: float, samples: int) -> dict[str, Any]:
+def consumer_idle_and_wake(
+    backend: str, directory: Path, idle_seconds: float, samples: int
+) -> dict[str, Any]:
     from node.ring import Ring
 
     path = str(directory / f"wake-{backend}.ring")
@@ -289,6 +293,7 @@ def micro(size: int, rounds: int, reps: int = 400) -> list[tuple[str, float, flo
             drain()
             for _ in range(length // len(packed) + 1):
                 raw(packed)
+
         def cycle() -> int:  # the consumer's side too: read it back and pop it (head persisted)
             if not ring.append(payloads[0]):
                 return 0
@@ -346,15 +351,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating raw/ring rounds per cell (median)")
     ap.add_argument("--backends", default="pmem,msync,mmap")
     ap.add_argument("--disk-dir", default="/var/tmp", help="directory on a real disk for msync/mmap")
-    ap.add_argument("--micro", action="store_true",
-                    help="only warm single-process pmem timings: µs per call vs raw (stable when noisy)")
+    ap.add_argument(
+        "--micro",
+        action="store_true",
+        help="only warm single-process pmem timings: µs per call vs raw (stable when noisy)",
+    )
     args = ap.parse_args()
     _reexec_with_pmem_force()
     if args.micro:
         print(f"# ring micro-benchmark: python -m bench.ring_bench {' '.join(sys.argv[1:])}")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        print(f"# {stamp}, pmem (PMEM_IS_PMEM_FORCE=1, /dev/shm), warm 4 MiB mappings,"
-              f" best of {args.rounds} rounds of medians, load avg {os.getloadavg()[0]:.1f}")
+        print(
+            f"# {stamp}, pmem (PMEM_IS_PMEM_FORCE=1, /dev/shm), warm 4 MiB mappings,"
+            f" best of {args.rounds} rounds of medians, load avg {os.getloadavg()[0]:.1f}"
+        )
         print()
         print("| call | ring µs/call | raw µs/call | ring/raw (throughput) |")
         print("|---|---:|---:|---:|")
@@ -373,11 +383,16 @@ def main() -> None:
     shm = Path(tempfile.mkdtemp(prefix="ringbench-", dir="/dev/shm"))
     disk = Path(tempfile.mkdtemp(prefix="ringbench-", dir=args.disk_dir))
     print(f"# ring benchmark: python -m bench.ring_bench {' '.join(sys.argv[1:])}".rstrip())
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-          f"{args.duration}s x {args.rounds} rounds per cell, batch = {BATCH} records, "
-          f"load avg {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+        f"{args.duration}s x {args.rounds} rounds per cell, batch = {BATCH} records, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
     print()
-    print("| backend | mode | size | producers | appends/s | MB/s | µs/call | raw appends/s (1 proc) | ring/raw |")
+    print(
+        "| backend | mode | size | producers | appends/s | MB/s | µs/call"
+        " | raw appends/s (1 proc) | ring/raw |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for backend in backends:

@@ -177,13 +177,6 @@ def _parse_secret(name: str, raw: str) -> str:
     return raw
 
 
-def _parse_file(name: str, raw: str) -> Path:
-    path = Path(raw.strip())
-    if not path.is_file():
-        raise ConfigError(name, raw, "expected an existing file")
-    return path
-
-
 def _parse_milliseconds(name: str, raw: str) -> int:
     return _parse_int(name, raw, minimum=0, maximum=24 * 3600 * 1000)
 

@@ -14,7 +14,8 @@ A check returns ``None`` when fine or a short reason; it runs in the HTTP server
 thread, so it only reads state (no I/O, no locks held by the stage loop).
 
 :func:`probe` answers the two paths (``node.metrics.serve``, the stages' bounded
-HTTP server, asks it first); :func:`wrap` puts them in front of any WSGI app.  Paths: :data:`HEALTH_PATH`, :data:`READY_PATH` (the
+HTTP server, asks it first); :func:`wrap` puts them in front of any WSGI app.
+Paths: :data:`HEALTH_PATH`, :data:`READY_PATH` (the
 Kubernetes manifests' probes use them; ``tests/deploy`` checks that).
 """
 

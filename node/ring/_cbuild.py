@@ -60,7 +60,9 @@ typedef struct {
 } iotring_block;
 """
 
-CDEF = TYPES + """
+CDEF = (
+    TYPES
+    + """
 uint32_t iotring_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
 int iotring_mutex_init(const iotring_ctx *c);
 int64_t iotring_append(const iotring_ctx *c, const char *buf, const uint32_t *lens, uint32_t n,
@@ -89,6 +91,7 @@ int iotring_mutex_size(void);
 void iotring_reset_waiters(const iotring_ctx *c);
 void iotring_wake_all(const iotring_ctx *c);
 """
+)
 
 CSRC = r"""
 #ifndef _GNU_SOURCE
@@ -171,7 +174,9 @@ uint32_t iotring_crc32c(uint32_t crc, const uint8_t *buf, size_t len) {
 static inline uint8_t *P(const iotring_ctx *c, uint64_t off) { return (uint8_t *)(c->base + off); }
 static inline uint64_t *U64(const iotring_ctx *c, uint64_t off) { return (uint64_t *)(c->base + off); }
 static inline uint32_t *U32(const iotring_ctx *c, uint64_t off) { return (uint32_t *)(c->base + off); }
-static inline uint8_t *REC(const iotring_ctx *c, uint64_t pos) { return P(c, D_DATA_OFFSET + (pos & (c->cap - 1))); }
+static inline uint8_t *REC(const iotring_ctx *c, uint64_t pos) {
+    return P(c, D_DATA_OFFSET + (pos & (c->cap - 1)));
+}
 static inline uint64_t *R_POS(uint8_t *h) { return (uint64_t *)(h + D_REC_POS_OFFSET); }
 static inline uint32_t *R_LEN(uint8_t *h) { return (uint32_t *)(h + D_REC_LENGTH_OFFSET); }
 static inline uint16_t *R_TYPE(uint8_t *h) { return (uint16_t *)(h + D_REC_TYPE_OFFSET); }
@@ -195,7 +200,8 @@ static uint32_t header_crc_hw(uint32_t seed, const uint8_t *h) {
 #endif
 _Static_assert(D_REC_LENGTH_OFFSET == D_REC_POS_OFFSET + 8 && D_REC_TYPE_OFFSET == D_REC_LENGTH_OFFSET + 4
                && D_REC_STATE_OFFSET == D_REC_TYPE_OFFSET + 2 && D_REC_TOKEN_OFFSET == D_REC_PID_OFFSET + 4
-               && D_RECORD_HEADER_LENGTH == D_REC_TOKEN_OFFSET + 8, "header_crc_hw follows the record layout");
+               && D_RECORD_HEADER_LENGTH == D_REC_TOKEN_OFFSET + 8,
+               "header_crc_hw follows the record layout");
 
 static uint32_t header_crc(const iotring_ctx *c, const uint8_t *h) {
     if (!__atomic_load_n(&crc_ready, __ATOMIC_ACQUIRE)) crc_init();
@@ -397,7 +403,8 @@ typedef struct {
 static inline int use_nt(const iotring_ctx *c) {
     if (!__atomic_load_n(&crc_ready, __ATOMIC_ACQUIRE)) crc_init();
 #if defined(__x86_64__)
-    return ((c->persist_mode == 1 && c->flush_fn && c->drain_fn) || (c->persist_mode == 4 && c->sim_nt)) && crc_hw;
+    return ((c->persist_mode == 1 && c->flush_fn && c->drain_fn) || (c->persist_mode == 4 && c->sim_nt))
+           && crc_hw;
 #else
     (void)c;
     return 0;
@@ -704,7 +711,10 @@ int iotring_scan(const iotring_ctx *c, uint64_t pos, uint32_t max_records, uint6
             || (type != D_TYPE_DATA && type != D_TYPE_PAD)) { status = SCAN_CORRUPT; break; }
         if (type == D_TYPE_PAD) { pos += rsz; continue; }
         /* max_bytes may be exceeded only by the first record of a read (first_free) */
-        if (n >= max_records || ((n > 0 || !first_free) && bytes + len > max_bytes)) { status = SCAN_LIMIT; break; }
+        if (n >= max_records || ((n > 0 || !first_free) && bytes + len > max_bytes)) {
+            status = SCAN_LIMIT;
+            break;
+        }
         if (verify && record_crc(c, h, 1) != *R_CRC(h)) { status = SCAN_BADCRC; break; }
         out_pos[n] = pos;
         out_len[n] = len;

@@ -38,20 +38,21 @@ from node.ring.errors import RingBackendError
 log = logging.getLogger("node.ring")
 
 BACKENDS = ("auto", "pmem", "msync", "mmap", "sim")
-POWERSIM_ENV = "IOTNODE_RING_POWERSIM"            # "1": backend "sim" allowed, and chosen by "auto"
+POWERSIM_ENV = "IOTNODE_RING_POWERSIM"  # "1": backend "sim" allowed, and chosen by "auto"
 POWERSIM_MODEL_ENV = "IOTNODE_RING_POWERSIM_MODEL"  # "pmem" (64-byte lines, default) | "msync" (pages)
 SIM_UNITS = {"pmem": 64, "pmem-nt": 64, "msync": mmap.PAGESIZE}  # "pmem-nt": every append non-temporal
 DURABLE_SUFFIX = ".durable"
 
 # persist_mode values understood by the C helper
 PERSIST_NONE = 0
-PERSIST_VOID_FN = 1   # void fn(const void *, size_t): pmem_persist
-PERSIST_INT_FN = 2    # int fn(const void *, size_t): pmem_msync
-PERSIST_MSYNC = 3     # msync in the helper
-PERSIST_SIM = 4       # power simulator: copy the persisted units into the durable image
+PERSIST_VOID_FN = 1  # void fn(const void *, size_t): pmem_persist
+PERSIST_INT_FN = 2  # int fn(const void *, size_t): pmem_msync
+PERSIST_MSYNC = 3  # msync in the helper
+PERSIST_SIM = 4  # power simulator: copy the persisted units into the durable image
 
 _PMEM_CDEF = """
-void *pmem_map_file(const char *path, size_t len, int flags, unsigned int mode, size_t *mapped_lenp, int *is_pmemp);
+void *pmem_map_file(const char *path, size_t len, int flags, unsigned int mode, size_t *mapped_lenp,
+                    int *is_pmemp);
 int pmem_unmap(void *addr, size_t len);
 int pmem_is_pmem(const void *addr, size_t len);
 void pmem_persist(const void *addr, size_t len);
@@ -126,14 +127,18 @@ class PmemMapping(Mapping):
     def __init__(self, path: str, size: int, want: str) -> None:
         loaded = load_libpmem()
         if loaded is None:
-            raise RingBackendError(f"backend {want!r} needs libpmem.so.1, which failed to load: {_libpmem_error}")
+            raise RingBackendError(
+                f"backend {want!r} needs libpmem.so.1, which failed to load: {_libpmem_error}"
+            )
         abi, pm = loaded
         self._abi, self._pm = abi, pm
         mapped_len = abi.new("size_t *")
         is_pmem = abi.new("int *")
         addr = pm.pmem_map_file(os.fsencode(path), 0, 0, 0, mapped_len, is_pmem)
         if addr == abi.NULL:
-            raise RingBackendError(f"pmem_map_file({path!r}) failed: {abi.string(pm.pmem_errormsg()).decode()}")
+            raise RingBackendError(
+                f"pmem_map_file({path!r}) failed: {abi.string(pm.pmem_errormsg()).decode()}"
+            )
         if mapped_len[0] != size:
             pm.pmem_unmap(addr, mapped_len[0])
             raise RingBackendError(f"pmem_map_file({path!r}) mapped {mapped_len[0]} bytes, expected {size}")

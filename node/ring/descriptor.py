@@ -81,8 +81,8 @@ from typing import NamedTuple
 
 # --------------------------------------------------------------------- file header
 MAGIC = b"IOTRING\x00"
-VERSION = 2                 # 2: free head, epoch, PID namespace
-HEADER_SIZE = 4096          # data starts here (page aligned)
+VERSION = 2  # 2: free head, epoch, PID namespace
+HEADER_SIZE = 4096  # data starts here (page aligned)
 CACHE_LINE = 64
 
 MAGIC_OFFSET = 0
@@ -97,17 +97,17 @@ CREATED_OFFSET = RING_ID_OFFSET + RING_ID_LENGTH
 PIDNS_OFFSET = CREATED_OFFSET + 8
 MUTEX_OFFSET = 64
 MUTEX_SPACE = 64
-PRODUCER_LINE_OFFSET = MUTEX_OFFSET + MUTEX_SPACE        # 128
+PRODUCER_LINE_OFFSET = MUTEX_OFFSET + MUTEX_SPACE  # 128
 TAIL_OFFSET = PRODUCER_LINE_OFFSET
 APPENDED_OFFSET = TAIL_OFFSET + 8
 FREE_HEAD_OFFSET = APPENDED_OFFSET + 8  # read by every claim; not in the line pop persists (no store miss)
 CONSUMER_LINE_OFFSET = PRODUCER_LINE_OFFSET + CACHE_LINE  # 192
 HEAD_OFFSET = CONSUMER_LINE_OFFSET
 POPPED_OFFSET = HEAD_OFFSET + 8
-WAKE_LINE_OFFSET = CONSUMER_LINE_OFFSET + CACHE_LINE      # 256
+WAKE_LINE_OFFSET = CONSUMER_LINE_OFFSET + CACHE_LINE  # 256
 FUTEX_OFFSET = WAKE_LINE_OFFSET
 WAITERS_OFFSET = FUTEX_OFFSET + 4
-RECOVERY_LINE_OFFSET = WAKE_LINE_OFFSET + CACHE_LINE      # 320
+RECOVERY_LINE_OFFSET = WAKE_LINE_OFFSET + CACHE_LINE  # 320
 EPOCH_OFFSET = RECOVERY_LINE_OFFSET
 DATA_OFFSET = HEADER_SIZE
 
@@ -177,7 +177,16 @@ def pack_file_header(capacity: int, ring_id: bytes, created_ns: int, pid_namespa
     """The whole header page of a new, empty ring (head = tail = 0, epoch 0)."""
     page = bytearray(HEADER_SIZE)
     _STATIC.pack_into(
-        page, 0, MAGIC, VERSION, HEADER_SIZE, capacity, max_record_for(capacity), 0, ring_id, created_ns,
+        page,
+        0,
+        MAGIC,
+        VERSION,
+        HEADER_SIZE,
+        capacity,
+        max_record_for(capacity),
+        0,
+        ring_id,
+        created_ns,
         pid_namespace,
     )
     return bytes(page)
@@ -190,12 +199,34 @@ def unpack_file_header(page: bytes) -> FileHeader:
 def c_defines() -> str:
     """The layout as C ``#define`` lines, compiled into the C helper."""
     names = [
-        "HEADER_SIZE", "CACHE_LINE", "MUTEX_OFFSET", "MUTEX_SPACE", "TAIL_OFFSET", "APPENDED_OFFSET",
-        "HEAD_OFFSET", "POPPED_OFFSET", "FREE_HEAD_OFFSET", "CONSUMER_LINE_OFFSET", "EPOCH_OFFSET",
-        "RECOVERY_LINE_OFFSET", "FUTEX_OFFSET", "WAITERS_OFFSET",
-        "DATA_OFFSET", "RECORD_ALIGNMENT", "RECORD_HEADER_LENGTH", "REC_POS_OFFSET", "REC_LENGTH_OFFSET",
-        "REC_TYPE_OFFSET", "REC_STATE_OFFSET", "REC_CRC_OFFSET", "REC_PID_OFFSET", "REC_TOKEN_OFFSET",
-        "TYPE_DATA", "TYPE_PAD", "STATE_CLAIMED", "STATE_COMMITTED",
+        "HEADER_SIZE",
+        "CACHE_LINE",
+        "MUTEX_OFFSET",
+        "MUTEX_SPACE",
+        "TAIL_OFFSET",
+        "APPENDED_OFFSET",
+        "HEAD_OFFSET",
+        "POPPED_OFFSET",
+        "FREE_HEAD_OFFSET",
+        "CONSUMER_LINE_OFFSET",
+        "EPOCH_OFFSET",
+        "RECOVERY_LINE_OFFSET",
+        "FUTEX_OFFSET",
+        "WAITERS_OFFSET",
+        "DATA_OFFSET",
+        "RECORD_ALIGNMENT",
+        "RECORD_HEADER_LENGTH",
+        "REC_POS_OFFSET",
+        "REC_LENGTH_OFFSET",
+        "REC_TYPE_OFFSET",
+        "REC_STATE_OFFSET",
+        "REC_CRC_OFFSET",
+        "REC_PID_OFFSET",
+        "REC_TOKEN_OFFSET",
+        "TYPE_DATA",
+        "TYPE_PAD",
+        "STATE_CLAIMED",
+        "STATE_COMMITTED",
     ]
     g = globals()
     return "".join(f"#define D_{n} {int(g[n])}u\n" for n in names)

@@ -62,7 +62,9 @@ def identity() -> tuple[int, int]:
     pid = os.getpid()
     token = start_time(pid)
     if token is None:
-        raise RingError(f"/proc/{pid}/stat is not readable: the ring needs /proc to tell live producers from dead")
+        raise RingError(
+            f"/proc/{pid}/stat is not readable: the ring needs /proc to tell live producers from dead"
+        )
     return pid, token
 
 

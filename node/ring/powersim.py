@@ -45,16 +45,26 @@ from node.ring.reader import Reader
 from node.ring.ring import Ring
 
 #: ctx.test_flags: the orderings before issue 12, which the simulator must catch.
-LEGACY_HEAD = 1     # pop publishes the producers' head before persisting it
-LEGACY_COMMIT = 2   # append stores the commit marker and wakes before its persist
+LEGACY_HEAD = 1  # pop publishes the producers' head before persisting it
+LEGACY_COMMIT = 2  # append stores the commit marker and wakes before its persist
 LEGACY_RESOLVE = 4  # a dead claim is committed with only its header persisted
 
 _CHUNK = 1 << 16
 
 __all__ = [
-    "LEGACY_COMMIT", "LEGACY_HEAD", "LEGACY_RESOLVE", "POWERSIM_ENV", "POWERSIM_MODEL_ENV",
-    "crash_image", "durable_path", "fail_persists", "install_image", "pending_units", "pop_before_persist",
-    "recover_image", "set_test_flags",
+    "LEGACY_COMMIT",
+    "LEGACY_HEAD",
+    "LEGACY_RESOLVE",
+    "POWERSIM_ENV",
+    "POWERSIM_MODEL_ENV",
+    "crash_image",
+    "durable_path",
+    "fail_persists",
+    "install_image",
+    "pending_units",
+    "pop_before_persist",
+    "recover_image",
+    "set_test_flags",
 ]
 
 
@@ -70,7 +80,9 @@ def _read_pair(ring_path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         with open(durable_path(ring_path), "rb") as fh:
             durable = fh.read()
     except FileNotFoundError:
-        raise RingError(f"{durable_path(ring_path)} missing: was the ring opened with the sim backend?") from None
+        raise RingError(
+            f"{durable_path(ring_path)} missing: was the ring opened with the sim backend?"
+        ) from None
     if len(live) != len(durable):
         raise RingError(f"{ring_path}: live file {len(live)} bytes, durable image {len(durable)}")
     return live, durable

@@ -34,13 +34,13 @@ log = logging.getLogger("node.ring")
 _SCAN_END, _SCAN_LIMIT, _SCAN_BLOCKED, _SCAN_CORRUPT, _SCAN_BADCRC = range(5)
 
 LIVENESS_INTERVAL = 0.005  # seconds between /proc checks of one blocking claimer
-_MAX_SETTLE = 1024          # claims settled per read() call at most (bounded loop)
+_MAX_SETTLE = 1024  # claims settled per read() call at most (bounded loop)
 _NOT_A_RECORD = -(1 << 20)  # iotring_resolve: no record header at that position
 
 
 class Record(NamedTuple):
-    pos: int        # absolute position of the record
-    end: int        # position just after it (the next record's position, or padding)
+    pos: int  # absolute position of the record
+    end: int  # position just after it (the next record's position, or padding)
     payload: bytes
 
 
@@ -66,13 +66,13 @@ class Reader:
         self._grow(256)
         self._n = ffi.new("uint32_t *")
         self._next = ffi.new("uint64_t *")
-        self._blk = ffi.new("iotring_block *")   # read() only
+        self._blk = ffi.new("iotring_block *")  # read() only
         self._wblk = ffi.new("iotring_block *")  # wait() only: it may run in another thread
-        self._cursor = ring.head      # where the last scan stopped (wait() watches here)
+        self._cursor = ring.head  # where the last scan stopped (wait() watches here)
         self._scanned = self._cursor  # highest position up to which records were read
         self._liveness: dict[tuple[int, int], tuple[float, bool]] = {}
         self._waiting = 0  # wait() calls in progress (a doorbell thread), see close()
-        self.settled_dead = 0   # claims of dead producers delivered or padded
+        self.settled_dead = 0  # claims of dead producers delivered or padded
         self.skipped_corrupt = 0  # committed records whose checksum failed (never delivered)
         self._finish_pop()  # a consumer killed inside pop() may have left the free head behind
 
@@ -99,7 +99,9 @@ class Reader:
         return alive
 
     # ------------------------------------------------------------------ read
-    def read(self, from_pos: int | None = None, max_records: int = 256, max_bytes: int = 1 << 20) -> list[Record]:
+    def read(
+        self, from_pos: int | None = None, max_records: int = 256, max_bytes: int = 1 << 20
+    ) -> list[Record]:
         """Committed records from ``from_pos`` (default: where the last read stopped), in order.
 
         At most ``max_records`` records and ``max_bytes`` payload bytes (at least one
@@ -127,14 +129,25 @@ class Reader:
         nbytes = 0
         for _ in range(_MAX_SETTLE):
             status = lib.iotring_scan(
-                self._ctx, pos, max_records - len(out), max(0, max_bytes - nbytes), 1, 0 if out else 1,
-                self._pos, self._len, self._n, self._next, self._blk,
+                self._ctx,
+                pos,
+                max_records - len(out),
+                max(0, max_bytes - nbytes),
+                1,
+                0 if out else 1,
+                self._pos,
+                self._len,
+                self._n,
+                self._next,
+                self._blk,
             )
             for i in range(self._n[0]):
                 p = self._pos[i]
                 ln = self._len[i]
                 off = base + (p & mask)
-                out.append(Record(p, p + ((D.RECORD_HEADER_LENGTH + ln + 31) & ~31), bytes(view[off : off + ln])))
+                out.append(
+                    Record(p, p + ((D.RECORD_HEADER_LENGTH + ln + 31) & ~31), bytes(view[off : off + ln]))
+                )
                 nbytes += ln
             pos = self._next[0]
             if status == _SCAN_BLOCKED:
@@ -144,7 +157,10 @@ class Reader:
                     self.settled_dead += 1
                     log.warning(
                         "ring %s: producer pid %d died holding a claim at %d; record %s",
-                        self.ring.path, bpid, bpos, "delivered (checksum valid)" if delivered else "dropped (torn)",
+                        self.ring.path,
+                        bpid,
+                        bpos,
+                        "delivered (checksum valid)" if delivered else "dropped (torn)",
                     )
                     continue
                 break
@@ -162,7 +178,9 @@ class Reader:
                         f" (head {head}, tail {self.ring.tail}); reopen the ring to recover"
                     )
             break
-        self._cursor = max(self._cursor, pos)  # only forward: a replay of older records does not re-arm wait()
+        self._cursor = max(
+            self._cursor, pos
+        )  # only forward: a replay of older records does not re-arm wait()
         self._scanned = max(self._scanned, pos)
         if not out:
             if pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
@@ -254,7 +272,9 @@ class Reader:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            r = lib.iotring_wait(self._ctx, self._cursor, int(min(left, LIVENESS_INTERVAL * 2) * 1e9), 0, self._wblk)
+            r = lib.iotring_wait(
+                self._ctx, self._cursor, int(min(left, LIVENESS_INTERVAL * 2) * 1e9), 0, self._wblk
+            )
             if r == 1:
                 return True
             if r < 0:

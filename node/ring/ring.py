@@ -168,7 +168,14 @@ class Ring:
         _open_rings.add(self)
         log.info(
             "ring %s open: backend=%s capacity=%d max_record=%d durability=%s head=%d tail=%d epoch=%d%s",
-            path, self.backend, self.capacity, self.max_record, durability, self.head, self.tail, self.epoch,
+            path,
+            self.backend,
+            self.capacity,
+            self.max_record,
+            durability,
+            self.head,
+            self.tail,
+            self.epoch,
             " (recovered)" if self.recovered else "",
         )
 
@@ -179,7 +186,9 @@ class Ring:
         size = D.file_size(capacity)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            header = D.pack_file_header(capacity, secrets.token_bytes(D.RING_ID_LENGTH), time.time_ns(), pid_namespace())
+            header = D.pack_file_header(
+                capacity, secrets.token_bytes(D.RING_ID_LENGTH), time.time_ns(), pid_namespace()
+            )
             os.pwrite(fd, header, 0)
             try:
                 os.posix_fallocate(fd, 0, size)  # no ENOSPC later inside a mapping (SIGBUS)
@@ -218,7 +227,9 @@ class Ring:
             raise RingCorrupt(f"{path}: max record {hdr.max_record}, expected {D.max_record_for(cap)}")
         st = os.fstat(fd)
         if st.st_size != D.file_size(cap):
-            raise RingCorrupt(f"{path}: file is {st.st_size} bytes, a ring of capacity {cap} has {D.file_size(cap)}")
+            raise RingCorrupt(
+                f"{path}: file is {st.st_size} bytes, a ring of capacity {cap} has {D.file_size(cap)}"
+            )
         if st.st_blocks * 512 < st.st_size:
             raise RingSpaceError(path, st.st_size, st.st_blocks * 512)
         here = pid_namespace()
@@ -242,14 +253,21 @@ class Ring:
             head = int(lib.iotring_load64(self._ctx, D.HEAD_OFFSET))
             raise RingCorrupt(f"{self.path}: head {head} is not aligned to {D.RECORD_ALIGNMENT}")
         if rc:
-            raise RingPersistError(-rc, f"{self.path}: persisting the recovered ring failed: {os.strerror(-rc)}")
+            raise RingPersistError(
+                -rc, f"{self.path}: persisting the recovered ring failed: {os.strerror(-rc)}"
+            )
         if repaired[0]:
             log.warning(
-                "ring %s: recovery turned %d torn or unfinished region(s) into padding", self.path, repaired[0]
+                "ring %s: recovery turned %d torn or unfinished region(s) into padding",
+                self.path,
+                repaired[0],
             )
         log.info(
             "ring %s recovered: %d record(s) from %d to %d, epoch %d",
-            self.path, count[0], lib.iotring_load64(self._ctx, D.HEAD_OFFSET), tail[0],
+            self.path,
+            count[0],
+            lib.iotring_load64(self._ctx, D.HEAD_OFFSET),
+            tail[0],
             lib.iotring_load64(self._ctx, D.EPOCH_OFFSET),
         )
         fcntl.flock(fd, fcntl.LOCK_SH)  # under the opener lock: nobody can slip in
@@ -324,7 +342,9 @@ class Ring:
         )
         if rc < 0:
             if rc == _BAD_LENGTHS:
-                raise RingConfigError("lens", f"sum {sum(lens)}", f"expected the lengths to add up to len(buf) = {len(buf)}")
+                raise RingConfigError(
+                    "lens", f"sum {sum(lens)}", f"expected the lengths to add up to len(buf) = {len(buf)}"
+                )
             if rc <= _TOO_LARGE:
                 index = _TOO_LARGE - rc
                 raise RecordTooLarge(lens[index], self.max_record, index)
@@ -343,7 +363,12 @@ class Ring:
         """
         lens = array("I", map(len, payloads))
         rc = lib.iotring_append_partial(
-            self._ctx, b"".join(payloads), ffi.from_buffer("uint32_t[]", lens), len(payloads), stage, self._out_first
+            self._ctx,
+            b"".join(payloads),
+            ffi.from_buffer("uint32_t[]", lens),
+            len(payloads),
+            stage,
+            self._out_first,
         )
         return int(rc)
 

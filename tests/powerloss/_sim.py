@@ -49,12 +49,12 @@ class Books:
     """What the test knows happened before the cut."""
 
     acked: dict[int, tuple[int, int]] = field(default_factory=dict)  # rid -> (producer, append order)
-    seen: dict[int, int] = field(default_factory=dict)         # rid -> position read at
+    seen: dict[int, int] = field(default_factory=dict)  # rid -> position read at
     popped: set[int] = field(default_factory=set)
     maybe_popped: set[int] = field(default_factory=set)
-    required: set[int] = field(default_factory=set)            # survived an earlier cut: durable
-    attempted: set[int] = field(default_factory=set)           # any append started (dead claims too)
-    attempted_ok: Callable[[int], bool] | None = None          # or: a test of the id (other processes)
+    required: set[int] = field(default_factory=set)  # survived an earlier cut: durable
+    attempted: set[int] = field(default_factory=set)  # any append started (dead claims too)
+    attempted_ok: Callable[[int], bool] | None = None  # or: a test of the id (other processes)
     max_epoch: int = 0
 
     def ack(self, rids: Iterable[int], producer: int = 0) -> None:
@@ -72,7 +72,9 @@ def check_cut(image: bytes, scratch: Path, books: Books) -> tuple[list[str], lis
     got: list[tuple[int, int]] = []
     for pos, data in records:
         rid = parse(data)
-        if rid is None or not (rid in books.attempted or (books.attempted_ok is not None and books.attempted_ok(rid))):
+        if rid is None or not (
+            rid in books.attempted or (books.attempted_ok is not None and books.attempted_ok(rid))
+        ):
             problems.append(f"garbage or torn record at {pos}: {data[:24]!r}... ({len(data)} bytes)")
             continue
         got.append((pos, rid))
@@ -86,7 +88,8 @@ def check_cut(image: bytes, scratch: Path, books: Books) -> tuple[list[str], lis
     if lost:
         problems.append(
             f"lost {len(lost)} record(s) that were acked or seen and not popped: {lost[:10]}"
-            f" (acked {sorted(set(lost) & set(books.acked))[:10]}, seen {sorted(set(lost) & set(books.seen))[:10]})"
+            f" (acked {sorted(set(lost) & set(books.acked))[:10]}, seen "
+            f"{sorted(set(lost) & set(books.seen))[:10]})"
         )
     back = sorted(present & books.popped)
     if back:
@@ -101,7 +104,9 @@ def check_cut(image: bytes, scratch: Path, books: Books) -> tuple[list[str], lis
             problems.append(f"acked records of producer {producer} recovered out of append order")
     if epoch <= books.max_epoch:
         problems.append(f"recovered epoch {epoch} not above the epoch {books.max_epoch} before the cut")
-    with Ring.open(scratch, capacity=len(image) - 4096, backend="mmap") as ring:  # the recovered ring goes on working
+    with Ring.open(
+        scratch, capacity=len(image) - 4096, backend="mmap"
+    ) as ring:  # the recovered ring goes on working
         reader = ring.reader()
         recs = reader.read(max_records=4096)
         if recs:

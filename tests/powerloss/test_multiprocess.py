@@ -66,9 +66,21 @@ def test_producer_processes_frozen_at_random_instants_lose_nothing_acked(
     reports = [shm_dir / f"report-{i}" for i in ids]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.powerloss._workers", "producer", str(path), str(i), str(reports[k]),
-             str(rng.randrange(1 << 30)), "0" if i <= 2 else "0.01"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tests.powerloss._workers",
+                "producer",
+                str(path),
+                str(i),
+                str(reports[k]),
+                str(rng.randrange(1 << 30)),
+                "0" if i <= 2 else "0.01",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for k, i in enumerate(ids)
     ]

@@ -46,7 +46,10 @@ step = st.tuples(
 )
 @given(program=st.lists(step, min_size=5, max_size=40), seed=st.integers(0, 1 << 32))
 def test_no_acked_or_seen_record_is_lost_at_any_power_cut(
-    model: str, program: list[tuple[str, int, list[int]]], seed: int, shm_dir: Path,
+    model: str,
+    program: list[tuple[str, int, list[int]]],
+    seed: int,
+    shm_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(POWERSIM_MODEL_ENV, model)
@@ -56,8 +59,9 @@ def test_no_acked_or_seen_record_is_lost_at_any_power_cut(
 
 
 @pytest.mark.parametrize(
-    "flags", [LEGACY_HEAD, LEGACY_COMMIT, LEGACY_RESOLVE], ids=["head-before-persist", "commit-before-persist",
-                                                               "resolve-header-only"],
+    "flags",
+    [LEGACY_HEAD, LEGACY_COMMIT, LEGACY_RESOLVE],
+    ids=["head-before-persist", "commit-before-persist", "resolve-header-only"],
 )
 def test_the_simulator_catches_each_legacy_ordering_in_random_programs(flags: int, shm_dir: Path) -> None:
     # The same random exploration, with the ring switched back to one pre-issue-12

@@ -171,7 +171,9 @@ def test_a_failing_persist_while_settling_a_dead_claim_raises_and_delivers_nothi
         assert [parse(r.payload) for r in reader.read()] == [1]
 
 
-def test_a_failing_append_persist_raises_delivers_nothing_and_a_failing_pop_persist_frees_nothing(shm_dir: Path) -> None:
+def test_a_failing_append_persist_raises_delivers_nothing_and_a_failing_pop_persist_frees_nothing(
+    shm_dir: Path,
+) -> None:
     path = shm_dir / "r.ring"
     with Ring.open(path, capacity=CAP, backend="sim") as ring:
         reader = ring.reader()
@@ -195,7 +197,12 @@ def test_a_failing_append_persist_raises_delivers_nothing_and_a_failing_pop_pers
 
 # --------------------------------------------------------------------------- defect 3
 @pytest.mark.parametrize(
-    "exc", [PermissionError(errno.EACCES, "hidepid"), OSError(errno.EMFILE, "too many files"), OSError(errno.EIO, "x")],
+    "exc",
+    [
+        PermissionError(errno.EACCES, "hidepid"),
+        OSError(errno.EMFILE, "too many files"),
+        OSError(errno.EIO, "x"),
+    ],
     ids=["EACCES", "EMFILE", "EIO"],
 )
 def test_liveness_counts_a_producer_alive_unless_proc_says_it_is_gone(
@@ -210,7 +217,9 @@ def test_liveness_counts_a_producer_alive_unless_proc_says_it_is_gone(
     assert liveness.is_alive(pid, token + 1)  # even a mismatching token: nothing was read
 
 
-@pytest.mark.parametrize("exc", [FileNotFoundError(errno.ENOENT, "gone"), ProcessLookupError(errno.ESRCH, "reaped")])
+@pytest.mark.parametrize(
+    "exc", [FileNotFoundError(errno.ENOENT, "gone"), ProcessLookupError(errno.ESRCH, "reaped")]
+)
 def test_liveness_counts_a_producer_dead_when_its_proc_entry_is_gone(
     monkeypatch: pytest.MonkeyPatch, exc: OSError
 ) -> None:
@@ -264,7 +273,11 @@ def test_a_ring_from_another_pid_namespace_is_refused_naming_both(tmp_path: Path
         Ring.open(path, capacity=CAP, backend="mmap")
     here = os.stat("/proc/self/ns/pid").st_ino
     assert exc.value.found == 4026531836 + 12345 and exc.value.expected == here
-    assert str(4026531836 + 12345) in str(exc.value) and str(here) in str(exc.value) and str(path) in str(exc.value)
+    assert (
+        str(4026531836 + 12345) in str(exc.value)
+        and str(here) in str(exc.value)
+        and str(path) in str(exc.value)
+    )
 
 
 # --------------------------------------------------------------------------- defect 4

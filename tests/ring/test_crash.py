@@ -38,8 +38,19 @@ class Workers:
     def start(self, role: str, *args: object) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{role}-{len(self.procs)}.out", "wb")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.ring._workers", role, str(self.ring), self.backend, *map(str, args)],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "tests.ring._workers",
+                role,
+                str(self.ring),
+                self.backend,
+                *map(str, args),
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         self.procs.append(proc)
@@ -87,7 +98,9 @@ def check_deliveries(deliveries: dict[int, tuple[int, int]], reports: dict[int, 
         assert counters == list(range(len(counters))), f"producer {producer}: gap, duplicate or reorder"
     for producer, report in reports.items():
         got = len(per_producer.get(producer, []))
-        assert got >= acked(report) + 1, f"producer {producer}: acked {acked(report)} but only {got} delivered"
+        assert got >= acked(report) + 1, (
+            f"producer {producer}: acked {acked(report)} but only {got} delivered"
+        )
     return sum(len(c) for c in per_producer.values())
 
 

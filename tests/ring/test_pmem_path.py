@@ -23,9 +23,23 @@ from .conftest import HAVE_LIBPMEM, PMEM_FORCED
 def test_ring_suite_passes_on_pmem_backend_in_forced_child() -> None:
     env = dict(os.environ, PMEM_IS_PMEM_FORCE="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/ring", "-q", "-p", "no:cacheprovider",
-         "-k", "pmem and not forced_child"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/ring",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "pmem and not forced_child",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]

@@ -94,7 +94,7 @@ def test_garbage_after_the_tail_is_ignored(ring_path: Path, backend: str) -> Non
 def test_recovery_after_wrap_keeps_records_across_the_wrap_point(ring_path: Path, backend: str) -> None:
     with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
         reader = ring.reader()
-        for i in range(40):  # move the head near the end of the buffer
+        for _ in range(40):  # move the head near the end of the buffer
             ring.append(b"w" * 90)
             reader.pop(reader.read()[-1].end)
         assert ring.append_batch([b"x" * 500, b"y" * 700, b"z" * 900]) == 3

@@ -110,7 +110,7 @@ def test_wraps_around_many_times_with_padding(ring_path: Path, backend: str) -> 
         reader = ring.reader()
         expected = 0
         sent = 0
-        for lap in range(300):  # ~60 laps of the 4 KiB ring, odd sizes force padding
+        for _lap in range(300):  # ~60 laps of the 4 KiB ring, odd sizes force padding
             batch = [f"{sent + i}:".encode() + b"z" * ((sent + i) * 37 % 700) for i in range(3)]
             n = ring.append_batch(batch)
             sent += n
@@ -125,7 +125,9 @@ def test_wraps_around_many_times_with_padding(ring_path: Path, backend: str) -> 
         assert ring.depth == 0
 
 
-def test_records_at_max_size_fit_and_max_plus_one_is_refused_with_sizes(ring_path: Path, backend: str) -> None:
+def test_records_at_max_size_fit_and_max_plus_one_is_refused_with_sizes(
+    ring_path: Path, backend: str
+) -> None:
     with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
         big = os.urandom(ring.max_record)
         reader = ring.reader()
@@ -197,7 +199,9 @@ def test_existing_file_keeps_its_capacity(ring_path: Path, caplog: pytest.LogCap
         ({"backend": "nvme"}, "backend"),
     ],
 )
-def test_bad_open_arguments_raise_naming_the_value(ring_path: Path, kwargs: dict[str, object], name: str) -> None:
+def test_bad_open_arguments_raise_naming_the_value(
+    ring_path: Path, kwargs: dict[str, object], name: str
+) -> None:
     with pytest.raises(RingConfigError) as exc:
         Ring.open(ring_path, **kwargs)  # type: ignore[arg-type]
     assert exc.value.name == name and repr(kwargs[name]) in str(exc.value)
@@ -299,6 +303,7 @@ def test_checksum_is_standard_crc32c() -> None:
     # without SSE4.2, which use different code paths.
     assert lib.iotring_crc32c(0, b"123456789", 9) == 0xE3069283
     assert lib.iotring_crc32c(0, b"", 0) == 0
+
     def reference(data: bytes) -> int:  # bitwise CRC32C (Castagnoli, reflected 0x82F63B78)
         crc = 0xFFFFFFFF
         for byte in data:
@@ -366,7 +371,9 @@ def test_doorbell_thread_wait_while_owner_reads_and_pops(ring_path: Path, backen
         assert rings.is_set()
 
 
-def test_read_from_inside_a_record_or_past_the_tail_is_a_position_error(ring_path: Path, backend: str) -> None:
+def test_read_from_inside_a_record_or_past_the_tail_is_a_position_error(
+    ring_path: Path, backend: str
+) -> None:
     with Ring.open(ring_path, capacity=CAP, backend=backend) as ring:
         ring.append_batch([b"a" * 200, b"b"])
         reader = ring.reader()
