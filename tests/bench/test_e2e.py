@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import e2e, proto
+from node.front.metrics import FLUSH_INTERVAL, RENDER_TTL
 
 
 @pytest.mark.timeout(120)
@@ -41,8 +42,12 @@ def test_e2e_reports_stored_rate_and_fanout_latency_against_a_small_node(tmp_pat
     (thr,) = doc["throughput"]
     assert thr["acked_msg_s"] > 0 and thr["noop_acked_msg_s"] > 0
     assert thr["stored_msg_s"] > 0 and thr["stored"] > 0, thr
-    # The store cannot have committed more than the front acked, over the same window.
-    assert thr["stored_msg_s"] <= 1.2 * thr["node_acked_msg_s"], thr
+    # The store cannot have committed more than the front acked, over the same window; the
+    # web's /metrics lag by up to FLUSH_INTERVAL (workers flush their counters once a
+    # second) + RENDER_TTL (the merged output is rendered at most once a second, issue 14).
+    lag = FLUSH_INTERVAL + RENDER_TTL
+    node_acked = thr["node_acked_msg_s"] * thr["window_s"]
+    assert thr["stored"] <= 1.2 * node_acked + lag * thr["acked_msg_s"], thr
     assert thr["stored_vs_noop"] == round(thr["stored_msg_s"] / thr["noop_acked_msg_s"], 3)
     assert (
         thr["drained"] is True and thr["ingress_depth_end"] is not None and thr["fanin_depth_end"] is not None
