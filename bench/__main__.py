@@ -9,7 +9,8 @@ Component scenarios (each its own options, ``python -m bench NAME --help``): rin
 (the ring against raw libpmem / msync), pipeline (monitor + router between real
 ring files), publisher-store (publisher -> store batches), fanout-stream (the
 fanout's per-client cost), multinode (3 front nodes -> 1 middle tier over network
-namespaces, against a single node; root).  One-off measurements are in ``bench/investigations``.
+namespaces, against a single node; root), idle (an idle node's CPU per process and
+its wake-up latency).  One-off measurements are in ``bench/investigations``.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ COMPONENTS: dict[str, str] = {
     "publisher-store": "bench.publisher_store",
     "fanout-stream": "bench.fanout_stream",
     "multinode": "bench.multinode",
+    "idle": "bench.idle",
 }
 
 
