@@ -1,0 +1,157 @@
+"""VictoriaMetrics sink (``NODE_VM_URL``): Influx line protocol over HTTP ``/write``.
+
+One point per row::
+
+    <type>,device_id=D,type=T,class=C,region=R,geohash=G <field>=<number>,...,iotnode_seq=<seq> <time ms>
+
+* measurement = the device type (characters outside ``[A-Za-z0-9_]`` become ``_``);
+  VictoriaMetrics names the series ``<measurement>_<field>`` (``thermo_temp``).
+* fields: the numeric values of ``data`` (an object; nested objects flattened
+  with ``_``, ``{"gps": {"lat": 1}}`` -> ``gps_lat``; booleans as 0/1; a bare number
+  is the field ``value``), plus ``iotnode_seq`` (the message's seq: one sample per
+  message, so ``count_over_time(<type>_iotnode_seq[1m])`` counts messages).
+  **Strings, lists and nulls are skipped** and counted in
+  ``iotnode_sink_skipped_fields_total{sink="victoria"}``: a TSDB series holds numbers.
+* tags with an empty value are left out (the line protocol has no empty tags);
+  ``site``, ``lat``/``lon`` and labels are not tags (unbounded / per-device already).
+* time: the device ``ts`` (unix seconds) when present and within a year of
+  ``received_at``, else ``received_at``; millisecond precision.
+
+**Exactly once.**  A resent batch writes the same series with the same timestamps
+and values; VictoriaMetrics started with ``-dedup.minScrapeInterval=1ms`` keeps one
+sample per series and millisecond, so a rewrite stores nothing twice (two
+messages of one device within the same millisecond would also collapse into one
+sample).  The cursor is a sample of ``iotnode_sink_cursor_position{sink="victoria",
+source=...}`` written in the same request *after* the rows' lines; it is read back
+with ``/api/v1/export`` (the highest value).  VictoriaMetrics acknowledges a write
+before its in-memory buffer reaches disk (about a second), so after a restart the
+sink resumes ``REWIND`` rows before its stored cursor: those are rewritten, which
+the dedup makes harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from node.metrics import SINK_SKIPPED_FIELDS
+from node.storage.enrich import Row
+from node.storage.tail import SinkDown, TailSink
+
+REWIND = 50_000  # rows rewritten after a restart (covers VictoriaMetrics' unflushed buffer)
+_YEAR = 365 * 86400.0
+_MAX_DEPTH = 3
+_TIMEOUT = 10.0  # s per HTTP request
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def metric_name(raw: str) -> str:
+    """A measurement / field name VictoriaMetrics and PromQL take as is."""
+    out = "".join(c if c in _NAME_OK else "_" for c in raw) or "_"
+    return "_" + out if out[0].isdigit() else out
+
+
+def _tag(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def _fields(data: Any, prefix: str, out: list[str], depth: int) -> int:
+    """Append ``name=value`` for every number in ``data``; return how many values were skipped."""
+    if isinstance(data, bool):
+        out.append(f"{metric_name(prefix or 'value')}={int(data)}")
+        return 0
+    if isinstance(data, (int, float)):
+        if isinstance(data, float) and not math.isfinite(data):
+            return 1
+        out.append(f"{metric_name(prefix or 'value')}={data!r}")
+        return 0
+    if isinstance(data, dict) and depth < _MAX_DEPTH:
+        skipped = 0
+        for key, value in data.items():
+            skipped += _fields(value, f"{prefix}_{key}" if prefix else str(key), out, depth + 1)
+        return skipped
+    return 1  # string, list, null, or nested too deep
+
+
+def sample_ms(row: Row) -> int:
+    ts = row.ts
+    if ts is not None and math.isfinite(ts) and abs(ts - row.received_at) <= _YEAR:
+        return round(ts * 1000)
+    return round(row.received_at * 1000)
+
+
+def line(row: Row) -> tuple[str, int]:
+    """The line protocol line of a row, and how many of its values were skipped."""
+    ctx = row.ctx
+    tags = [f"device_id={_tag(row.device_id)}", f"type={_tag(ctx.type)}"]
+    if ctx.class_:
+        tags.append(f"class={_tag(ctx.class_)}")
+    if ctx.region:
+        tags.append(f"region={_tag(ctx.region)}")
+    if ctx.geohash:
+        tags.append(f"geohash={_tag(ctx.geohash)}")
+    fields: list[str] = []
+    skipped = _fields(json.loads(row.data_json), "", fields, 0)
+    fields.append(f"iotnode_seq={row.seq}")
+    return f"{metric_name(ctx.type)},{','.join(tags)} {','.join(fields)} {sample_ms(row)}", skipped
+
+
+class VictoriaSink(TailSink):
+    name = "victoria"
+
+    def __init__(self, url: str, source: str) -> None:
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.source = source
+        self.skipped = SINK_SKIPPED_FIELDS.labels(sink=self.name)
+        self._cursor_tags = f"sink={_tag(self.name)},source={_tag(source)}"
+
+    def _request(self, path: str, body: bytes | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=_TIMEOUT) as resp:
+                data: bytes = resp.read()
+                return data
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:200].decode(errors="replace")
+            where = self.url + path.split("?")[0]
+            raise SinkDown("http_status", f"{where}: HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SinkDown("connection", f"{self.url}{path.split('?')[0]}: {reason}") from None
+
+    def open(self) -> None:
+        self._request("/health")
+
+    def cursor(self) -> int:
+        series = f'iotnode_sink_cursor_position{{sink="{self.name}",source="{self.source}"}}'
+        query = urllib.parse.urlencode({"match[]": series})
+        body = self._request(f"/api/v1/export?{query}")
+        best = 0
+        for text in body.splitlines():
+            if text.strip():
+                best = max([best, *(int(v) for v in json.loads(text).get("values", []))])
+        return max(0, best - REWIND) if best else 0
+
+    def write(self, rows: Sequence[Row], cursor: int) -> None:
+        lines = []
+        skipped = 0
+        for row in rows:
+            text, n = line(row)
+            lines.append(text)
+            skipped += n
+        lines.append(f"iotnode_sink_cursor,{self._cursor_tags} position={cursor} {int(time.time() * 1000)}")
+        self._request("/write?precision=ms", ("\n".join(lines) + "\n").encode())
+        if skipped:
+            self.skipped.inc(skipped)
+        self.durable = cursor
+
+    def close(self) -> None:
+        pass
