@@ -83,15 +83,15 @@ class Registry:
     def load(cls, path: Path) -> Registry:
         """Read a CSV (``.csv``) or JSON (``.json``) registry; :class:`RegistryError` if bad."""
         suffix = path.suffix.lower()
+        if suffix not in (".csv", ".json"):
+            raise RegistryError(f"{path}: expected a .csv or .json device registry, got suffix {suffix!r}")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise RegistryError(f"{path}: cannot read the device registry: {exc}") from None
         if suffix == ".csv":
             return cls(_parse_csv(path, text), str(path))
-        if suffix == ".json":
-            return cls(_parse_json(path, text), str(path))
-        raise RegistryError(f"{path}: expected a .csv or .json device registry, got suffix {suffix!r}")
+        return cls(_parse_json(path, text), str(path))
 
     def get(self, device_id: str) -> DeviceContext | None:
         return self._devices.get(device_id)

@@ -17,34 +17,44 @@ One point per row::
 * time: the device ``ts`` (unix seconds) when present and within a year of
   ``received_at``, else ``received_at``; millisecond precision.
 
-**Exactly once.**  A resent batch writes the same series with the same timestamps
-and values; VictoriaMetrics started with ``-dedup.minScrapeInterval=1ms`` keeps one
-sample per series and millisecond, so a rewrite stores nothing twice (two
-messages of one device within the same millisecond would also collapse into one
-sample).  The cursor is a sample of ``iotnode_sink_cursor_position{sink="victoria",
-source=...}`` written in the same request *after* the rows' lines; it is read back
-with ``/api/v1/export`` (the highest value).  VictoriaMetrics acknowledges a write
-before its in-memory buffer reaches disk (about a second), so after a restart the
-sink resumes ``REWIND`` rows before its stored cursor: those are rewritten, which
-the dedup makes harmless.
+**Exactly once.**  A rewritten batch writes the same series with the same
+timestamps and values; VictoriaMetrics started with ``-dedup.minScrapeInterval=1ms``
+keeps one sample per series and millisecond, so a rewrite stores nothing twice
+(two messages of one device within the same millisecond also collapse into one
+sample: give devices distinct ``ts``).  VictoriaMetrics has no transactions, so the
+cursor cannot be committed with the samples: it is kept in
+``NODE_DATA_DIR/victoria.cursor`` (with the URL it belongs to), written atomically
+(temporary file, fsync, rename) *after* VictoriaMetrics acknowledged the batch.  A
+crash in between rewrites that batch -- identically, unless the device registry
+changed in that moment (then its rows land once more, in the series of the new
+tags).  VictoriaMetrics acknowledges before its in-memory buffer reaches disk (about
+a second), so after a lost connection (it may have been killed) the sink rewrites
+the last ``REWIND_SECONDS`` of its writes.  (A first version kept the cursor as a
+series in VictoriaMetrics; a restarted sink could not find the fresh series for a
+while through ``/api/v1/export`` label filters, and rewrote everything.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from node.metrics import SINK_SKIPPED_FIELDS
 from node.storage.enrich import Row
 from node.storage.tail import SinkDown, TailSink
 
-REWIND = 50_000  # rows rewritten after a restart (covers VictoriaMetrics' unflushed buffer)
+REWIND_SECONDS = 5.0  # s of writes rewritten after a reconnect (VictoriaMetrics' unflushed buffer)
+log = logging.getLogger("node.storage.victoria")
 _YEAR = 365 * 86400.0
 _MAX_DEPTH = 3
 _TIMEOUT = 10.0  # s per HTTP request
@@ -106,12 +116,13 @@ def line(row: Row) -> tuple[str, int]:
 class VictoriaSink(TailSink):
     name = "victoria"
 
-    def __init__(self, url: str, source: str) -> None:
+    def __init__(self, url: str, cursor_file: Path) -> None:
         super().__init__()
         self.url = url.rstrip("/")
-        self.source = source
+        self.cursor_file = cursor_file
         self.skipped = SINK_SKIPPED_FIELDS.labels(sink=self.name)
-        self._cursor_tags = f"sink={_tag(self.name)},source={_tag(source)}"
+        self._history: deque[tuple[float, int]] = deque(maxlen=4096)  # (monotonic, cursor) of writes
+        self._started_at: int | None = None  # cursor this process started from
 
     def _request(self, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
@@ -131,14 +142,44 @@ class VictoriaSink(TailSink):
         self._request("/health")
 
     def cursor(self) -> int:
-        series = f'iotnode_sink_cursor_position{{sink="{self.name}",source="{self.source}"}}'
-        query = urllib.parse.urlencode({"match[]": series})
-        body = self._request(f"/api/v1/export?{query}")
-        best = 0
-        for text in body.splitlines():
-            if text.strip():
-                best = max([best, *(int(v) for v in json.loads(text).get("values", []))])
-        return max(0, best - REWIND) if best else 0
+        if self._started_at is not None:
+            # A reconnect: VictoriaMetrics may have restarted and lost its unflushed buffer.
+            # Rewrite the last REWIND_SECONDS of writes (identical samples: deduplicated).
+            if not self._history:
+                return self.durable
+            newest = self._history[-1][0]
+            older = [c for t, c in self._history if t <= newest - REWIND_SECONDS]
+            return older[-1] if older else self._started_at
+        self._started_at = self._read_cursor_file()
+        return self._started_at
+
+    def _read_cursor_file(self) -> int:
+        try:
+            saved = json.loads(self.cursor_file.read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise SinkDown("cursor", f"cannot read the cursor file {self.cursor_file}: {exc}") from None
+        if saved.get("url") != self.url:
+            log.warning(
+                "%s was written for %s, not %s: writing the store from its first row",
+                self.cursor_file,
+                saved.get("url"),
+                self.url,
+            )
+            return 0
+        return int(saved["position"])
+
+    def _save_cursor(self, cursor: int) -> None:
+        tmp = self.cursor_file.with_name(self.cursor_file.name + ".tmp")
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"url": self.url, "position": cursor, "at": time.time()}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.cursor_file)
+        except OSError as exc:
+            raise SinkDown("cursor", f"cannot write the cursor file {self.cursor_file}: {exc}") from None
 
     def write(self, rows: Sequence[Row], cursor: int) -> None:
         lines = []
@@ -147,11 +188,12 @@ class VictoriaSink(TailSink):
             text, n = line(row)
             lines.append(text)
             skipped += n
-        lines.append(f"iotnode_sink_cursor,{self._cursor_tags} position={cursor} {int(time.time() * 1000)}")
         self._request("/write?precision=ms", ("\n".join(lines) + "\n").encode())
+        self._save_cursor(cursor)  # after the acknowledgement: a crash in between rewrites this batch
         if skipped:
             self.skipped.inc(skipped)
         self.durable = cursor
+        self._history.append((time.monotonic(), cursor))
 
     def close(self) -> None:
         pass

@@ -11,11 +11,10 @@ from node.workers import sinkrun
 
 
 def make(settings: Settings) -> TailSink:
-    from node.storage.source import source_key
     from node.storage.victoria import VictoriaSink
 
     assert settings.vm_url is not None
-    return VictoriaSink(settings.vm_url, source_key(settings.store_path))
+    return VictoriaSink(settings.vm_url, settings.data_path / "victoria.cursor")
 
 
 def main() -> None:

@@ -29,7 +29,16 @@ from node.record import Record
 from node.sinks.sqlite import SqliteSink
 from tests.support import free_port, wait_for_port, wait_until
 
-PG_BIN = Path(os.environ.get("IOTNODE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """Debian's PostgreSQL binaries (the newest installed major version), or IOTNODE_PG_BIN."""
+    if os.environ.get("IOTNODE_PG_BIN"):
+        return Path(os.environ["IOTNODE_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 VM_BIN = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
 PG_USER = "postgres"  # initdb refuses to run as root
 RING = b"\x01" * 16  # the fan-in ring id the helper's store rows pretend to come from
@@ -201,7 +210,7 @@ class VmServer:
 
     def export(self, match: str) -> list[dict[str, Any]]:
         """Every raw sample of the series matching ``match`` (``/api/v1/export``)."""
-        query = urllib.parse.urlencode({"match[]": match})
+        query = urllib.parse.urlencode({"match[]": match, "start": "0", "end": str(int(time.time()) + 86400)})
         with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=30) as resp:
             return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
 
