@@ -214,6 +214,11 @@ class VmServer:
         with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=30) as resp:
             return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
 
+    def reload_scrape_config(self) -> None:
+        """Apply ``scrape.yml`` now (SIGHUP; -promscrape.configCheckInterval also picks it up)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
+
     def flush(self) -> None:
         """Make just-written samples searchable (``/internal/force_flush``)."""
         self._get("/internal/force_flush")
