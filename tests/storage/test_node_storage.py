@@ -26,7 +26,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.metrics.conftest import Node, start_node
+from tests.metrics.conftest import Node, start_node, value
 from tests.storage.conftest import PgServer, VmServer
 from tests.storage.test_sinks import assert_exactly_once, scrape
 from tests.support import Processes, free_port, wait_until
@@ -131,6 +131,13 @@ def check_node(  # type: ignore[no-untyped-def]
         )
         assert isinstance(vm_metrics, dict)
         assert vm_metrics.get("iotnode_errors_total,reason=connection,stage=victoria", 0) > 0
+        # The publisher does not wait for the sinks: the fan-in ring drains with VictoriaMetrics down.
+        node.wait_metric(
+            "publisher",
+            lambda m: value(m, "iotnode_ring_depth", ring="fanin") == 0,
+            10,
+            "fan-in ring drained",
+        )
         assert took < 30, f"devices took {took:.1f} s with VictoriaMetrics down"
     finally:
         if vm.proc is None:
