@@ -62,10 +62,19 @@ _TIMEOUT = 10.0  # s per HTTP request
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
+_names: dict[str, str] = {}  # raw name -> metric_name(raw): field names repeat on every row
+_NAMES_MAX = 65536
+
+
 def metric_name(raw: str) -> str:
     """A measurement / field name VictoriaMetrics and PromQL take as is."""
-    out = "".join(c if c in _NAME_OK else "_" for c in raw) or "_"
-    return "_" + out if out[0].isdigit() else out
+    name = _names.get(raw)
+    if name is None:
+        out = "".join(c if c in _NAME_OK else "_" for c in raw) or "_"
+        name = "_" + out if out[0].isdigit() else out
+        if len(_names) < _NAMES_MAX:
+            _names[raw] = name
+    return name
 
 
 def _tag(value: str) -> str:
@@ -97,8 +106,25 @@ def sample_ms(row: Row) -> int:
     return round(row.received_at * 1000)
 
 
+_prefixes: dict[str, tuple[object, str]] = {}  # device_id -> (its context, "measurement,tags")
+
+
 def line(row: Row) -> tuple[str, int]:
     """The line protocol line of a row, and how many of its values were skipped."""
+    cached = _prefixes.get(row.device_id)
+    if cached is not None and cached[0] is row.ctx:
+        prefix = cached[1]
+    else:  # first row of the device, or a new registry (a new context object)
+        prefix = _line_prefix(row)
+        if cached is not None or len(_prefixes) < _NAMES_MAX:
+            _prefixes[row.device_id] = (row.ctx, prefix)
+    fields: list[str] = []
+    skipped = _fields(json.loads(row.data_json), "", fields, 0)
+    fields.append(f"iotnode_seq={row.seq}")
+    return f"{prefix} {','.join(fields)} {sample_ms(row)}", skipped
+
+
+def _line_prefix(row: Row) -> str:
     ctx = row.ctx
     tags = [f"device_id={_tag(row.device_id)}", f"type={_tag(ctx.type)}"]
     if ctx.class_:
@@ -107,10 +133,7 @@ def line(row: Row) -> tuple[str, int]:
         tags.append(f"region={_tag(ctx.region)}")
     if ctx.geohash:
         tags.append(f"geohash={_tag(ctx.geohash)}")
-    fields: list[str] = []
-    skipped = _fields(json.loads(row.data_json), "", fields, 0)
-    fields.append(f"iotnode_seq={row.seq}")
-    return f"{metric_name(ctx.type)},{','.join(tags)} {','.join(fields)} {sample_ms(row)}", skipped
+    return f"{metric_name(ctx.type)},{','.join(tags)}"
 
 
 class VictoriaSink(TailSink):
