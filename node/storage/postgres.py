@@ -16,16 +16,24 @@ identity because the SQLite store holds each once with one ``received_at``.
 One :meth:`write` is one transaction at ``synchronous_commit = on``: ``COPY`` of the
 rows into a temporary staging table, ``INSERT ... SELECT ... ON CONFLICT DO
 NOTHING`` (a row rewritten after a crash is ignored), the cursor upsert, ``COMMIT``.
+
+``jsonb`` holds no NUL character: a ``\u0000`` escape in ``data`` becomes ``\ufffd``.
+A row PostgreSQL still refuses (``DataError``, e.g. a lone surrogate escape) makes
+that batch go again row by row under savepoints: the refused row is logged, counted
+(``iotnode_errors_total{stage="postgres", reason="rejected"}``) and skipped -- the
+store's own rule for a record it cannot store -- instead of stopping the sink.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 
+from node.metrics import ERRORS
 from node.storage.enrich import Row, labels_json
 from node.storage.tail import SinkDown, TailSink
 
@@ -73,7 +81,32 @@ _SET_CURSOR = (
     f"INSERT INTO {CURSORS} (source, position) VALUES (%s, %s)"
     " ON CONFLICT (source) DO UPDATE SET position = excluded.position, updated_at = now()"
 )
+_INSERT_ONE = f"""INSERT INTO {TABLE} VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s,
+    %s::jsonb, %s::jsonb) ON CONFLICT DO NOTHING"""
 _DAY = 86400
+log = logging.getLogger("node.storage.postgres")
+
+
+def _values(r: Row) -> tuple[Any, ...]:
+    ctx = r.ctx
+    data = r.data_json
+    if "\\u0000" in data:  # jsonb cannot hold NUL characters
+        data = data.replace("\\u0000", "\\ufffd")
+    return (
+        r.device_id,
+        r.seq,
+        r.ts,
+        r.received_at,
+        ctx.type,
+        ctx.class_,
+        ctx.region,
+        ctx.site,
+        ctx.lat,
+        ctx.lon,
+        ctx.geohash,
+        labels_json(ctx),
+        data,
+    )
 
 
 def check_dsn(dsn: str) -> str | None:
@@ -142,41 +175,60 @@ class PostgresSink(TailSink):
                     cur.execute(_partition_ddl(day))
                 with cur.copy(_COPY) as copy:
                     for r in rows:
-                        ctx = r.ctx
-                        data = r.data_json
-                        if "\\u0000" in data:  # jsonb cannot hold NUL characters
-                            data = data.replace("\\u0000", "\\ufffd")
-                        copy.write_row(
-                            (
-                                r.device_id,
-                                r.seq,
-                                r.ts,
-                                r.received_at,
-                                ctx.type,
-                                ctx.class_,
-                                ctx.region,
-                                ctx.site,
-                                ctx.lat,
-                                ctx.lon,
-                                ctx.geohash,
-                                labels_json(ctx),
-                                data,
-                            )
-                        )
+                        copy.write_row(_values(r))
                 cur.execute(_MERGE)
                 cur.execute(_SET_CURSOR, (self.source, cursor))
             conn.commit()
+        except psycopg.DataError:
+            # A row PostgreSQL cannot represent (e.g. JSON with a lone surrogate escape, which
+            # jsonb refuses): find it row by row instead of retrying the same batch forever.
+            self._rollback(conn)
+            self._write_row_by_row(conn, rows, cursor, days)
         except psycopg.Error as exc:
-            try:
-                conn.rollback()
-            except psycopg.Error:
-                pass
+            self._rollback(conn)
             raise SinkDown(
                 "connection" if conn.broken or isinstance(exc, psycopg.OperationalError) else "write",
                 f"PostgreSQL write of {len(rows)} rows failed: {_first_line(exc)}",
             ) from None
         self._days |= days
         self.durable = cursor
+
+    def _write_row_by_row(
+        self, conn: psycopg.Connection[Any], rows: Sequence[Row], cursor: int, days: set[int]
+    ) -> None:
+        """One transaction; each row under a savepoint; refused rows logged, counted and skipped
+        (the store's rule for a record it cannot store)."""
+        try:
+            with conn.cursor() as cur:
+                for day in sorted(days):
+                    cur.execute(_partition_ddl(day))
+                for r in rows:
+                    cur.execute("SAVEPOINT iotnode_row")
+                    try:
+                        cur.execute(_INSERT_ONE, _values(r))
+                    except psycopg.DataError as exc:
+                        cur.execute("ROLLBACK TO SAVEPOINT iotnode_row")
+                        ERRORS.labels(stage=self.name, reason="rejected").inc()
+                        log.error(
+                            "device %r seq %d (store rowid %d) refused by PostgreSQL: %s: skipped",
+                            r.device_id,
+                            r.seq,
+                            r.rowid,
+                            _first_line(exc),
+                        )
+                    cur.execute("RELEASE SAVEPOINT iotnode_row")
+                cur.execute(_SET_CURSOR, (self.source, cursor))
+            conn.commit()
+        except psycopg.Error as exc:
+            self._rollback(conn)
+            raise SinkDown("write", f"PostgreSQL row-by-row write failed: {_first_line(exc)}") from None
+
+    @staticmethod
+    def _rollback(conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            pass
 
     def close(self) -> None:
         if self._conn is not None:

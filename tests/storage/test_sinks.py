@@ -342,3 +342,40 @@ def test_sink_without_its_variable_exits_2_naming_it(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2, bad.stderr
     assert "NODE_DEVICE_REGISTRY" in bad.stderr.decode() and "bad.csv:2: lon" in bad.stderr.decode()
+
+
+def test_a_row_the_destination_cannot_represent_is_skipped_and_counted_not_retried_forever(
+    dest: Destination, processes: Processes, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    data_dir = Path(dest.env["NODE_DATA_DIR"])
+    filler = StoreFiller(data_dir / "store.sqlite3", devices=2, prefix=dest.prefix)
+    filler.write(100)
+    db = sqlite3.connect(data_dir / "store.sqlite3")
+    with db:  # what a device may legally send: JSON escapes jsonb refuses (lone surrogate, NUL)
+        db.execute(
+            "INSERT INTO messages VALUES (?, 0, NULL, ?, ?)",
+            (f"{dest.prefix}odd", time.time(), '{"s":"\\ud800"}'),
+        )
+        db.execute(
+            "INSERT INTO messages VALUES (?, 1, NULL, ?, ?)",
+            (f"{dest.prefix}odd", time.time() + 0.01, '{"s":"a\\u0000b"}'),
+        )
+    db.close()
+    filler.write(100)
+    processes.start(dest.kind, f"node.workers.{dest.kind}", dest.env, tmp_path)
+    expected = set(filler.written) | {(f"{dest.prefix}odd", 1)}
+    if dest.kind != "postgres":  # VictoriaMetrics skips the string; the lake keeps the JSON text
+        expected.add((f"{dest.prefix}odd", 0))
+    got = wait_all(dest, expected)
+    metrics = wait_until(
+        lambda: (m := scrape(dest.metrics_port())).get("iotnode_sink_lag_records") == 0 and m, 15
+    )
+    assert isinstance(metrics, dict)
+    if dest.kind == "postgres":
+        assert metrics.get("iotnode_errors_total,reason=rejected,stage=postgres") == 1
+        assert (f"{dest.prefix}odd", 0) not in got
+        assert "refused by PostgreSQL" in processes.log(dest.kind)
+    assert_exactly_once([g for g in got if g in expected], expected)
+    filler.close()
