@@ -61,3 +61,20 @@ def test_a_bad_dsn_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigError) as err:
         Settings.from_env({"NODE_PG_DSN": "   "})
     assert err.value.value == "<hidden>"
+
+
+def _procfile(name: str) -> dict[str, str]:
+    entries = {}
+    for line in (REPO / name).read_text().splitlines():
+        key, sep, command = line.partition(":")
+        if sep and key.strip() and not key.startswith("#"):
+            entries[key.strip()] = command.strip()
+    return entries
+
+
+def test_honcho_start_runs_no_storage_sink_and_procfile_storage_runs_each() -> None:
+    # `honcho start` with nothing configured must stay the SQLite-only node (contract 1)
+    assert set(_procfile("Procfile")) == {"web", "monitor", "router", "publisher", "store", "fanout"}
+    assert _procfile("Procfile.storage") == {
+        name: f"python -m node.workers.{name}" for name in ("postgres", "victoria", "lake")
+    }
