@@ -160,6 +160,40 @@ def _is_loopback_tcp(endpoint: str) -> bool:
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def _parse_registry(name: str, raw: str) -> Path:
+    """The device registry file (node/registry.py): parsed by the storage sinks, checked here."""
+    path = Path(raw.strip())
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(name, raw, "expected a .csv or .json file (README, 'Storage tier')")
+    if not path.is_file():
+        raise ConfigError(name, raw, "expected an existing file")
+    return path
+
+
+def _parse_pg_dsn(name: str, raw: str) -> str:
+    # A DSN may hold a password: never echo it (the sink checks the syntax with libpq's parser).
+    value = raw.strip()
+    if not value:
+        raise ConfigError(name, "<hidden>", "expected a libpq connection string or postgresql:// URI")
+    return value
+
+
+def _parse_http_url(name: str, raw: str) -> str:
+    from urllib.parse import urlsplit
+
+    value = raw.strip().rstrip("/")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(name, raw, f"expected http://HOST:PORT: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, raw, "expected http://HOST:PORT or https://HOST:PORT")
+    if parts.query or parts.fragment or parts.password:
+        raise ConfigError(name, raw, "expected a base URL without query, fragment or password")
+    return value
+
+
 #: Shortest accepted HS256 key (RFC 7518 3.2: a key at least as long as the hash, 256 bits).
 MIN_SECRET_BYTES = 32
 
@@ -228,7 +262,6 @@ class Settings:
 
     # Fanout
     fanout_queue: int = 1024  # messages buffered per client app before it is told it is too slow
-    device_registry: Path | None = None  # CSV of device contexts (node/registry.py), re-read on change
 
     # Publisher / store
     durable_subscribers: tuple[str, ...] = ("store",)  # names whose CONFIRM the publisher waits for
@@ -246,6 +279,18 @@ class Settings:
     # Seconds a drained monitor/publisher waits after a record is committed before it
     # reads (node/pipeline/doorbell.py): fewer, larger batches down the pipeline.
     pipeline_coalesce: float = 0.005
+
+    # Storage tier (README, "Storage tier"): external sinks tailing the SQLite store; None: not configured
+    device_registry: Path | None = None  # CSV/JSON device context for enrichment (node/registry.py)
+    pg_dsn: str | None = field(default=None, repr=False)  # PostgreSQL sink
+    vm_url: str | None = None  # VictoriaMetrics sink (base URL; Influx line protocol to /write)
+    lake_dir: Path | None = None  # Parquet lake sink
+    lake_flush_rows: int = 100_000  # rows buffered before the lake writes its files
+    lake_flush_seconds: float = 60.0  # ... or after this long, whichever first
+    sink_batch_rows: int = 5000  # rows per PostgreSQL / VictoriaMetrics write
+    metrics_port_postgres: int = 9105
+    metrics_port_victoria: int = 9106
+    metrics_port_lake: int = 9107
 
     log_level: str = "info"
 
@@ -357,7 +402,6 @@ class Settings:
         take("NODE_WS_PING_TIMEOUT", "ws_ping_timeout", lambda n, r: _parse_float(n, r, minimum=0))
         take("NODE_CONN_WINDOW", "conn_window", lambda n, r: _parse_int(n, r, minimum=1, maximum=65536))
         take("NODE_FANOUT_QUEUE", "fanout_queue", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
-        take("NODE_DEVICE_REGISTRY", "device_registry", _parse_file)
         take("NODE_DURABLE_SUBSCRIBERS", "durable_subscribers", _parse_names)
         take("NODE_PUB_HWM", "pub_hwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=10_000_000))
         take("NODE_MONITOR_BATCH_RECORDS", "monitor_batch_records", _int_between(1, 65536))
@@ -369,6 +413,16 @@ class Settings:
         take("NODE_ROUTER_GATHER_BYTES", "router_gather_bytes", _int_between(1024, 1024 * MIB))
         take("NODE_ROUTER_RCVHWM", "router_rcvhwm", _int_between(1, 1_000_000))
         take("NODE_PIPELINE_COALESCE_MS", "pipeline_coalesce", _milliseconds_between(0, 1000))
+        take("NODE_DEVICE_REGISTRY", "device_registry", _parse_registry)
+        take("NODE_PG_DSN", "pg_dsn", _parse_pg_dsn)
+        take("NODE_VM_URL", "vm_url", _parse_http_url)
+        take("NODE_LAKE_DIR", "lake_dir", lambda n, r: Path(r.strip()))
+        take("NODE_LAKE_FLUSH_ROWS", "lake_flush_rows", _int_between(1, 10_000_000))
+        take("NODE_LAKE_FLUSH_SECONDS", "lake_flush_seconds", _seconds_from(0.1))
+        take("NODE_SINK_BATCH_ROWS", "sink_batch_rows", _int_between(1, 100_000))
+        take("NODE_METRICS_PORT_POSTGRES", "metrics_port_postgres", _parse_port)
+        take("NODE_METRICS_PORT_VICTORIA", "metrics_port_victoria", _parse_port)
+        take("NODE_METRICS_PORT_LAKE", "metrics_port_lake", _parse_port)
         take(
             "NODE_LOG_LEVEL",
             "log_level",
@@ -428,6 +482,9 @@ class Settings:
             "NODE_METRICS_PORT_ROUTER": self.metrics_port_router,
             "NODE_METRICS_PORT_PUBLISHER": self.metrics_port_publisher,
             "NODE_METRICS_PORT_STORE": self.metrics_port_store,
+            "NODE_METRICS_PORT_POSTGRES": self.metrics_port_postgres,
+            "NODE_METRICS_PORT_VICTORIA": self.metrics_port_victoria,
+            "NODE_METRICS_PORT_LAKE": self.metrics_port_lake,
         }
         seen: dict[int, str] = {}
         for var, port in ports.items():

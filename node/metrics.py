@@ -99,6 +99,15 @@ WEB_WORKERS: Gauge
 STORE_COMMIT_SECONDS: Histogram
 STORE_LAG_SECONDS: Gauge
 STORE_GAPS: Counter
+# storage tier sinks (postgres, victoria, lake: label sink)
+SINK_ROWS: Counter
+SINK_LAG_RECORDS: Gauge
+SINK_LAG_SECONDS: Gauge
+SINK_WRITE_SECONDS: Histogram
+SINK_UNKNOWN_DEVICES: Counter
+SINK_SKIPPED_FIELDS: Counter
+SINK_REGISTRY_DEVICES: Gauge
+SINK_REGISTRY_RELOADS: Counter
 # fanout (client-app stream)
 FANOUT_CLIENTS: Gauge
 FANOUT_SLOW_CLIENT_DROPS: Counter
@@ -212,6 +221,49 @@ _DEFINITIONS: dict[str, Callable[[], Any]] = {
     ),
     "STORE_GAPS": lambda: Counter(
         "iotnode_store_gaps", "Store: fan-in records released before the store had them (see the store's log)"
+    ),
+    "SINK_ROWS": lambda: Counter(
+        "iotnode_sink_rows", "Storage sink: rows made durable in the destination", ["sink"]
+    ),
+    "SINK_LAG_RECORDS": lambda: Gauge(
+        "iotnode_sink_lag_records",
+        "Storage sink: rows in the SQLite store not yet durable in the destination",
+        ["sink"],
+        multiprocess_mode="mostrecent",
+    ),
+    "SINK_LAG_SECONDS": lambda: Gauge(
+        "iotnode_sink_lag_seconds",
+        "Storage sink: now minus received_at of the oldest row not yet durable in the destination"
+        " (0: caught up)",
+        ["sink"],
+        multiprocess_mode="mostrecent",
+    ),
+    "SINK_WRITE_SECONDS": lambda: Histogram(
+        "iotnode_sink_write_seconds",
+        "Storage sink: one durable write (rows + cursor) to the destination",
+        ["sink"],
+        buckets=LATENCY_BUCKETS,
+    ),
+    "SINK_UNKNOWN_DEVICES": lambda: Counter(
+        "iotnode_sink_unknown_device_records",
+        "Storage sink: rows of devices missing from the device registry (stored with type=unknown)",
+        ["sink"],
+    ),
+    "SINK_SKIPPED_FIELDS": lambda: Counter(
+        "iotnode_sink_skipped_fields",
+        "Storage sink: data fields not written because the destination takes numbers only (victoria)",
+        ["sink"],
+    ),
+    "SINK_REGISTRY_DEVICES": lambda: Gauge(
+        "iotnode_sink_registry_devices",
+        "Storage sink: devices in the active device registry",
+        ["sink"],
+        multiprocess_mode="mostrecent",
+    ),
+    "SINK_REGISTRY_RELOADS": lambda: Counter(
+        "iotnode_sink_registry_reloads",
+        "Storage sink: device registry files read, by result (loaded, refused)",
+        ["sink", "result"],
     ),
     "FANOUT_CLIENTS": lambda: Gauge(
         "iotnode_fanout_clients",

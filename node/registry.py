@@ -1,46 +1,58 @@
-"""The device registry: what each device is (type, class, region, site, position).
+"""The device registry: what the storage tier knows about each device (``NODE_DEVICE_REGISTRY``).
 
-A minimal stand-in implementing the agreed API (CSV files only); the storage
-tier's full version replaces it.
+A registry maps ``device_id`` to its context -- ``type``, ``class``, ``region``,
+``site``, ``lat``/``lon`` and free-form ``labels`` -- and the storage sinks add that
+context (plus a coarse geohash of the position, :mod:`node.geohash`) to every
+record on its way to them (:mod:`node.enrich`).  A device missing from the
+registry is stored with ``type = UNKNOWN`` and empty context, never dropped.
 
-::
+Two file formats, chosen by suffix (examples in ``examples/devices.csv`` and
+``examples/devices.json``):
 
-    Registry.load(path) -> Registry          a CSV file; RegistryError naming the line
-    registry.get(device_id) -> DeviceContext | None
-    registry.context(device_id) -> DeviceContext   unknown devices: type = UNKNOWN
-    len(registry), iter(registry)
-    RegistryWatcher(path | None, log).current() -> Registry
-        re-read when the file changes, at most once per second; a file that
-        cannot be read or parsed keeps the previous registry (logged once).
+* **CSV** (``.csv``): a header line, then one device per line.  Columns
+  ``device_id`` (required), ``type``, ``class``, ``region``, ``site``, ``lat``,
+  ``lon``; every other column is a label (an empty cell: no such label).  A
+  ``labels`` column may also hold ``key=value;key=value`` pairs.
+* **JSON** (``.json``): either a list of objects (each with ``device_id``) or an
+  object ``{device_id: {...}}``; ``labels`` is an object of strings.
 
-CSV columns (a header line names them): ``device_id`` (required), ``type``,
-``class``, ``region``, ``site``, ``lat``, ``lon``, ``geohash``; any other column
-is a label.  Empty cells are ``UNKNOWN`` (text) or ``None`` (lat/lon); a missing
-geohash is computed from lat/lon.
+A file is accepted whole or not at all: the first bad entry raises
+:class:`RegistryError` naming the file and the line.  :class:`RegistryWatcher`
+re-reads a changed file (at most once per second) and keeps the registry it had
+when the new file is bad, logging why, so a typo never changes what is stored.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Any
 
+from node import geohash
 from node.errors import NodeError
 
-UNKNOWN: Final = "unknown"
-_FIELDS: Final = ("device_id", "type", "class", "region", "site", "lat", "lon", "geohash")
-_BASE32: Final = "0123456789bcdefghjkmnpqrstuvwxyz"
-RELOAD_INTERVAL: Final = 1.0  # seconds between checks of the file
+UNKNOWN = "unknown"
+
+_CORE = ("device_id", "type", "class", "region", "site", "lat", "lon", "labels")
+_MAX_ID = 256  # characters of a device id / context value
+_RELOAD_INTERVAL = 1.0  # s: a watcher looks at the file at most this often
 
 
 class RegistryError(NodeError, ValueError):
-    """A registry file cannot be used; the message names the file and line."""
+    """A registry file cannot be used; the message names the file and the line."""
+
+
+def _no_labels() -> Mapping[str, str]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -52,147 +64,246 @@ class DeviceContext:
     site: str
     lat: float | None
     lon: float | None
-    geohash: str
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    geohash: str  # "" when no lat/lon
+    labels: Mapping[str, str] = field(default_factory=_no_labels)
 
 
-def geohash(lat: float, lon: float, precision: int = 9) -> str:
-    """The standard base-32 geohash of a position."""
-    lat_range, lon_range = [-90.0, 90.0], [-180.0, 180.0]
-    out: list[str] = []
-    bits, ch, even = 0, 0, True
-    while len(out) < precision:
-        rng, value = (lon_range, lon) if even else (lat_range, lat)
-        mid = (rng[0] + rng[1]) / 2
-        ch <<= 1
-        if value >= mid:
-            ch |= 1
-            rng[0] = mid
-        else:
-            rng[1] = mid
-        even = not even
-        bits += 1
-        if bits == 5:
-            out.append(_BASE32[ch])
-            bits, ch = 0, 0
-    return "".join(out)
-
-
-def _coordinate(path: Path, line: int, name: str, raw: str, limit: float) -> float | None:
-    if not raw.strip():
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise RegistryError(f"{path}:{line}: {name} expected a number, got {raw!r}") from None
-    if not math.isfinite(value) or abs(value) > limit:
-        raise RegistryError(
-            f"{path}:{line}: {name} expected a number in [-{limit:g}, {limit:g}], got {raw!r}"
-        )
-    return value
+def unknown_context(device_id: str) -> DeviceContext:
+    return DeviceContext(device_id, UNKNOWN, "", "", "", None, None, "")
 
 
 class Registry:
-    """Device contexts by id, read from one CSV file."""
+    """An immutable ``device_id -> DeviceContext`` map."""
 
-    def __init__(self, contexts: Mapping[str, DeviceContext] | None = None) -> None:
-        self._contexts: dict[str, DeviceContext] = dict(contexts or {})
+    def __init__(self, devices: Mapping[str, DeviceContext] | None = None, source: str = "") -> None:
+        self._devices: dict[str, DeviceContext] = dict(devices or {})
+        self.source = source
 
     @classmethod
     def load(cls, path: Path) -> Registry:
+        """Read a CSV (``.csv``) or JSON (``.json``) registry; :class:`RegistryError` if bad."""
+        suffix = path.suffix.lower()
+        if suffix not in (".csv", ".json"):
+            raise RegistryError(f"{path}: expected a .csv or .json device registry, got suffix {suffix!r}")
         try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.reader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise RegistryError(f"{path}: cannot read: {exc}") from None
-        if not rows:
-            return cls()
-        header = [name.strip() for name in rows[0]]
-        if "device_id" not in header:
-            raise RegistryError(f"{path}:1: expected a header with a device_id column, got {rows[0]!r}")
-        contexts: dict[str, DeviceContext] = {}
-        for line, row in enumerate(rows[1:], start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) > len(header):
-                raise RegistryError(f"{path}:{line}: expected {len(header)} columns, got {len(row)}")
-            cells = dict(zip(header, (cell.strip() for cell in row), strict=False))
-            device_id = cells.get("device_id", "")
-            if not device_id:
-                raise RegistryError(f"{path}:{line}: empty device_id")
-            if device_id in contexts:
-                raise RegistryError(f"{path}:{line}: device {device_id!r} listed twice")
-            lat = _coordinate(path, line, "lat", cells.get("lat", ""), 90)
-            lon = _coordinate(path, line, "lon", cells.get("lon", ""), 180)
-            gh = cells.get("geohash", "") or (
-                geohash(lat, lon) if lat is not None and lon is not None else ""
-            )
-            labels = {k: v for k, v in cells.items() if k not in _FIELDS and k and v}
-            contexts[device_id] = DeviceContext(
-                device_id=device_id,
-                type=cells.get("type") or UNKNOWN,
-                class_=cells.get("class") or UNKNOWN,
-                region=cells.get("region") or UNKNOWN,
-                site=cells.get("site") or UNKNOWN,
-                lat=lat,
-                lon=lon,
-                geohash=gh,
-                labels=MappingProxyType(labels),
-            )
-        return cls(contexts)
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{path}: cannot read the device registry: {exc}") from None
+        if suffix == ".csv":
+            return cls(_parse_csv(path, text), str(path))
+        return cls(_parse_json(path, text), str(path))
 
     def get(self, device_id: str) -> DeviceContext | None:
-        return self._contexts.get(device_id)
+        return self._devices.get(device_id)
 
     def context(self, device_id: str) -> DeviceContext:
-        found = self._contexts.get(device_id)
-        if found is not None:
-            return found
-        return DeviceContext(device_id, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, None, None, "")
+        """The device's context; an unknown device gets ``type = UNKNOWN`` and empty fields."""
+        found = self._devices.get(device_id)
+        return unknown_context(device_id) if found is None else found
 
     def __len__(self) -> int:
-        return len(self._contexts)
+        return len(self._devices)
 
     def __iter__(self) -> Iterator[DeviceContext]:
-        return iter(self._contexts.values())
+        return iter(self._devices.values())
 
 
+# ---------------------------------------------------------------------- parsing
+def _text(where: str, key: str, raw: object) -> str:
+    if raw is None:
+        return ""
+    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+        raise RegistryError(f"{where}: {key}: expected a string, got {raw!r}")
+    value = str(raw).strip()
+    if len(value) > _MAX_ID:
+        raise RegistryError(f"{where}: {key}: expected at most {_MAX_ID} characters, got {len(value)}")
+    return value
+
+
+def _coordinate(where: str, key: str, raw: object, limit: float) -> float | None:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise RegistryError(f"{where}: {key}: expected a number, got {raw!r}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RegistryError(f"{where}: {key}: expected a number, got {raw!r}") from None
+    if not math.isfinite(value) or not -limit <= value <= limit:
+        raise RegistryError(f"{where}: {key}: expected a number in -{limit:g}..{limit:g}, got {raw!r}")
+    return value
+
+
+def _context(where: str, entry: Mapping[str, Any], labels: dict[str, str]) -> DeviceContext:
+    device_id = _text(where, "device_id", entry.get("device_id"))
+    if not device_id:
+        raise RegistryError(f"{where}: device_id: expected a non-empty device id")
+    lat = _coordinate(where, "lat", entry.get("lat"), 90.0)
+    lon = _coordinate(where, "lon", entry.get("lon"), 180.0)
+    if (lat is None) != (lon is None):
+        raise RegistryError(f"{where}: expected both lat and lon or neither, got lat={lat} lon={lon}")
+    return DeviceContext(
+        device_id=device_id,
+        type=_text(where, "type", entry.get("type")) or UNKNOWN,
+        class_=_text(where, "class", entry.get("class")),
+        region=_text(where, "region", entry.get("region")),
+        site=_text(where, "site", entry.get("site")),
+        lat=lat,
+        lon=lon,
+        geohash="" if lat is None or lon is None else geohash.encode(lat, lon),
+        labels=MappingProxyType(labels),
+    )
+
+
+def _add(devices: dict[str, DeviceContext], lines: dict[str, int], where: str, ctx: DeviceContext) -> None:
+    if ctx.device_id in devices:
+        raise RegistryError(
+            f"{where}: device {ctx.device_id!r} is already listed at line {lines[ctx.device_id]}"
+        )
+    devices[ctx.device_id] = ctx
+
+
+def _parse_csv(path: Path, text: str) -> dict[str, DeviceContext]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        return {}
+    except csv.Error as exc:
+        raise RegistryError(f"{path}:1: {exc}") from None
+    if "device_id" not in header:
+        raise RegistryError(f"{path}:1: expected a header line with a device_id column, got {header!r}")
+    if len(set(header)) != len(header) or "" in header:
+        raise RegistryError(f"{path}:1: expected distinct, non-empty column names, got {header!r}")
+    devices: dict[str, DeviceContext] = {}
+    lines: dict[str, int] = {}
+    try:
+        for row in reader:
+            line = reader.line_num
+            where = f"{path}:{line}"
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise RegistryError(f"{where}: expected {len(header)} columns, got {len(row)}")
+            entry = dict(zip(header, (cell.strip() for cell in row), strict=True))
+            labels: dict[str, str] = {}
+            for pair in filter(None, (p.strip() for p in entry.get("labels", "").split(";"))):
+                key, sep, val = pair.partition("=")
+                if not sep or not key.strip():
+                    raise RegistryError(f"{where}: labels: expected key=value;key=value, got {pair!r}")
+                labels[key.strip()] = _text(where, f"labels.{key.strip()}", val)
+            for key, val in entry.items():
+                if key not in _CORE and val:
+                    labels[key] = _text(where, key, val)
+            ctx = _context(where, entry, labels)
+            _add(devices, lines, where, ctx)
+            lines[ctx.device_id] = line
+    except csv.Error as exc:
+        raise RegistryError(f"{path}:{reader.line_num}: {exc}") from None
+    return devices
+
+
+def _json_line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _parse_json(path: Path, text: str) -> dict[str, DeviceContext]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    if isinstance(doc, dict):
+        entries = [
+            (key, {**value, "device_id": key} if isinstance(value, dict) else value)
+            for key, value in doc.items()
+        ]
+    elif isinstance(doc, list):
+        entries = [(None, value) for value in doc]
+    else:
+        raise RegistryError(
+            f"{path}:1: expected a list of devices or an object of devices, got {type(doc).__name__}"
+        )
+    # Line numbers: find each device's id in the text, in order (json keeps no positions).
+    devices: dict[str, DeviceContext] = {}
+    lines: dict[str, int] = {}
+    search = 0
+    for index, (key, entry) in enumerate(entries):
+        label = key if key is not None else (entry.get("device_id") if isinstance(entry, dict) else None)
+        line = 1
+        if isinstance(label, str):
+            found = text.find(json.dumps(label), search)
+            if found >= 0:
+                line = _json_line(text, found)
+                search = found + 1
+        where = f"{path}:{line} (device #{index + 1})"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{where}: expected an object, got {entry!r}")
+        raw_labels = entry.get("labels") or {}
+        if not isinstance(raw_labels, dict):
+            raise RegistryError(f"{where}: labels: expected an object of strings, got {raw_labels!r}")
+        labels = {str(k): _text(where, f"labels.{k}", v) for k, v in raw_labels.items()}
+        unknown = sorted(set(entry) - set(_CORE))
+        if unknown:
+            raise RegistryError(f"{where}: unknown keys {unknown} (put free-form values under 'labels')")
+        ctx = _context(where, entry, labels)
+        _add(devices, lines, where, ctx)
+        lines[ctx.device_id] = line
+    return devices
+
+
+# ---------------------------------------------------------------------- watching
 class RegistryWatcher:
-    """The registry of ``path`` (empty without one), re-read when the file changes."""
+    """The current registry of a file, re-read when its mtime or size changes.
+
+    ``path=None`` (no ``NODE_DEVICE_REGISTRY``): always the empty registry.  A file
+    that cannot be read or parsed is logged (once per change) and the previous
+    registry stays active; at start that means the empty registry.
+    """
 
     def __init__(self, path: Path | None, log: logging.Logger | None = None) -> None:
         self.path = path
         self.log = log or logging.getLogger("node.registry")
         self._registry = Registry()
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int] | None = None
         self._checked = -math.inf
-        self._failed: str | None = None
+        self.errors = 0  # bad files refused since start
+        self.loads = 0  # files accepted since start
+        if path is not None:
+            self._check(time.monotonic())
 
     def current(self) -> Registry:
-        if self.path is None:
-            return self._registry
-        now = time.monotonic()
-        if now - self._checked < RELOAD_INTERVAL:
-            return self._registry
+        if self.path is not None:
+            now = time.monotonic()
+            if now - self._checked >= _RELOAD_INTERVAL:
+                self._check(now)
+        return self._registry
+
+    def _check(self, now: float) -> None:
+        assert self.path is not None
         self._checked = now
         try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if stamp == self._stamp:
-                return self._registry
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            stamp = (-1, -1)
+            if stamp != self._stamp:
+                self.log.error("device registry %s: %s: keeping the previous registry", self.path, exc)
+                self.errors += 1
+            self._stamp = stamp
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
             registry = Registry.load(self.path)
-        except (OSError, RegistryError) as exc:
-            message = str(exc)
-            if message != self._failed:  # once per distinct problem, not once a second
-                self.log.error(
-                    "device registry %s not (re)loaded, keeping %d devices: %s",
-                    self.path,
-                    len(self._registry),
-                    message,
-                )
-                self._failed = message
-            return self._registry
-        self._stamp, self._failed = stamp, None
-        self._registry = registry
+        except RegistryError as exc:
+            self.errors += 1
+            self.log.error(
+                "device registry refused: %s: keeping the previous registry (%d devices)",
+                exc,
+                len(self._registry),
+            )
+            return
+        self.loads += 1
         self.log.info("device registry %s: %d devices", self.path, len(registry))
-        return registry
+        self._registry = registry

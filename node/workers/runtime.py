@@ -32,6 +32,9 @@ _METRICS_PORT = {
     "router": "metrics_port_router",
     "publisher": "metrics_port_publisher",
     "store": "metrics_port_store",
+    "postgres": "metrics_port_postgres",
+    "victoria": "metrics_port_victoria",
+    "lake": "metrics_port_lake",
 }
 
 

@@ -353,6 +353,10 @@ def test_dashboard_queries_and_scrape_config_use_only_what_the_node_exports(node
         "router": defaults.metrics_port_router,
         "publisher": defaults.metrics_port_publisher,
         "store": defaults.metrics_port_store,
+        # the optional storage sinks (Procfile.storage)
+        "postgres": defaults.metrics_port_postgres,
+        "victoria": defaults.metrics_port_victoria,
+        "lake": defaults.metrics_port_lake,
     }
     assert targets == {name: [f"127.0.0.1:{port}"] for name, port in ports.items()}
 

@@ -1,0 +1,222 @@
+"""VictoriaMetrics sink (``NODE_VM_URL``): Influx line protocol over HTTP ``/write``.
+
+One point per row::
+
+    <type>,device_id=D,type=T,class=C,region=R,geohash=G <field>=<number>,...,iotnode_seq=<seq> <time ms>
+
+* measurement = the device type (characters outside ``[A-Za-z0-9_]`` become ``_``);
+  VictoriaMetrics names the series ``<measurement>_<field>`` (``thermo_temp``).
+* fields: the numeric values of ``data`` (an object; nested objects flattened
+  with ``_``, ``{"gps": {"lat": 1}}`` -> ``gps_lat``; booleans as 0/1; a bare number
+  is the field ``value``), plus ``iotnode_seq`` (the message's seq: one sample per
+  message, so ``count_over_time(<type>_iotnode_seq[1m])`` counts messages).
+  **Strings, lists and nulls are skipped** and counted in
+  ``iotnode_sink_skipped_fields_total{sink="victoria"}``: a TSDB series holds numbers.
+* tags with an empty value are left out (the line protocol has no empty tags);
+  ``site``, ``lat``/``lon`` and labels are not tags (unbounded / per-device already).
+* time: the device ``ts`` (unix seconds) when present and within a year of
+  ``received_at``, else ``received_at``; millisecond precision.
+
+**Exactly once.**  A rewritten batch writes the same series with the same
+timestamps and values; VictoriaMetrics started with ``-dedup.minScrapeInterval=1ms``
+keeps one sample per series and millisecond, so a rewrite stores nothing twice
+(two messages of one device within the same millisecond also collapse into one
+sample: give devices distinct ``ts``).  VictoriaMetrics has no transactions, so the
+cursor cannot be committed with the samples: it is kept in
+``NODE_DATA_DIR/victoria.cursor`` (with the URL it belongs to), written atomically
+(temporary file, fsync, rename) *after* VictoriaMetrics acknowledged the batch.  A
+crash in between rewrites that batch -- identically, unless the device registry
+changed in that moment (then its rows land once more, in the series of the new
+tags).  VictoriaMetrics acknowledges before its in-memory buffer reaches disk (about
+a second), so after a lost connection (it may have been killed) the sink rewrites
+the last ``REWIND_SECONDS`` of its writes.  (A first version kept the cursor as a
+series in VictoriaMetrics; a restarted sink could not find the fresh series for a
+while through ``/api/v1/export`` label filters, and rewrote everything.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.metrics import SINK_SKIPPED_FIELDS
+from node.storage.enrich import Row
+from node.storage.tail import SinkDown, TailSink
+
+REWIND_SECONDS = 5.0  # s of writes rewritten after a reconnect (VictoriaMetrics' unflushed buffer)
+log = logging.getLogger("node.storage.victoria")
+_YEAR = 365 * 86400.0
+_MAX_DEPTH = 3
+_TIMEOUT = 10.0  # s per HTTP request
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+_names: dict[str, str] = {}  # raw name -> metric_name(raw): field names repeat on every row
+_NAMES_MAX = 65536
+
+
+def metric_name(raw: str) -> str:
+    """A measurement / field name VictoriaMetrics and PromQL take as is."""
+    name = _names.get(raw)
+    if name is None:
+        out = "".join(c if c in _NAME_OK else "_" for c in raw) or "_"
+        name = "_" + out if out[0].isdigit() else out
+        if len(_names) < _NAMES_MAX:
+            _names[raw] = name
+    return name
+
+
+def _tag(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def _fields(data: Any, prefix: str, out: list[str], depth: int) -> int:
+    """Append ``name=value`` for every number in ``data``; return how many values were skipped."""
+    if isinstance(data, bool):
+        out.append(f"{metric_name(prefix or 'value')}={int(data)}")
+        return 0
+    if isinstance(data, (int, float)):
+        if isinstance(data, float) and not math.isfinite(data):
+            return 1
+        out.append(f"{metric_name(prefix or 'value')}={data!r}")
+        return 0
+    if isinstance(data, dict) and depth < _MAX_DEPTH:
+        skipped = 0
+        for key, value in data.items():
+            skipped += _fields(value, f"{prefix}_{key}" if prefix else str(key), out, depth + 1)
+        return skipped
+    return 1  # string, list, null, or nested too deep
+
+
+def sample_ms(row: Row) -> int:
+    ts = row.ts
+    if ts is not None and math.isfinite(ts) and abs(ts - row.received_at) <= _YEAR:
+        return round(ts * 1000)
+    return round(row.received_at * 1000)
+
+
+_prefixes: dict[str, tuple[object, str]] = {}  # device_id -> (its context, "measurement,tags")
+
+
+def line(row: Row) -> tuple[str, int]:
+    """The line protocol line of a row, and how many of its values were skipped."""
+    cached = _prefixes.get(row.device_id)
+    if cached is not None and cached[0] is row.ctx:
+        prefix = cached[1]
+    else:  # first row of the device, or a new registry (a new context object)
+        prefix = _line_prefix(row)
+        if cached is not None or len(_prefixes) < _NAMES_MAX:
+            _prefixes[row.device_id] = (row.ctx, prefix)
+    fields: list[str] = []
+    skipped = _fields(json.loads(row.data_json), "", fields, 0)
+    fields.append(f"iotnode_seq={row.seq}")
+    return f"{prefix} {','.join(fields)} {sample_ms(row)}", skipped
+
+
+def _line_prefix(row: Row) -> str:
+    ctx = row.ctx
+    tags = [f"device_id={_tag(row.device_id)}", f"type={_tag(ctx.type)}"]
+    if ctx.class_:
+        tags.append(f"class={_tag(ctx.class_)}")
+    if ctx.region:
+        tags.append(f"region={_tag(ctx.region)}")
+    if ctx.geohash:
+        tags.append(f"geohash={_tag(ctx.geohash)}")
+    return f"{metric_name(ctx.type)},{','.join(tags)}"
+
+
+class VictoriaSink(TailSink):
+    name = "victoria"
+
+    def __init__(self, url: str, cursor_file: Path) -> None:
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.cursor_file = cursor_file
+        self.skipped = SINK_SKIPPED_FIELDS.labels(sink=self.name)
+        self._history: deque[tuple[float, int]] = deque(maxlen=4096)  # (monotonic, cursor) of writes
+        self._started_at: int | None = None  # cursor this process started from
+
+    def _request(self, path: str, body: bytes | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=_TIMEOUT) as resp:
+                data: bytes = resp.read()
+                return data
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:200].decode(errors="replace")
+            where = self.url + path.split("?")[0]
+            raise SinkDown("http_status", f"{where}: HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SinkDown("connection", f"{self.url}{path.split('?')[0]}: {reason}") from None
+
+    def open(self) -> None:
+        self._request("/health")
+
+    def cursor(self) -> int:
+        if self._started_at is not None:
+            # A reconnect: VictoriaMetrics may have restarted and lost its unflushed buffer.
+            # Rewrite the last REWIND_SECONDS of writes (identical samples: deduplicated).
+            if not self._history:
+                return self.durable
+            newest = self._history[-1][0]
+            older = [c for t, c in self._history if t <= newest - REWIND_SECONDS]
+            return older[-1] if older else self._started_at
+        self._started_at = self._read_cursor_file()
+        return self._started_at
+
+    def _read_cursor_file(self) -> int:
+        try:
+            saved = json.loads(self.cursor_file.read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise SinkDown("cursor", f"cannot read the cursor file {self.cursor_file}: {exc}") from None
+        if saved.get("url") != self.url:
+            log.warning(
+                "%s was written for %s, not %s: writing the store from its first row",
+                self.cursor_file,
+                saved.get("url"),
+                self.url,
+            )
+            return 0
+        return int(saved["position"])
+
+    def _save_cursor(self, cursor: int) -> None:
+        tmp = self.cursor_file.with_name(self.cursor_file.name + ".tmp")
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"url": self.url, "position": cursor, "at": time.time()}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.cursor_file)
+        except OSError as exc:
+            raise SinkDown("cursor", f"cannot write the cursor file {self.cursor_file}: {exc}") from None
+
+    def write(self, rows: Sequence[Row], cursor: int) -> None:
+        lines = []
+        skipped = 0
+        for row in rows:
+            text, n = line(row)
+            lines.append(text)
+            skipped += n
+        self._request("/write?precision=ms", ("\n".join(lines) + "\n").encode())
+        self._save_cursor(cursor)  # after the acknowledgement: a crash in between rewrites this batch
+        if skipped:
+            self.skipped.inc(skipped)
+        self.durable = cursor
+        self._history.append((time.monotonic(), cursor))
+
+    def close(self) -> None:
+        pass
