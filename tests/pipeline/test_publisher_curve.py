@@ -164,7 +164,7 @@ def test_unknown_key_and_plain_dealers_confirm_pops_nothing_and_fetch_gets_nothi
         for sock in intruders:
             sock.connect(env["NODE_REPLAY_BIND"])
             sock.send_multipart(wire.encode_fetch(b"", 0, 0), zmq.NOBLOCK)  # a probe: learns the ring id
-            sock.send_multipart(wire.encode_confirm("store", ring.ring_id, ring.tail), zmq.NOBLOCK)
+            sock.send_multipart(wire.encode_confirm("store", ring.incarnation, ring.tail), zmq.NOBLOCK)
         deadline = time.monotonic() + QUIET
         while time.monotonic() < deadline:
             for sock in intruders:
@@ -174,7 +174,7 @@ def test_unknown_key_and_plain_dealers_confirm_pops_nothing_and_fetch_gets_nothi
         own = load_keypair(data_dir, CLIENT)
         store = curve_socket(sockets, zmq.DEALER, server, (own.public, own.secret))
         store.connect(env["NODE_REPLAY_BIND"])
-        store.send_multipart(wire.encode_confirm("store", ring.ring_id, ring.tail))
+        store.send_multipart(wire.encode_confirm("store", ring.incarnation, ring.tail))
         wait_until(lambda: ring.depth == 0, 10, what="the authorized CONFIRM to release the ring")
     finally:
         ring.close()
