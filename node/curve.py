@@ -402,6 +402,16 @@ def bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
         os.umask(old)
 
 
+def reconnect(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Connect ``sock`` to ``endpoint`` again after a refused CURVE handshake (libzmq does
+    not retry a handshake the server refused)."""
+    try:
+        sock.disconnect(endpoint)
+    except zmq.ZMQError:
+        pass  # the refused session is already gone
+    sock.connect(endpoint)
+
+
 class Reconnector:
     """Connect a CURVE client socket again after the server refused its handshake.
 
@@ -486,11 +496,7 @@ class Reconnector:
                 )
         if self.retry_at is not None and time.monotonic() >= self.retry_at:
             self.retry_at = None
-            try:
-                self.sock.disconnect(self.endpoint)
-            except zmq.ZMQError:
-                pass  # the refused session is already gone
-            self.sock.connect(self.endpoint)
+            reconnect(self.sock, self.endpoint)
 
     def close(self) -> None:
         try:

@@ -25,30 +25,19 @@ def encode(lat: float, lon: float, precision: int = PRECISION) -> str:
         raise ValueError(f"latitude: expected -90..90, got {lat}")
     if not -180.0 <= lon <= 180.0:
         raise ValueError(f"longitude: expected -180..180, got {lon}")
-    lat_lo, lat_hi = -90.0, 90.0
-    lon_lo, lon_hi = -180.0, 180.0
+    ranges = {"lon": [-180.0, 180.0], "lat": [-90.0, 90.0]}
+    point = {"lon": lon, "lat": lat}
     out: list[str] = []
     bits = 0
     value = 0
-    even = True  # bits alternate: longitude first
+    axis = "lon"  # bits alternate: longitude first
     while len(out) < precision:
-        if even:
-            mid = (lon_lo + lon_hi) / 2
-            if lon >= mid:
-                value = value << 1 | 1
-                lon_lo = mid
-            else:
-                value <<= 1
-                lon_hi = mid
-        else:
-            mid = (lat_lo + lat_hi) / 2
-            if lat >= mid:
-                value = value << 1 | 1
-                lat_lo = mid
-            else:
-                value <<= 1
-                lat_hi = mid
-        even = not even
+        span = ranges[axis]
+        mid = (span[0] + span[1]) / 2
+        upper = point[axis] >= mid
+        value = value << 1 | upper
+        span[0 if upper else 1] = mid  # keep the half the point is in
+        axis = "lat" if axis == "lon" else "lon"
         bits += 1
         if bits == 5:
             out.append(_BASE32[value])

@@ -254,11 +254,7 @@ class Monitor:
         if self.retry_at is None or time.monotonic() < self.retry_at:
             return
         self.retry_at = None
-        try:
-            self.sock.disconnect(self.endpoint)
-        except zmq.ZMQError:
-            pass  # the refused session is already gone
-        self.sock.connect(self.endpoint)
+        curve.reconnect(self.sock, self.endpoint)
 
     def handshake_hint(self) -> str:
         if self.keypair is None:

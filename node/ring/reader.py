@@ -285,25 +285,24 @@ class Reader:
         """Make a wait() blocked in another thread of this process return False now (for
         its owner's shutdown: a doorbell thread may then wait long without bounding it)."""
         self._check()
+        self._cancel_waits()
+        self._ctx.cancel = 0
+
+    def _cancel_waits(self) -> None:
+        """Every wait() of this process on this ring returns False (until cancel is reset)."""
         self._ctx.cancel = 1
         lib.iotring_wake_all(self._ctx)
         for _ in range(2000):  # bounded: a woken wait returns within microseconds
             if not self._waiting:
                 break
             time.sleep(0.001)
-        self._ctx.cancel = 0
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Release the consumer lock.  A wait() blocked in another thread returns False."""
         if self._lock_fd >= 0:
             if self._waiting:
-                self._ctx.cancel = 1
-                lib.iotring_wake_all(self._ctx)
-                for _ in range(2000):  # bounded: a woken wait returns within microseconds
-                    if not self._waiting:
-                        break
-                    time.sleep(0.001)
+                self._cancel_waits()
             os.close(self._lock_fd)
             self._lock_fd = -1
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from node.privatefile import fsync_dir
 from node.storage.enrich import Row, labels_json
 from node.storage.tail import SinkDown, TailSink
 
@@ -67,14 +68,6 @@ SCHEMA = pa.schema(
 def partition_value(raw: str) -> str:
     out = "".join(c if c in _SAFE else "_" for c in raw) or "_"
     return "_" + out if out.startswith(".") else out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LakeSink(TailSink):
@@ -119,7 +112,7 @@ class LakeSink(TailSink):
                 keep.add(tmp)
                 if tmp.exists():
                     os.replace(tmp, final)
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
         for tmp in self.root.glob("date=*/type=*/*.tmp"):
             if tmp not in keep:
                 tmp.unlink()
@@ -176,14 +169,14 @@ class LakeSink(TailSink):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(commit_tmp, self.meta / COMMIT)
-            _fsync_dir(self.meta)  # ---- committed: the rest is rolled forward at open if we crash
+            fsync_dir(self.meta)  # ---- committed: the rest is rolled forward at open if we crash
             dirs = set()
             for rel in files:
                 final = self.root / rel
                 os.replace(final.with_name(final.name + ".tmp"), final)
                 dirs.add(final.parent)
             for directory in dirs:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             self._opened = False  # recover (roll forward / clean up) at the next open
             raise SinkDown("filesystem", f"lake flush of rows {first}..{last} failed: {exc}") from None
