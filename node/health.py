@@ -67,6 +67,19 @@ def probe(path: str) -> tuple[int, str] | None:
     return None
 
 
+def answer(ready: Callable[[], str | None], path: str) -> tuple[int, str]:
+    """``(status, text)`` of a web server's own probe: ``/healthz`` always 200, ``/readyz``
+    200 when ``ready()`` returns None, else 503 with its reason (the web and fanout
+    apps have no registered checks: each passes its own)."""
+    if path == HEALTH_PATH:
+        return 200, "ok"
+    try:
+        reason = ready()
+    except Exception as exc:  # a failing check is a not-ready answer, never a 500
+        reason = f"check failed: {type(exc).__name__}"
+    return (503, reason) if reason is not None else (200, "ready")
+
+
 def wrap(app: WsgiApp) -> WsgiApp:
     """``app`` with ``/healthz`` and ``/readyz`` answered before it."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node import health
-from tests.support import Processes, node_env, wait_for_port, wait_until
+from tests.support import Processes, node_env, start_web, wait_for_port, wait_until
 
 
 @pytest.fixture
@@ -81,3 +81,31 @@ def test_stages_are_live_at_once_and_ready_only_when_their_next_stage_is_reachab
     wait_until(
         lambda: probe(ports["monitor"], "/readyz")[0] == 503, 15, what="monitor not ready without router"
     )
+
+
+def _probe(port: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_web_and_fanout_answer_healthz_and_readyz_on_their_own_ports(
+    data_dir: Path, tmp_path: Path, processes: Processes
+) -> None:
+    """The Kubernetes probes of web and fanout: the web is ready once its workers hold the
+    ingress ring; the fanout once it is connected to the publisher (503 before, naming it)."""
+    env = node_env(data_dir)
+    start_web(processes, env, tmp_path)
+    web = env["NODE_WEB_PORT"]
+    assert _probe(web, "/healthz") == (200, "ok\n")
+    assert wait_until(lambda: _probe(web, "/readyz") == (200, "ready\n"), 10, what="web ready")
+    processes.start("fanout", "node.workers.fanout", env, tmp_path)
+    fanout = env["NODE_FANOUT_PORT"]
+    wait_for_port(int(fanout))
+    assert _probe(fanout, "/healthz") == (200, "ok\n")
+    status, text = _probe(fanout, "/readyz")  # no publisher runs yet
+    assert status == 503 and "not connected to the publisher" in text
+    processes.start("publisher", "node.workers.publisher", env, tmp_path)
+    wait_until(lambda: _probe(fanout, "/readyz") == (200, "ready\n"), 15, what="fanout ready")

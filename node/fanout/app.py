@@ -18,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from node import health
 from node.auth import TokenPolicy, token_expiry, token_from_request, verify_client_token
 from node.config import Settings
 from node.errors import AuthError
@@ -141,10 +142,25 @@ def create_app(settings: Settings, secret: str) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(exposition.get(), media_type=CONTENT_TYPE_LATEST)
 
+    def fanout_ready() -> str | None:
+        if not hub_holder:
+            return "starting"
+        return (
+            None
+            if hub_holder[0].connected
+            else f"not connected to the publisher at {settings.pub_connect_endpoint}"
+        )
+
+    async def probe(request: Request) -> Response:
+        status, text = health.answer(fanout_ready, request.url.path)
+        return PlainTextResponse(text + "\n", status_code=status)
+
     return Starlette(
         routes=[
             WebSocketRoute(STREAM_PATH, stream),
             Route("/metrics", metrics),
+            Route(health.HEALTH_PATH, probe),
+            Route(health.READY_PATH, probe),
             *_dashboard(settings, secret),
         ],
         lifespan=lifespan,

@@ -219,6 +219,11 @@ class Client:
 class Hub:
     """Owns the SUB socket, the subscriptions and the clients; routes records to them."""
 
+    @property
+    def connected(self) -> bool:
+        """A handshake with the publisher succeeded and the connection has not dropped since."""
+        return self._reconnector.connected
+
     def __init__(self, endpoint: str, hwm: int, queue_limit: int, settings: Settings | None = None) -> None:
         self.endpoint = endpoint
         self.batch_max = max(1, min(MAX_BATCH, queue_limit // 2))

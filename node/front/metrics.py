@@ -47,9 +47,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from node import health
 from node.config import Settings, load_settings
 from node.front import app as front
 from node.front.committer import FrontStats
@@ -250,10 +251,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
         body = await run_in_threadpool(exposition.get)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    def web_ready() -> str | None:
+        state = app.state.front
+        if state.committer is None or state.ring is None or state.ring.closed:
+            return "the ingress ring is not open yet"
+        return None
+
+    async def probe(request: Request) -> Response:
+        status, text = health.answer(web_ready, request.url.path)
+        return PlainTextResponse(text + "\n", status_code=status)
+
     app = front.create_app(
         settings,
         on_group=metrics.on_group if metrics is not None else None,
-        routes=[Route("/metrics", endpoint)],
+        routes=[
+            Route("/metrics", endpoint),
+            Route(health.HEALTH_PATH, probe),
+            Route(health.READY_PATH, probe),
+        ],
     )
     if metrics is not None:
         metrics.stats = app.state.front.stats
