@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,46 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.targets import REPO, free_port, wait_for_port
+from bench.targets import NODE_PORTS, REPO, SECRET, node_env, start_honcho, stop_group, wait_for_port
 
-SECRET = "bench-dashboard-cost-secret-012345"
-PORT_VARS = (
-    "NODE_WEB_PORT",
-    "NODE_FANOUT_PORT",
-    "NODE_METRICS_PORT_MONITOR",
-    "NODE_METRICS_PORT_ROUTER",
-    "NODE_METRICS_PORT_PUBLISHER",
-    "NODE_METRICS_PORT_STORE",
-)
+PORT_VARS = NODE_PORTS
 
 
 def start_node(workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     data = workdir / "data"
     data.mkdir(parents=True)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("NODE_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    ports = {var: free_port() for var in PORT_VARS}
-    env.update({k: str(v) for k, v in ports.items()})
-    env.update(
-        NODE_DATA_DIR=str(data),
-        NODE_HOST="127.0.0.1",
-        NODE_JWT_SECRET=SECRET,
-        NODE_WEB_WORKERS=str(workers),
-        NODE_LOG_LEVEL="warning",
-        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
+    env, ports = node_env(data, workers, PORT_VARS)
     log = workdir / "node.log"
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "honcho", "start", "-f", str(REPO / "Procfile"), "-d", str(REPO)],
-            env=env,
-            cwd=str(REPO),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_honcho(REPO, env, log)
     for var in PORT_VARS:
         wait_for_port(ports[var], proc, log, timeout=60)
     return proc, ports
@@ -259,14 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_group(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

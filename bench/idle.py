@@ -25,7 +25,6 @@ import json
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from websockets.asyncio.client import connect
 
 from bench import procstat
 from bench.runner import REPO
-from bench.targets import NODE_PORTS, SECRET, node_env
+from bench.targets import NODE_PORTS, SECRET, node_env, start_honcho, stop_group
 from node.auth import issue_client_token, issue_device_token
 
 
@@ -68,13 +67,7 @@ async def _measure(tree: Path, args: argparse.Namespace, work: Path) -> dict[str
     data = work / "data"
     data.mkdir(parents=True)
     env, ports = node_env(data, 2, NODE_PORTS)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(tree)
-    log = open(work / "node.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "honcho", "start", "-f", str(tree / "Procfile"), "-d", str(tree)],
-        env=env, cwd=tree, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    proc = start_honcho(tree, env, work / "node.log")
     try:
         _wait_port(ports["NODE_WEB_PORT"])
         _wait_port(ports["NODE_FANOUT_PORT"])
@@ -131,13 +124,7 @@ async def _measure(tree: Path, args: argparse.Namespace, work: Path) -> dict[str
             },
         }
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(5)
-        log.close()
+        stop_group(proc)
 
 
 def main() -> None:

@@ -340,6 +340,33 @@ def node_env(
     return env, chosen
 
 
+def start_honcho(tree: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``honcho start`` of ``tree``'s Procfile in its own process group, output to ``log``
+    (the node's processes import ``tree``'s code: ``PYTHONPATH`` and the working dir)."""
+    env = {
+        **env,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", str(tree / "Procfile"), "-d", str(tree)],
+            env=env, cwd=str(tree), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM the process group of ``proc`` (honcho and the node), SIGKILL it if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Target:
     """iotnode's device front alone (``python -m node.workers.web``), nothing draining its ring."""
     if pmem:

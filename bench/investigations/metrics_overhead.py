@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,30 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.targets import NODE_PORTS, REPO, SECRET, node_env, wait_for_port
+from bench.targets import NODE_PORTS, REPO, SECRET, node_env, start_honcho, stop_group, wait_for_port
 
 
 def start_node(workdir: Path, metrics: str, workers: int) -> tuple[subprocess.Popen[bytes], str, Path]:
     data = workdir / f"data-{metrics}"
     data.mkdir(parents=True)
-    env, ports = node_env(
-        data,
-        workers,
-        NODE_PORTS,
-        NODE_METRICS=metrics,
-        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
+    env, ports = node_env(data, workers, NODE_PORTS, NODE_METRICS=metrics)
     log = workdir / f"node-{metrics}.log"
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "honcho", "start", "-f", str(REPO / "Procfile"), "-d", str(REPO)],
-            env=env,
-            cwd=str(REPO),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_honcho(REPO, env, log)
     wait_for_port(ports["NODE_WEB_PORT"], proc, log, timeout=60)
     return proc, f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest", log
 
@@ -136,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         for proc, _, _ in nodes.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_group(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
