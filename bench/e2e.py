@@ -36,6 +36,7 @@ from typing import Any, TextIO
 from bench import procstat, proto, report, runner, targets
 from bench.hist import Histogram
 from node.auth import issue_client_token
+from node.front.metrics import FLUSH_INTERVAL, RENDER_TTL
 
 DRAIN_TIMEOUT = 60.0  # seconds the store may take to catch up after a run
 
@@ -130,7 +131,13 @@ def stored_rate(result: dict[str, Any]) -> dict[str, Any]:
     """Stored (and acked, by the node's own counters) msg/s over the steady window,
     from the per-second ``stage_counts`` scrapes of a :func:`bench.runner.run` result."""
     duration = result["scenario"]["duration"]
-    rows = [s for s in result.get("stage_counts", []) if -0.5 <= s["t"] <= duration + 0.5 and "stored" in s]
+    # iotnode_messages_total{stage="stored"} exists from the store's first commit on: a scrape
+    # that reached the node (other stages counted) but has no "stored" yet means 0 stored.
+    rows = [
+        {**s, "stored": s.get("stored", 0.0)}
+        for s in result.get("stage_counts", [])
+        if -0.5 <= s["t"] <= duration + 0.5 and ("stored" in s or "acked" in s)
+    ]
     if len(rows) < 2:
         raise proto.BenchError(
             f"fewer than two scrapes of the store's counter in the window: {result.get('stage_counts')}"
@@ -147,6 +154,11 @@ def stored_rate(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Web workers flush their counters every FLUSH_INTERVAL and render the merged output at
+#: most every RENDER_TTL: a scrape of the web's /metrics is this much behind at most.
+WEB_METRICS_LAG = FLUSH_INTERVAL + RENDER_TTL + 0.2
+
+
 def wait_drained(target: runner.Target, timeout: float = DRAIN_TIMEOUT) -> dict[str, Any]:
     """Wait (bounded) until the store has every message the web front acked and the
     rings are empty; returns how long it took and the counts seen last."""
@@ -157,6 +169,13 @@ def wait_drained(target: runner.Target, timeout: float = DRAIN_TIMEOUT) -> dict[
         counts = procstat.scrape_stage_counts(target.metrics)
         depths = procstat.scrape_ring_depths(target.metrics)
         done = counts.get("stored", 0) >= counts.get("acked", float("inf")) and not any(depths.values())
+        if done:
+            # The web's counters reach /metrics up to WEB_METRICS_LAG late: take the counts
+            # again once they caught up, so acked/received belong to the same moment.
+            time.sleep(WEB_METRICS_LAG)
+            counts = procstat.scrape_stage_counts(target.metrics)
+            depths = procstat.scrape_ring_depths(target.metrics)
+            done = counts.get("stored", 0) >= counts.get("acked", float("inf")) and not any(depths.values())
         if done or time.monotonic() - t0 >= timeout:
             return {
                 "drained": done,

@@ -70,6 +70,8 @@ class Reader:
         self._wblk = ffi.new("iotring_block *")  # wait() only: it may run in another thread
         self._cursor = ring.head  # where the last scan stopped (wait() watches here)
         self._scanned = self._cursor  # highest position up to which records were read
+        # popped to here by this reader, and only padding released from here to the head
+        self._padding_from: int | None = None
         self._liveness: dict[tuple[int, int], tuple[float, bool]] = {}
         self._waiting = 0  # wait() calls in progress (a doorbell thread), see close()
         self.settled_dead = 0  # claims of dead producers delivered or padded
@@ -106,13 +108,17 @@ class Reader:
 
         At most ``max_records`` records and ``max_bytes`` payload bytes (at least one
         record if one is available).  ``from_pos`` must be ``>= ring.head`` and a
-        record boundary (a ``pos`` or ``end`` returned earlier).
+        record boundary (a ``pos`` or ``end`` returned earlier) -- or a position this
+        reader popped to, after which it released only padding (a pop also releases
+        the wrap padding it has scanned): the read then starts at the head.
         """
         self._check()
         head = self.ring.head
         pos = self._cursor if from_pos is None else from_pos
         if pos < head:
-            raise RingPositionError(f"read from {pos}: below the ring head {head} (already popped)")
+            if self._padding_from is None or pos < self._padding_from:
+                raise RingPositionError(f"read from {pos}: below the ring head {head} (already popped)")
+            pos = head  # [pos, head) was only padding, released with the pop to pos
         if pos & (D.RECORD_ALIGNMENT - 1):
             raise RingPositionError(f"read from {pos}: not a record boundary (positions are multiples of 32)")
         if max_records < 1:
@@ -184,6 +190,8 @@ class Reader:
         self._scanned = max(self._scanned, pos)
         if not out:
             if pos > head and lib.iotring_count(self._ctx, head, pos) == 0:
+                if self._padding_from is None:  # else [padding_from, head) is padding too
+                    self._padding_from = head
                 self._pop(pos, 0)  # only padding (or settled claims) before pos: release it
             else:
                 self._finish_pop()
@@ -227,6 +235,7 @@ class Reader:
         n = lib.iotring_count(self._ctx, head, to_pos)
         if n < 0:
             raise RingPositionError(f"pop to {to_pos}: not a record boundary after head {head}")
+        self._padding_from = to_pos  # everything before is popped; from here to the head only padding
         if self._cursor > to_pos and lib.iotring_count(self._ctx, to_pos, self._cursor) == 0:
             to_pos = self._cursor  # release the padding that follows too
         self._pop(to_pos, n)

@@ -414,3 +414,26 @@ def test_append_packed_appends_a_caller_built_buffer(ring_path: Path, backend: s
         free = 4096 - ring.bytes_used
         assert ring.append_packed(b"z" * 8000, big) == free // 256 == 14
         assert ring.depth == 3 + 14
+
+
+def test_a_read_from_the_popped_position_goes_on_when_the_pop_also_released_wrap_padding(
+    ring_path: Path, backend: str
+) -> None:
+    """A pop releases the wrap padding after it once the reader has scanned it (it stops
+    at the record claimed after the padding); reading from the popped-to position then
+    starts at the head instead of refusing it (it once raised RingPositionError)."""
+    with Ring.open(ring_path, capacity=4096, backend=backend) as ring:
+        reader = ring.reader()
+        assert ring.append_batch([b"a" * 990, b"b" * 990, b"c" * 990, b"d" * 800]) == 4
+        recs = reader.read()
+        cursor = recs[-1].end
+        assert 4096 - cursor < 200  # the next 200-byte record does not fit: padding first
+        reader.pop(recs[0].end)  # room for the claim
+        with Ring.open(ring_path, capacity=4096, backend=backend) as producer:
+            assert producer._append_partial([b"e" * 200], 0) == 1  # a live producer's claim
+            assert reader.read() == []  # scans the padding, stops at the claim
+            reader.pop(cursor)
+            assert ring.head == 4096  # the padding went with the pop
+            assert reader.read(cursor) == []  # from the popped-to position: no error
+            with pytest.raises(RingPositionError, match="below the ring head"):
+                reader.read(recs[0].end)  # records were popped there: still refused
