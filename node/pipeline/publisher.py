@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
 from typing import Any
 
 import zmq
@@ -61,7 +60,6 @@ IDLE_POLL = 0.2  # s: longest block in poll when a signal cannot wake it (bounds
 IDLE_POLL_WOKEN = 5.0  # s: the same once the stop fd is in the poller (watch_stop)
 REPLAY_BUDGET = 64  # replay-socket messages handled per loop step
 SUBSCRIPTION_BUDGET = 4096  # XPUB subscription messages handled per loop step
-POP_MARKS = 64  # pop positions remembered for telling padding from released records
 SKIP_READS = 16  # ring reads per loop step while the live stream skips to the newest
 BAD_TOPIC = wire.device_topic("")  # a record whose envelope cannot be read still keeps its place
 # Plain-int flags: send_multipart ORs enum flags per frame, a measurable share per record.
@@ -168,9 +166,6 @@ class Publisher:
         self.last_heartbeat = 0.0
         self.catching_up = False  # the live stream skips to the newest records first
         self._read_cache: tuple[int, list[Any]] | None = None  # one step's read, shared
-        # position popped to -> records popped before it; a FETCH below the head from
-        # such a position lost nothing if no record was popped since (only padding)
-        self.pop_marks: OrderedDict[int, int] = OrderedDict()
 
     def watch_stop(self, stop: object) -> None:
         """Wake the poll when ``stop``'s signal arrives: an idle step may then block longer."""
@@ -321,7 +316,7 @@ class Publisher:
                 log.warning("FETCH from %d (head %d): %s: answered with no records", fetch.start, head, exc)
                 ERRORS.labels(stage="publisher", reason="bad_fetch").inc()
                 final = True
-        if mine and fetch.start < start and self.pop_marks.get(fetch.start) == self.ring.popped:
+        if mine and fetch.start < start and self.reader.padding_only_before_head(fetch.start):
             # Popped to fetch.start, then only wrap padding after it (the reader releases
             # padding it has scanned): the answer goes on from where it was asked, so
             # the subscriber does not take the padding for released records (a false gap).
@@ -401,9 +396,6 @@ class Publisher:
             log.error("cannot pop to confirmed cursor %d: %s", target, exc)
             ERRORS.labels(stage="publisher", reason="bad_confirm").inc()
             return
-        self.pop_marks[target] = self.ring.popped
-        while len(self.pop_marks) > POP_MARKS:
-            self.pop_marks.popitem(last=False)
         self._read_cache = None
         if self.published < target:
             self.published = target  # already durable downstream: no need to publish it again

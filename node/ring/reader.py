@@ -116,7 +116,7 @@ class Reader:
         head = self.ring.head
         pos = self._cursor if from_pos is None else from_pos
         if pos < head:
-            if self._padding_from is None or pos < self._padding_from:
+            if not self.padding_only_before_head(pos):
                 raise RingPositionError(f"read from {pos}: below the ring head {head} (already popped)")
             pos = head  # [pos, head) was only padding, released with the pop to pos
         if pos & (D.RECORD_ALIGNMENT - 1):
@@ -196,6 +196,11 @@ class Reader:
             else:
                 self._finish_pop()
         return out
+
+    def padding_only_before_head(self, pos: int) -> bool:
+        """True if this reader popped to ``pos`` (or below) and released only padding from
+        there to the head: nothing a consumer at ``pos`` lacks was released."""
+        return self._padding_from is not None and self._padding_from <= pos
 
     def _finish_pop(self) -> None:
         """Persist and publish the head if an earlier pop did not get that far.

@@ -413,11 +413,6 @@ class Ring:
         return self._load(D.TAIL_OFFSET)
 
     @property
-    def popped(self) -> int:
-        """Records popped so far (padding not counted); recomputed by recovery."""
-        return self._load(D.POPPED_OFFSET)
-
-    @property
     def depth(self) -> int:
         """Records appended (claimed) and not yet popped."""
         return max(0, self._load(D.APPENDED_OFFSET) - self._load(D.POPPED_OFFSET))
