@@ -38,6 +38,7 @@ from node.errors import NodeError
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
 from node.pipeline.inbox import register_stop, socket_events
+from node.pipeline.pacer import PopPacer
 
 log = logging.getLogger("node.monitor")
 
@@ -157,6 +158,8 @@ class Monitor:
         self.retry_at: float | None = None  # connect again then (after a refused handshake)
         self.timeout = self.ack_timeout
         self.next_resend = 0.0
+        # pops (a persist each) are coalesced: node/pipeline/pacer.py
+        self.pacer = PopPacer(ring, reader)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- sending
     def send(self, flight: Flight) -> bool:
@@ -208,7 +211,7 @@ class Monitor:
                 ERRORS.labels(stage="monitor", reason="wire").inc()
                 log.warning("ignoring a reply from the router: %s", exc)
         if self.window.base > before:
-            self.reader.pop(self.window.base)  # type: ignore[attr-defined]
+            self.pacer.want(self.window.base)
             MESSAGES.labels(stage="forwarded").inc(acked)
             if self.timeout != self.ack_timeout:
                 log.info("router acks again (acked through %d)", self.window.base)
@@ -291,9 +294,13 @@ class Monitor:
         oldest = self.window.oldest_sent()
         if oldest is not None:
             due.append(oldest + self.timeout)
+        now = time.monotonic()
+        pop_in = self.pacer.timeout(now)
+        if pop_in is not None:
+            due.append(now + pop_in)
         if not due:
             return longest
-        return max(1, min(longest, int((min(due) - time.monotonic()) * 1000) + 1))
+        return max(1, min(longest, int((min(due) - now) * 1000) + 1))
 
     # ---------------------------------------------------------------- loop
     def run(self, stop: threading.Event) -> None:
@@ -316,6 +323,7 @@ class Monitor:
                     doorbell.drain()
                 self.check_timeout()
                 self.check_refused()
+                self.pacer.poll()
             self.finish(FINISH_WAIT)
         finally:
             doorbell.close()
@@ -332,6 +340,7 @@ class Monitor:
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
                 break
             self.take_acks()
+        self.pacer.flush()
 
     def close(self) -> None:
         self.sock.disable_monitor()

@@ -44,6 +44,7 @@ from node.config import Settings
 from node.metrics import ERRORS, MESSAGES
 from node.pipeline.doorbell import Doorbell
 from node.pipeline.inbox import register_stop, take_queued
+from node.pipeline.pacer import PopPacer
 from node.record import RecordError, device_id_of
 from node.ring.errors import RingCorrupt, RingError, RingPositionError
 
@@ -141,6 +142,7 @@ class Publisher:
         # (ring id + epoch): a durable subscriber's cursor never crosses a recovery.
         self.ring_id: bytes = ring.incarnation
         self.reader = ring.reader()
+        self.pacer = PopPacer(ring, self.reader)
         self.durable = tuple(settings.durable_subscribers)
         self.confirmed: dict[str, int] = {}
         self.pub = ctx.socket(zmq.XPUB)
@@ -390,15 +392,26 @@ class Publisher:
             target = min(target, self.published)  # live subscribers get every record first
         if target <= self.ring.head:
             return
-        try:
-            self.reader.pop(target)
-        except RingPositionError as exc:
-            log.error("cannot pop to confirmed cursor %d: %s", target, exc)
-            ERRORS.labels(stage="publisher", reason="bad_confirm").inc()
-            return
-        self._read_cache = None
         if self.published < target:
             self.published = target  # already durable downstream: no need to publish it again
+        self.pace(target)
+
+    def pace(self, target: int | None = None, flush: bool = False) -> None:
+        """Pop to ``target`` when the pacer says so (node/pipeline/pacer.py: pops are
+        coalesced, each one persists the ring's head); ``flush``: pop what is pending now."""
+        try:
+            if flush:
+                popped = self.pacer.flush()
+            elif target is None:
+                popped = self.pacer.poll()
+            else:
+                popped = self.pacer.want(target)
+        except RingPositionError as exc:
+            log.error("cannot pop to the confirmed cursor: %s", exc)
+            ERRORS.labels(stage="publisher", reason="bad_confirm").inc()
+            return
+        if popped:
+            self._read_cache = None
 
     # ------------------------------------------------------------------ loop
     def step(self) -> None:
@@ -408,6 +421,7 @@ class Publisher:
             self.serve_parked(now)
         n = self.publish_some()
         self.release()
+        self.pace()  # a pop the pacer held back may be due (release() returns early when idle)
         live_waiting = bool(self.topics) and n < READ_RECORDS
         if self.parked or live_waiting:
             self.doorbell.arm()  # records committed past the last read wake the poll
@@ -416,6 +430,9 @@ class Publisher:
         timeout = min(self.idle_poll, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
         if self.parked:
             timeout = min(timeout, max(0.0, min(d for _, d in self.parked.values()) - now))
+        pop_in = self.pacer.timeout(now)
+        if pop_in is not None:
+            timeout = min(timeout, pop_in + 0.001)
         if n >= READ_RECORDS:
             timeout = 0
         events = dict(self.poller.poll(int(timeout * 1000)))
@@ -435,6 +452,7 @@ class Publisher:
             )  # fmt: skip
 
     def close(self) -> None:
+        self.pace(flush=True)
         self.doorbell.close()
         self.pub.close()
         self.replay.close()
