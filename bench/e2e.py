@@ -71,6 +71,24 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g.add_argument("--keep", type=Path, help="keep the targets' data and logs in this directory")
+    g.add_argument(
+        "--node-env",
+        action="append",
+        default=[],
+        metavar="NODE_VAR=VALUE",
+        help="a setting for the node (repeatable), e.g. NODE_PIPELINE_COALESCE_MS=0",
+    )
+
+
+def parse_node_env(items: list[str]) -> dict[str, str]:
+    """``--node-env NODE_VAR=VALUE`` options as a dict (only ``NODE_*`` names)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("NODE_"):
+            raise proto.BenchError(f"--node-env: expected NODE_VAR=VALUE, got {item!r}")
+        out[name] = value
+    return out
 
 
 def parse_rates(text: str) -> list[float]:
@@ -329,6 +347,7 @@ def measure_latency(
     finally:
         client.close()
     lat = Histogram.from_json(got["lat"]).summary_ms()
+    node_lat = Histogram.from_json(got["node_lat"]).summary_ms() if "node_lat" in got else {}
     row = {
         "offered_msg_s": r["offered_msg_s"],
         "devices": scn.connections,
@@ -338,7 +357,10 @@ def measure_latency(
         "delivered": round(got["frames"] / r["acked"], 4) if r["acked"] else None,
         "fanout_p50_ms": lat.get("p50"),
         "fanout_p99_ms": lat.get("p99"),
+        "fanout_p999_ms": lat.get("p99.9"),
         "fanout_max_ms": lat.get("max"),
+        "node_p50_ms": node_lat.get("p50"),
+        "node_p99_ms": node_lat.get("p99"),
         "ack_p50_ms": r["latency_ms"].get("p50"),
         "ack_p99_ms": r["latency_ms"].get("p99"),
         "out_of_order": got["out_of_order"],
@@ -349,8 +371,9 @@ def measure_latency(
     return {
         "row": row,
         "iotnode": r,
-        "client": {k: v for k, v in got.items() if k != "lat"},
+        "client": {k: v for k, v in got.items() if k not in ("lat", "node_lat")},
         "fanout_latency_ms": lat,
+        "node_latency_ms": node_lat,
         "drain": drain,
     }
 
@@ -393,7 +416,10 @@ LAT_COLS = [
     "delivered",
     "fanout_p50_ms",
     "fanout_p99_ms",
+    "fanout_p999_ms",
     "fanout_max_ms",
+    "node_p50_ms",
+    "node_p99_ms",
     "ack_p50_ms",
     "ack_p99_ms",
     "out_of_order",
@@ -407,7 +433,9 @@ def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO 
     raw: list[dict[str, Any]] = []
     with (
         targets.start("noop", workdir / "noop", args.workers) as noop,
-        targets.start("iotnode", workdir / "iotnode", args.workers) as node,
+        targets.start(
+            "iotnode", workdir / "iotnode", args.workers, parse_node_env(getattr(args, "node_env", []))
+        ) as node,
     ):
         for k in range(args.rounds):
             if progress:

@@ -9,7 +9,9 @@ stdout: ``{"type": "ready"}`` once connected, then, after a ``stop`` line on std
 
 Latency of a frame is ``receive time - ts`` (unix seconds): the generator puts its
 send time in each message's ``ts`` (:func:`bench.proto.encode_message`) and the node
-carries it to the client unchanged (DESIGN.md contract 4).  Frames of other devices
+carries it to the client unchanged (DESIGN.md contract 4).  ``node_lat`` is
+``receive time - received_at`` (the web front's receive time, same clock): the
+node's part, without the generator and the device socket.  Frames of other devices
 (``device`` not starting with ``prefix``) or sent before ``since`` (a previous run
 still draining) are counted apart, not measured.
 """
@@ -38,6 +40,7 @@ class Client(WSListener):
         self.prefix = prefix
         self.since = since
         self.lat = Histogram()
+        self.node_lat = Histogram()  # receive time - received_at: the node's part (web -> client)
         self.frames = 0  # measured frames
         self.other = 0  # frames of other devices or older runs
         self.bad = 0  # undecodable frames or without a numeric ts
@@ -60,6 +63,7 @@ class Client(WSListener):
         try:
             msg = json.loads(frame.get_payload_as_bytes())
             device, seq, ts = msg["device"], msg["seq"], float(msg["ts"])
+            received_at = float(msg["received_at"])
         except (ValueError, KeyError, TypeError):
             self.bad += 1
             return
@@ -70,6 +74,7 @@ class Client(WSListener):
             self.out_of_order += 1
         self.last_seq[device] = seq
         self.lat.record_us(max(0, int((now - ts) * 1e6)))
+        self.node_lat.record_us(max(0, int((now - received_at) * 1e6)))
         self.frames += 1
         if not self.first_at:
             self.first_at = now
@@ -106,6 +111,7 @@ async def run(spec: dict[str, Any]) -> None:
             "last_at": client.last_at,
             "closed": client.closed,
             "lat": client.lat.to_json(),
+            "node_lat": client.node_lat.to_json(),
         }
     )
     if client.closed is None:

@@ -193,8 +193,11 @@ def front_argv(
 
 
 @contextlib.contextmanager
-def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Iterator[Target]:
-    """Start target ``name`` under ``workdir``; yields its :class:`Target`; stops it on exit."""
+def start(
+    name: str, workdir: Path, workers: int, node_extra: dict[str, str] | None = None, **front_opts: object
+) -> Iterator[Target]:
+    """Start target ``name`` under ``workdir``; yields its :class:`Target`; stops it on exit.
+    ``node_extra``: more ``NODE_*`` variables for the ``iotnode`` target (e.g. a tunable)."""
     if name not in NAMES:
         raise BenchError(f"unknown target {name!r}: expected one of {', '.join(NAMES)}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +303,7 @@ def start(name: str, workdir: Path, workers: int, **front_opts: object) -> Itera
         else:  # iotnode
             if not (REPO / "node" / "workers" / "web.py").exists():
                 raise Skip("iotnode: node/workers/web.py does not exist yet (the web front has not landed)")
-            target = _start_iotnode(group, workdir, workers)
+            target = _start_iotnode(group, workdir, workers, node_extra or {})
         target.note = target.note or ""
         check_loopback_only(name, target.pids)
         yield target
@@ -392,10 +395,10 @@ def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Targ
     )
 
 
-def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
+def _start_iotnode(group: _Group, workdir: Path, workers: int, extra: dict[str, str]) -> Target:
     data = workdir / "data"
     data.mkdir(exist_ok=True)
-    env, ports = node_env(data, workers, NODE_PORTS)
+    env, ports = node_env(data, workers, NODE_PORTS, **extra)
     procfile = REPO / "Procfile"
     names = [
         line.split(":", 1)[0]
@@ -420,6 +423,8 @@ def _start_iotnode(group: _Group, workdir: Path, workers: int) -> Target:
     ]
     missing = sorted(set(names) - set(present))
     note = f"honcho start ({', '.join(present)}), {workers} web workers"
+    if extra:
+        note += "; " + " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
     if missing:
         note += f"; not yet built, not running: {', '.join(missing)}"
     return Target(

@@ -180,3 +180,15 @@ def test_soak_drift_compares_the_first_and_last_fifth_of_the_run() -> None:
     assert d["p99_ms_first"] == 10.0 and d["p99_ms_last"] == 50.0
     assert d["acked_s_first"] == d["acked_s_last"] == 1000
     assert d["rss_mb_first"] == 105.0 and d["rss_mb_last"] == 200.0
+
+
+def test_e2e_node_env_options_become_node_settings_and_anything_else_is_refused() -> None:
+    from bench.e2e import parse_node_env
+
+    assert parse_node_env(["NODE_PIPELINE_COALESCE_MS=0", "NODE_PUB_HWM=5"]) == {
+        "NODE_PIPELINE_COALESCE_MS": "0",
+        "NODE_PUB_HWM": "5",
+    }
+    for bad in ("NODE_PIPELINE_COALESCE_MS", "PATH=/tmp"):
+        with pytest.raises(proto.BenchError, match="NODE_VAR=VALUE"):
+            parse_node_env([bad])
