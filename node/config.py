@@ -266,6 +266,7 @@ class Settings:
     # Publisher / store
     durable_subscribers: tuple[str, ...] = ("store",)  # names whose CONFIRM the publisher waits for
     pub_hwm: int = 20000  # ZeroMQ high-water mark (messages) of the publisher's XPUB and the fanout's SUB
+    pub_heartbeat: float = 5.0  # seconds between the live stream's heartbeats (and one per new subscription)
 
     # Monitor (ingress ring -> router) and router (-> fan-in ring); docs/monitor-router.md
     monitor_batch_records: int = 256  # records per BATCH message
@@ -404,6 +405,7 @@ class Settings:
         take("NODE_FANOUT_QUEUE", "fanout_queue", lambda n, r: _parse_int(n, r, minimum=1, maximum=1_000_000))
         take("NODE_DURABLE_SUBSCRIBERS", "durable_subscribers", _parse_names)
         take("NODE_PUB_HWM", "pub_hwm", lambda n, r: _parse_int(n, r, minimum=1, maximum=10_000_000))
+        take("NODE_PUB_HEARTBEAT_MS", "pub_heartbeat", _milliseconds_between(50, 60_000))
         take("NODE_MONITOR_BATCH_RECORDS", "monitor_batch_records", _int_between(1, 65536))
         take("NODE_MONITOR_BATCH_BYTES", "monitor_batch_bytes", _int_between(1024, 64 * MIB))
         take("NODE_MONITOR_WINDOW", "monitor_window", _int_between(1, 1024))

@@ -418,12 +418,14 @@ class Reconnector:
     libzmq never retries a connection whose handshake was refused (ZAP denial,
     mechanism mismatch): without this, a store or fanout started before its key was
     authorized would wait forever.  :meth:`poll` (non-blocking, call it every loop
-    step or every few hundred ms) reads the socket's handshake events, logs the
-    first refusal with ``hint`` (what the operator must fix), counts each one in
-    ``iotnode_errors{stage, reason="handshake"}``, and ``RETRY`` s after a refusal
-    disconnects and connects the endpoint again; ``connected`` says whether a handshake
-    succeeded and the connection has not dropped since (readiness).  Works for ``zmq.asyncio`` sockets
-    too (the events are read through a plain socket on the same context).
+    step, or when :attr:`events` is readable and at :attr:`retry_at`) reads the
+    socket's handshake events, logs the first refusal with ``hint`` (what the
+    operator must fix), counts each one in ``iotnode_errors{stage, reason="handshake"}``,
+    and ``RETRY`` s after a refusal disconnects and connects the endpoint again;
+    ``connected`` says whether a handshake succeeded and the connection has not
+    dropped since (readiness), ``handshakes`` counts the successful ones (a stage
+    resends what a restarted peer lost).  Works for ``zmq.asyncio`` sockets too (the
+    events are read through a plain socket on the same context).
     """
 
     RETRY: Final = 2.0  # s between connection attempts while refused
@@ -457,6 +459,7 @@ class Reconnector:
         self.events.connect(address)
         self.refused = False
         self.connected = False  # a handshake succeeded and the connection has not dropped since
+        self.handshakes = 0  # handshakes that succeeded so far: a change means a (re)connection
         self.retry_at: float | None = None
 
     def poll(self) -> None:
@@ -473,6 +476,7 @@ class Reconnector:
                     self.log.info("the %s at %s accepted the handshake", self.peer, self.endpoint)
                 self.refused = False
                 self.connected = True
+                self.handshakes += 1
                 continue
             if kind == zmq.EVENT_DISCONNECTED:
                 self.connected = False

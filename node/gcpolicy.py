@@ -51,6 +51,15 @@ The policy (one per worker, started by the front's lifespan):
   doubling (a ramp to 10k connections: a few, none afterwards) instead of every
   +25 %.
 
+**Idle back-off** (issue 16).  A tick that finds the interval *quiet* -- not dirty,
+and fewer than :data:`QUIET_OBJECTS` net new tracked objects since the last freeze
+(``gc.get_count()[0]``: the freeze resets it) -- has nothing to freeze; the next
+sleep doubles, up to :data:`IDLE_INTERVAL` (an idle worker ticked 4 times a second
+for nothing).  A busy tick goes back to ``interval`` at once, and
+:meth:`GcPolicy.note_garbage` reschedules a backed-off tick to ``interval`` from
+now: a connection that begins after a quiet spell is collected and frozen as
+soon as before.  While traffic allocates, nothing changes: every tick is busy.
+
 :meth:`GcPolicy.restore` puts the interpreter's thresholds back and unfreezes
 (tests, shutdown).
 """
@@ -63,11 +72,14 @@ import logging
 import sys
 import time
 
-__all__ = ["COMPACT_GROWTH", "FREEZE_INTERVAL", "GcPolicy"]
+__all__ = ["COMPACT_GROWTH", "FREEZE_INTERVAL", "IDLE_INTERVAL", "GcPolicy"]
 
 log = logging.getLogger("iotnode.gc")
 
 FREEZE_INTERVAL = 0.25  # seconds between freezes of the young survivors
+IDLE_INTERVAL = 4.0  # s: the longest sleep between ticks once they find nothing to do
+#: a tick that finds fewer net new tracked objects than this (and no note_garbage) is quiet
+QUIET_OBJECTS = 200
 #: freezes between two growth checks (sys.getallocatedblocks: ~0.2 ms for a 150 MB heap)
 CHECK_EVERY = 4
 COMPACT_GROWTH = 2.0  # compact when the allocated blocks reached this many times their last count
@@ -89,13 +101,19 @@ class GcPolicy:
         check_every: int = CHECK_EVERY,
         growth: float = COMPACT_GROWTH,
         floor: int = COMPACT_FLOOR,
+        idle_interval: float = IDLE_INTERVAL,
     ) -> None:
-        if interval <= 0 or check_every < 1 or growth <= 1 or floor < 0:
+        if interval <= 0 or check_every < 1 or growth <= 1 or floor < 0 or idle_interval < interval:
             raise ValueError(
-                f"expected interval > 0, check_every >= 1, growth > 1, floor >= 0, "
-                f"got {interval}, {check_every}, {growth}, {floor}"
+                "expected interval > 0, check_every >= 1, growth > 1, floor >= 0, idle_interval >= "
+                f"interval, got {interval}, {check_every}, {growth}, {floor}, {idle_interval}"
             )
         self.interval = interval
+        self.idle_interval = idle_interval
+        self.sleep = interval  # until the next tick: interval, doubled per quiet tick up to idle_interval
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: asyncio.Future[None] | None = None
         self.check_every = check_every
         self.growth = growth
         self.floor = floor
@@ -127,9 +145,15 @@ class GcPolicy:
             self._ended += 1
         else:
             self._begun += 1
+        if self.sleep > self.interval:  # backed off: tick one interval from now, not later
+            self.sleep = self.interval
+            self._schedule(self.interval)
 
     def tick(self) -> None:
-        """One period: a young collection if dirty, freeze, now and then the growth check."""
+        """One period: a young collection if dirty, freeze, now and then the growth check;
+        sets :attr:`sleep` (back off while quiet)."""
+        busy = self._dirty or gc.get_count()[0] >= QUIET_OBJECTS
+        self.sleep = self.interval if busy else min(self.sleep * 2, self.idle_interval)
         if self._dirty:
             self._dirty = False
             gc.collect(1)
@@ -174,10 +198,31 @@ class GcPolicy:
         return collected
 
     async def run(self) -> None:
-        """:meth:`tick` every ``interval`` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(self.interval)
-            self.tick()
+        """:meth:`tick` every :attr:`sleep` seconds until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._due = self._loop.create_future()
+                self._schedule(self.sleep)
+                await self._due
+                self.tick()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._loop = self._timer = self._due = None
+
+    def _schedule(self, delay: float) -> None:
+        """(Re)arm the timer that ends the current sleep ``delay`` s from now."""
+        if self._loop is None or self._due is None:
+            return  # not running (unit tests call tick() themselves)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, self._end_sleep, self._due)
+
+    @staticmethod
+    def _end_sleep(due: asyncio.Future[None]) -> None:
+        if not due.done():
+            due.set_result(None)
 
     def restore(self) -> None:
         """Give the interpreter its thresholds back and unfreeze everything."""

@@ -421,6 +421,7 @@ def serve(port: int, host: str) -> ThreadingHTTPServer:
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         request_queue_size = 64
+        closing = False
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not slots.acquire(blocking=False):
@@ -444,9 +445,27 @@ def serve(port: int, host: str) -> ThreadingHTTPServer:
                 watchdog.cancel()
                 slots.release()
 
+        def serve_until_closed(self) -> None:
+            """``serve_forever`` without its 0.5 s poll (an idle stage's most frequent wake-up):
+            each ``handle_request`` blocks until a connection comes; :meth:`close` ends it."""
+            while not self.closing:
+                self.handle_request()
+
+        def close(self) -> None:
+            """Stop serving (from another thread): the listening socket's read side is
+            shut down, which wakes the blocked ``handle_request``."""
+            self.closing = True
+            try:
+                self.socket.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+        def shutdown(self) -> None:
+            self.close()  # serve_forever (which BaseServer.shutdown waits for) never runs
+
     Server.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
     server = Server((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="iotnode-metrics", daemon=True).start()
+    threading.Thread(target=server.serve_until_closed, name="iotnode-metrics", daemon=True).start()
     return server
 
 

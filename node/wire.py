@@ -23,7 +23,7 @@ publisher (XPUB) -> fanout (SUB), live subscribers only::
         epoch: a random number drawn at each publisher start, so a restart (n again
         from 1) is not mistaken for a gap.  A subscriber that sees n jump by more than
         1 on a topic missed messages (high-water-mark drops).
-    [HEARTBEAT_TOPIC, [ring_id, published]]   at least once a second
+    [HEARTBEAT_TOPIC, [ring_id, published]]   every NODE_PUB_HEARTBEAT_MS (5 s), and per new subscription
     XPUB <- SUB: b"\\x01" + prefix (subscribe), b"\\x00" + prefix (unsubscribe)
 
 store (DEALER) -> publisher (ROUTER, the replay endpoint): durable subscribers pull::

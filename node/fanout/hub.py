@@ -73,7 +73,6 @@ CLOSE_GOING_AWAY: Final = 1001
 MAX_BATCH: Final = 256  # SUB messages handled per wake-up (also bounded by half a client queue)
 MAX_CLOSE_REASON_BYTES: Final = 123  # RFC 6455 5.5.1: a control frame body is <= 125 bytes
 CLOSE_TIMEOUT: Final = 30.0  # seconds a close frame may wait behind a full socket
-HANDSHAKE_POLL: Final = 0.25  # seconds between reads of the SUB socket's handshake events
 
 _json_encode = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=False, separators=(",", ":")
@@ -441,9 +440,18 @@ class Hub:
             await asyncio.sleep(0)  # let the clients' sender tasks drain their queues
 
     async def _watch_handshakes(self) -> None:
-        while True:
-            await asyncio.sleep(HANDSHAKE_POLL)
-            self._reconnector.poll()
+        """Read the SUB socket's handshake events when they come (and retry a refused
+        handshake when due): no timer while connected (it polled 4 times a second)."""
+        events = zmq.asyncio.Socket.shadow(self._reconnector.events.underlying)
+        reconnector = self._reconnector
+        try:
+            while True:
+                retry_at = reconnector.retry_at
+                timeout = None if retry_at is None else max(0, int((retry_at - time.monotonic()) * 1000) + 1)
+                await events.poll(timeout)
+                reconnector.poll()
+        finally:
+            events.close()  # a shadow: only its reader on the loop goes (the reconnector closes the socket)
 
     async def close(self) -> None:
         for client in list(self._clients):

@@ -19,10 +19,11 @@
   the live stream reads and sends nothing per record.  ``n`` counts the messages
   published on the topic since this process started (``epoch`` is drawn at start),
   so a subscriber sees what the high-water mark (``NODE_PUB_HWM``) dropped.  A
-  heartbeat ``[ring_id, published_position]`` every ``HEARTBEAT_INTERVAL``.  When
+  heartbeat ``[ring_id, published_position]`` every ``Settings.pub_heartbeat``.  When
   the first subscription arrives the live stream starts at the newest committed
   record (it skips what the durable subscribers have not read yet: no backlog for
-  a client app).
+  a client app).  The heartbeat interval is ``NODE_PUB_HEARTBEAT_MS`` (5 s); a
+  new subscription gets one at once.
 
 No spin: the loop blocks in ``zmq.Poller.poll``; a doorbell thread blocks in
 ``reader.wait`` (GIL released) and pokes an ``inproc://`` PAIR when records are
@@ -54,11 +55,13 @@ READ_RECORDS = 256  # records per ring read / publish batch
 READ_BYTES = 1 << 20
 FETCH_MAX_RECORDS = 2048  # most records answered to one FETCH
 FETCH_MAX_BYTES = 2 << 20
-PARK_TIMEOUT = 0.5  # s: a parked FETCH is answered empty after this long
+#: s: a parked FETCH is answered empty after this long (the store resends an unanswered
+#: one after its FETCH_TIMEOUT, 8 s: keep this shorter).  An idle store and publisher
+#: exchange one long poll per PARK_TIMEOUT (issue 16: it was 0.5 s).
+PARK_TIMEOUT = 5.0
 MAX_PARKED = 64  # parked FETCHes (one per peer); beyond, answered at once
-HEARTBEAT_INTERVAL = 0.5  # s
 IDLE_POLL = 0.2  # s: longest block in poll when a signal cannot wake it (bounds SIGTERM latency)
-IDLE_POLL_WOKEN = 5.0  # s: the same once the stop fd is in the poller (watch_stop)
+IDLE_POLL_WOKEN = 60.0  # s: the same once the stop fd is in the poller (watch_stop): no idle wake of its own
 REPLAY_BUDGET = 64  # replay-socket messages handled per loop step
 SUBSCRIPTION_BUDGET = 4096  # XPUB subscription messages handled per loop step
 SKIP_READS = 16  # ring reads per loop step while the live stream skips to the newest
@@ -166,6 +169,7 @@ class Publisher:
         self.published = ring.head  # the live stream's position (everything before it was offered)
         self.read_end = self.published  # highest record end read so far (a record boundary)
         self.last_heartbeat = 0.0
+        self.heartbeat_interval = settings.pub_heartbeat
         self.catching_up = False  # the live stream skips to the newest records first
         self._read_cache: tuple[int, list[Any]] | None = None  # one step's read, shared
 
@@ -259,6 +263,8 @@ class Publisher:
             self._forget_counts()  # "everything" (or a foreign prefix) left
         if not had and self.topics:
             self.catching_up = True  # start at the newest records, not at what nobody read yet
+        if sub.subscribe:
+            self.last_heartbeat = 0.0  # the step's heartbeat tells the newcomer the position at once
         log.info(
             "live subscriber %s %r (%s)",
             "subscribed to" if sub.subscribe else "unsubscribed from",
@@ -425,9 +431,9 @@ class Publisher:
         live_waiting = bool(self.topics) and n < READ_RECORDS
         if self.parked or live_waiting:
             self.doorbell.arm()  # records committed past the last read wake the poll
-        if now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
+        if now - self.last_heartbeat >= self.heartbeat_interval:
             self.heartbeat()
-        timeout = min(self.idle_poll, max(0.0, self.last_heartbeat + HEARTBEAT_INTERVAL - now))
+        timeout = min(self.idle_poll, max(0.0, self.last_heartbeat + self.heartbeat_interval - now))
         if self.parked:
             timeout = min(timeout, max(0.0, min(d for _, d in self.parked.values()) - now))
         pop_in = self.pacer.timeout(now)

@@ -10,16 +10,21 @@ the store commits.  A RECORDS answer is three frames whatever its size
 State, per fan-in ring id:
 
 * ``durable`` -- the cursor committed in the sink with the data (next position
-  to store); confirmed to the publisher after every commit, every second, and at
-  start, so a restarted publisher learns it and may pop everything before it.
+  to store); confirmed to the publisher after every commit, at start, after every
+  reconnection, and again at the first wake-up ``CONFIRM_INTERVAL`` after the last
+  one (idle: with each long poll), so a restarted publisher learns it and may pop
+  everything before it.
 * ``expect`` -- the next position wanted: ``durable`` plus the pending batch.
 * ``fetch_from`` -- the ``from`` of the outstanding FETCH; an answer whose ``ask``
   is another position is stale (a resent FETCH answered twice) and ignored.
 
-An unanswered FETCH is resent after ``FETCH_TIMEOUT`` (publisher restarted, request
-lost), one that could not be sent (no connection yet) after ``SEND_RETRY``; the
-publisher answers a parked one after at most its ``PARK_TIMEOUT``
-(shorter), so silence means it is gone.  An empty answer that comes back at once
+An outstanding FETCH is resent, with a CONFIRM, as soon as the DEALER's connection
+handshake succeeds again (the publisher restarted: what it had parked is lost), and
+an unanswered one after ``FETCH_TIMEOUT`` (a request lost without a disconnection);
+one that could not be sent (no connection yet) after ``SEND_RETRY``.  The
+publisher answers a parked one after at most its ``PARK_TIMEOUT`` (shorter), so
+silence means it is gone.  An idle store therefore wakes once per long poll
+(``PARK_TIMEOUT``, 5 s), not on timers of its own (issue 16).  An empty answer that comes back at once
 (not a long-poll timeout: e.g. the cursor is beyond the ring's tail) is asked
 again only after ``EMPTY_RETRY``.  The store starts with a probe FETCH to learn the
 ring id, then fetches from its cursor, or from the ring's head when the sink has
@@ -50,13 +55,15 @@ NAME = "store"  # the name this subscriber confirms with (NODE_DURABLE_SUBSCRIBE
 MAX_BATCH = 2000  # records per transaction
 MAX_DELAY = 0.02  # s: longest a received record waits for its transaction
 FETCH_MAX = 2000  # records asked per FETCH
-FETCH_TIMEOUT = 1.5  # s: resend an unanswered FETCH (publisher restarted, request lost)
+#: s: resend an unanswered FETCH (a request lost); must exceed the publisher's PARK_TIMEOUT (5 s).
+#: A restarted publisher is noticed sooner: the reconnection's handshake resends at once.
+FETCH_TIMEOUT = 8.0
 EMPTY_RETRY = 0.5  # s: wait before asking again after an immediate empty answer
 SEND_RETRY = 0.05  # s: retry a FETCH the DEALER could not send (no connection: ZMQ_IMMEDIATE)
 QUICK_EMPTY = 0.05  # s: an empty answer faster than this was not a long-poll timeout
-CONFIRM_INTERVAL = 1.0  # s: re-confirm the cursor even when idle
+CONFIRM_INTERVAL = 1.0  # s: re-confirm the cursor at the next wake-up this long after the last CONFIRM
 IDLE_POLL = 0.2  # s: longest block in poll when a signal cannot wake it (bounds SIGTERM latency)
-IDLE_POLL_WOKEN = 5.0  # s: the same once the stop fd is in the poller (watch_stop)
+IDLE_POLL_WOKEN = 60.0  # s: the same once the stop fd is in the poller (watch_stop): no idle wake of its own
 DRAIN_BUDGET = 8  # answers handled per loop step before committing / polling
 
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -99,6 +106,8 @@ class Store:
         self.dealer.connect(self.endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
+        self.poller.register(self.reconnector.events, zmq.POLLIN)  # a (re)connection wakes the loop
+        self.handshakes = 0  # the reconnector's count the outstanding FETCH was sent after
         self.idle_poll = IDLE_POLL
 
         self.ring: bytes | None = None
@@ -247,7 +256,7 @@ class Store:
         try:
             self.dealer.send_multipart(wire.encode_confirm(NAME, self.ring, self.durable), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # the publisher is away; confirmed again within CONFIRM_INTERVAL
+            pass  # the publisher is away; confirmed again when it is back (or at the next wake-up)
 
     def watch_stop(self, stop: object) -> None:
         """Wake the poll when ``stop``'s signal arrives: an idle step may then block longer."""
@@ -275,15 +284,22 @@ class Store:
     def step(self) -> None:
         self.reconnector.poll()
         now = time.monotonic()
+        reconnected = self.reconnector.handshakes != self.handshakes
+        if reconnected:
+            self.handshakes = self.reconnector.handshakes
+            if self.ring is not None:
+                log.info("connected to the publisher again: FETCH from %s, CONFIRM resent", self.fetch_from)
+                self.fetch_due = now  # a restarted publisher lost the parked FETCH
+            self.last_confirm = 0.0  # ... and knows no cursor
         if now >= self.fetch_due:
-            if self.ring is not None and now - self.fetch_sent_at >= FETCH_TIMEOUT:
+            if self.ring is not None and not reconnected and now - self.fetch_sent_at >= FETCH_TIMEOUT:
                 log.info("FETCH from %s unanswered for %.1fs: asking again", self.fetch_from, FETCH_TIMEOUT)
             self.start_fetch()
         if now - self.last_confirm >= CONFIRM_INTERVAL:
-            self.confirm()
-        timeout = max(
-            0.0, min(self.idle_poll, self.fetch_due - now, self.last_confirm + CONFIRM_INTERVAL - now)
-        )
+            self.confirm()  # not a timer of its own: an idle store wakes once per long poll
+        timeout = max(0.0, min(self.idle_poll, self.fetch_due - now))
+        if self.reconnector.retry_at is not None:  # a refused handshake is retried then
+            timeout = max(0.0, min(timeout, self.reconnector.retry_at - now))
         if self.dirty:
             timeout = max(0.0, min(timeout, self.pending_since + MAX_DELAY - now))
         if self.poller.poll(int(timeout * 1000)):

@@ -5,6 +5,7 @@
 get close code 1012 from uvicorn, at most :data:`GRACE` seconds are waited), 2 for a
 bad configuration value or a port that cannot be bound (the message names the
 variable), 3 when the app could not start (e.g. the SUB socket refused the endpoint).
+uvicorn's server is :class:`node.uvserver.Server` (no 10 Hz main-loop tick).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from node.fanout.app import create_app
 from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, Limits, install, set_user_timeout
 from node.metrics import register_process
 from node.privatefile import private_data_dir
+from node.uvserver import Server
 from node.workers.runtime import configure_logging
 
 log = logging.getLogger("node.workers.fanout")
@@ -116,7 +118,7 @@ def main() -> None:
         proxy_headers=False,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
 
     # uvicorn re-raises the signal it caught once it has shut down; make that a no-op
     # so SIGTERM ends with status 0 (contract 1: a clean stop is not a failure).

@@ -19,6 +19,10 @@ Hostile clients (docs/security.md): uvicorn gets the protocol classes of
 queued frames and unwritten bytes), and the listening socket, bound here, has
 ``TCP_USER_TIMEOUT`` (``NODE_TCP_USER_TIMEOUT_MS``), inherited by every accepted
 connection: a peer that leaves our data unacknowledged that long is aborted.
+
+uvicorn runs as :mod:`node.uvserver` (its ``Supervisor`` and ``Server``): no 10 Hz
+main-loop tick in the workers, no 2 Hz health ping from the supervisor; an idle
+front sleeps (issue 16).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import socket
 import sys
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from node.auth import TokenPolicy, load_secret
 from node.config import Settings, load_settings
@@ -37,6 +40,7 @@ from node.errors import NodeError
 from node.front.app import raise_nofile_limit
 from node.httpguard import HTTP_PROTOCOL, WS_PROTOCOL, set_user_timeout
 from node.privatefile import private_data_dir
+from node.uvserver import Server, Supervisor
 
 #: uvicorn's sans-I/O websockets implementation: no reader task per connection
 #: (the legacy one keeps one, plus one keep-alive task), pauses reading while the
@@ -100,9 +104,9 @@ def main() -> None:
     set_user_timeout(sock, settings.tcp_user_timeout_ms)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[sock]).run()
+            Supervisor(config, sockets=[sock]).run()
         else:
-            server = uvicorn.Server(config)
+            server = Server(config)
             server.run(sockets=[sock])
             if not server.started:
                 raise SystemExit(3)

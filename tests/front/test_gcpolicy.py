@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
+import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from node.gcpolicy import GcPolicy
+from node.gcpolicy import QUIET_OBJECTS, GcPolicy
 
 
 class _Node:
@@ -177,8 +179,81 @@ def test_restore_gives_back_the_thresholds_and_unfreezes() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, shown",
-    [({"interval": 0}, "0"), ({"check_every": 0}, "0"), ({"growth": 1.0}, "1.0"), ({"floor": -1}, "-1")],
+    [
+        ({"interval": 0}, "0"),
+        ({"check_every": 0}, "0"),
+        ({"growth": 1.0}, "1.0"),
+        ({"floor": -1}, "-1"),
+        ({"interval": 1.0, "idle_interval": 0.5}, "0.5"),
+    ],
 )
 def test_bad_settings_are_refused_naming_the_value(kwargs: dict[str, float], shown: str) -> None:
     with pytest.raises(ValueError, match=shown):
         GcPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_quiet_ticks_back_off_to_the_idle_interval_and_a_busy_one_comes_back_at_once() -> None:
+    saved = gc.get_threshold()
+    p = GcPolicy(interval=0.25, idle_interval=2.0)
+    p.start()
+    try:
+        sleeps = []
+        for _ in range(5):  # nothing allocated between the ticks
+            p.tick()
+            sleeps.append(p.sleep)
+        assert sleeps == [0.5, 1.0, 2.0, 2.0, 2.0]
+        survivors = [_Node() for _ in range(QUIET_OBJECTS)]  # traffic: new objects that live on
+        p.tick()
+        assert p.sleep == 0.25
+        p.tick()
+        assert p.sleep == 0.5  # frozen by the busy tick: quiet again
+        p.note_garbage()  # a connection begins
+        assert p.sleep == 0.25
+        p.tick()
+        assert p.sleep == 0.25  # the dirty tick itself counts as busy
+        assert len(survivors) == QUIET_OBJECTS
+    finally:
+        p.restore()
+        gc.set_threshold(*saved)
+
+
+def test_a_connection_after_a_quiet_spell_is_collected_within_one_interval() -> None:
+    """run(): backed off to a long sleep, note_garbage() brings the next tick to
+    ``interval`` from now (not the rest of the long sleep)."""
+    saved = gc.get_threshold()
+    p = GcPolicy(interval=0.05, idle_interval=5.0)
+    ticks: list[float] = []
+    tick = p.tick
+
+    def counted() -> None:
+        tick()
+        ticks.append(time.monotonic())
+
+    p.tick = counted  # type: ignore[method-assign]
+
+    async def go() -> float:
+        p.start()
+        task = asyncio.get_running_loop().create_task(p.run())
+        try:
+            for _ in range(200):  # bounded: until backed off past 1 s (0.05 .. 1.6: ~3 s)
+                if p.sleep > 1.0:
+                    break
+                await asyncio.sleep(0.05)
+            assert p.sleep > 1.0, f"never backed off: sleep {p.sleep}"
+            await asyncio.sleep(0.1)
+            seen, noted = len(ticks), time.monotonic()
+            p.note_garbage()
+            for _ in range(100):
+                if len(ticks) > seen:
+                    return ticks[seen] - noted
+                await asyncio.sleep(0.01)
+            raise AssertionError("no tick within 1 s of note_garbage")
+        finally:
+            task.cancel()
+
+    try:
+        waited = asyncio.run(go())
+        assert waited < 0.5, f"the tick came {waited:.2f} s after note_garbage"
+    finally:
+        p.restore()
+        gc.set_threshold(*saved)

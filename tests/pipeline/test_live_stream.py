@@ -21,9 +21,9 @@ TIMEOUT = 10.0
 class LiveNode:
     """A publisher on a private data dir; the test appends to its fan-in ring."""
 
-    def __init__(self, data_dir: Path, processes: Processes) -> None:
+    def __init__(self, data_dir: Path, processes: Processes, **env: object) -> None:
         self.processes = processes
-        self.env = node_env(data_dir)
+        self.env = node_env(data_dir, **env)
         processes.start("publisher", "node.workers.publisher", self.env, data_dir.parent)
         path = data_dir / "fanin.ring"
         wait_until(path.exists, 15, what="the publisher to create the fan-in ring")
@@ -120,7 +120,17 @@ def test_xpub_publishes_nothing_while_unsubscribed_and_a_topic_again_after_a_sub
     assert unpack_record(again[0].record).seq >= unheard  # live records, not the unheard ones
 
 
-def test_empty_prefix_follows_every_device_and_heartbeats_keep_coming(live: LiveNode) -> None:
+def test_empty_prefix_follows_every_device_and_heartbeats_keep_coming(
+    data_dir: Path, processes: Processes
+) -> None:
+    live = LiveNode(data_dir, processes, NODE_PUB_HEARTBEAT_MS=300)  # default 5 s: too slow to wait for
+    try:
+        _follow_everything_and_count_heartbeats(live)
+    finally:
+        live.close()
+
+
+def _follow_everything_and_count_heartbeats(live: LiveNode) -> None:
     live.sub.setsockopt(zmq.SUBSCRIBE, b"")  # what the fanout does for device=*
     n = live.until_live("a")[-1].n
     live.append("b", "c", "a")
@@ -133,6 +143,19 @@ def test_empty_prefix_follows_every_device_and_heartbeats_keep_coming(live: Live
         if live.sub.poll(200) and live.sub.recv_multipart()[0] == wire.HEARTBEAT_TOPIC:
             beats += 1
     assert beats == 2, "no heartbeats on the live stream"
+
+
+def test_a_new_subscription_gets_a_heartbeat_at_once(live: LiveNode) -> None:
+    """With the default interval (5 s), a subscriber still learns the position at once."""
+    live.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:  # the subscription may need a moment to reach the XPUB
+        if live.sub.poll(100):
+            frames = live.sub.recv_multipart()
+            assert wire.decode_heartbeat(frames)[0] == live.ring.incarnation
+            break
+    else:
+        raise AssertionError("no heartbeat within 3 s of subscribing")
 
 
 def test_live_position_below_the_ring_head_moves_to_the_head_instead_of_crashing(data_dir: Path) -> None:
