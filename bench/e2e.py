@@ -17,6 +17,21 @@ machine), each round in turn, beside a no-op front with the same web workers:
   with a ``["*"]`` client token; the latency of a frame is its receive time minus
   the ``ts`` the generator wrote when it sent the message.
 
+With ``--sinks`` (issue 13) the latency part is left out and each round measures
+the same closed-loop load on three targets in turn: the no-op front, the node with
+its SQLite store only (``iotnode``) and the node with its storage tier on
+(``iotnode+sinks``: the ``postgres``, ``victoria`` and ``lake`` processes of
+Procfile.storage writing to a private PostgreSQL and VictoriaMetrics on loopback and a
+Parquet lake).  For the latter, besides acked and SQLite-stored msg/s: each sink's
+rows/s over the same window (``iotnode_sink_rows_total``), its lag behind the SQLite
+store when the load stops (``iotnode_sink_lag_records``), the time until it has every
+stored row, and then a check of the destinations themselves -- PostgreSQL's
+``count(*)``, the lake's rows read by DuckDB, VictoriaMetrics' samples from
+``/api/v1/export`` -- against the rows in the SQLite store: each must hold exactly
+those rows, each once.  The generator writes device timestamps in strictly increasing
+milliseconds per device in this mode (VictoriaMetrics keeps one sample per series and
+millisecond).
+
 Only the generator, the client and the node run; all on loopback.
 """
 
@@ -78,6 +93,12 @@ def add_parser(sub: Any) -> None:
         metavar="NODE_VAR=VALUE",
         help="a setting for the node (repeatable), e.g. NODE_PIPELINE_COALESCE_MS=0",
     )
+    g.add_argument(
+        "--sinks",
+        action="store_true",
+        help="throughput only, on three targets per round: no-op front, node with SQLite only, node with"
+        " the PostgreSQL, VictoriaMetrics and Parquet sinks on (private servers); checks every sink's rows",
+    )
 
 
 def parse_node_env(items: list[str]) -> dict[str, str]:
@@ -110,7 +131,9 @@ def scenarios(args: argparse.Namespace) -> tuple[runner.Scenario, list[runner.Sc
     """The throughput scenario and one latency scenario per offered rate."""
     if args.rounds < 1:
         raise proto.BenchError(f"--rounds: expected an integer >= 1, got {args.rounds}")
-    common = dict(payload=args.payload, encoding=args.encoding, processes=args.processes, metrics_every=1.0)
+    common: dict[str, Any] = dict(
+        payload=args.payload, encoding=args.encoding, processes=args.processes, metrics_every=1.0
+    )
     thr = runner.Scenario(
         name="e2e-max",
         mode="max",
@@ -119,8 +142,12 @@ def scenarios(args: argparse.Namespace) -> tuple[runner.Scenario, list[runner.Sc
         duration=args.duration,
         ramp=2000.0,
         drain=5.0,
+        distinct_ts=bool(getattr(args, "sinks", False)),
         **common,
     )
+    if getattr(args, "sinks", False):
+        thr.check()
+        return thr, []
     lat = [
         runner.Scenario(
             name=f"e2e-{rate:g}",
@@ -426,7 +453,312 @@ LAT_COLS = [
 ]
 
 
+# ------------------------------------------------------------------ --sinks: the storage tier
+SINKS = tuple(targets.SINK_PORTS)  # postgres, victoria, lake
+
+
+def sink_rates(result: dict[str, Any]) -> dict[str, Any]:
+    """Each sink's rows made durable per second over the steady window, from the
+    ``sink_rows:<sink>`` values of the per-second scrapes (:func:`bench.runner.run`)."""
+    duration = result["scenario"]["duration"]
+    out: dict[str, Any] = {}
+    for sink in SINKS:
+        key = f"sink_rows:{sink}"
+        rows = [s for s in result.get("stage_counts", []) if -0.5 <= s["t"] <= duration + 0.5 and key in s]
+        if len(rows) < 2:
+            raise proto.BenchError(f"fewer than two scrapes of the {sink} sink's counter in the window")
+        first, last = rows[0], rows[-1]
+        span = last["t"] - first["t"]
+        out[f"{sink}_rows"] = int(last[key] - first[key])
+        out[f"{sink}_rows_s"] = round((last[key] - first[key]) / span, 1) if span > 0 else None
+    return out
+
+
+def store_rowid(path: str) -> int:
+    """The SQLite store's last rowid (rows are never deleted: rowids are dense), read-only."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT max(rowid) FROM messages").fetchone()[0] or 0)
+    finally:
+        db.close()
+
+
+class SinkWatch:
+    """From the moment the load stopped: each sink's ``iotnode_sink_rows_total`` every
+    0.2 s in a thread, so that the time each sink needed to hold every stored row is
+    known even while :func:`wait_drained` is still waiting for the web's counters."""
+
+    def __init__(self, target: runner.Target, ended: float) -> None:
+        self.target = target
+        self.ended = ended
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            state = procstat.scrape_sink_state(self.target.sink_metrics)
+            self.samples.append((time.monotonic() - self.ended, state))
+            self.stop.wait(0.2)
+
+    def wait(self, timeout: float = DRAIN_TIMEOUT) -> dict[str, Any]:
+        """Call once the SQLite store drained: wait (bounded) until every sink has made
+        each stored row durable -- its counter, counted from its start on an empty
+        destination, reaches the store's last rowid; then the seconds each needed."""
+        last = store_rowid(self.target.stores["sqlite"])
+        deadline = time.monotonic() + timeout
+
+        def first_at(sink: str) -> float | None:
+            key = f"sink_rows:{sink}"
+            return next((round(t, 2) for t, st in self.samples if st.get(key, 0) >= last), None)
+
+        while any(first_at(s) is None for s in SINKS) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.stop.set()
+        self.thread.join(timeout=5)
+        done = {s: first_at(s) for s in SINKS}
+        return {
+            "store_rows": last,
+            "drained": all(v is not None for v in done.values()),
+            **{f"{s}_drain_s": v for s, v in done.items()},
+            "state": self.samples[-1][1] if self.samples else {},
+        }
+
+
+def _pg_counts(dsn: str) -> tuple[int, int]:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        sql = "SELECT count(*), count(DISTINCT (device_id, seq)) FROM iotnode_messages"
+        row = conn.execute(sql).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _lake_counts(lake: str) -> tuple[int, int]:
+    import duckdb
+
+    if not list(Path(lake).glob("date=*/type=*/*.parquet")):
+        return 0, 0
+    ((total, distinct),) = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT (device_id, seq)) FROM read_parquet('{lake}/*/*/*.parquet',"
+        " hive_partitioning = true)"
+    ).fetchall()
+    return int(total), int(distinct)
+
+
+def _vm_counts(url: str) -> tuple[int, int]:
+    """Samples of every ``<type>_iotnode_seq`` series (one per message: its value is the
+    seq) in ``/api/v1/export``, and the distinct (device, seq) among them."""
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/internal/force_flush", timeout=30) as resp:
+        resp.read()
+    query = urllib.parse.urlencode(
+        {"match[]": '{__name__=~".+_iotnode_seq"}', "start": "0", "end": str(int(time.time()) + 86400)}
+    )
+    samples = distinct = 0
+    with urllib.request.urlopen(f"{url}/api/v1/export?{query}", timeout=120) as resp:
+        for line in resp:
+            if line.strip():
+                values = json.loads(line)["values"]
+                samples += len(values)
+                distinct += len(set(values))  # a series is one device: distinct seqs
+    return samples, distinct
+
+
+def verify_stores(target: runner.Target, timeout: float = 20.0) -> dict[str, Any]:
+    """Count the rows in the SQLite store and in each destination (each read from the
+    destination itself, not from the sinks' counters): every sink must hold exactly the
+    stored rows, each once.  VictoriaMetrics makes samples searchable with a delay
+    (-search.latencyOffset=1s, its in-memory buffer): its count is retried until
+    ``timeout``."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{target.stores['sqlite']}?mode=ro", uri=True)
+    try:
+        rows = int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+    finally:
+        db.close()
+    counts = {"postgres": _pg_counts(target.stores["postgres"]), "lake": _lake_counts(target.stores["lake"])}
+    deadline = time.monotonic() + timeout
+    while True:
+        counts["victoria"] = _vm_counts(target.stores["victoria"])
+        if counts["victoria"][0] >= rows or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    out: dict[str, Any] = {"sqlite_rows": rows}
+    problems = []
+    for sink in SINKS:
+        total, distinct = counts[sink]
+        out[f"{sink}_rows_total"] = total
+        out[f"{sink}_distinct"] = distinct
+        if total != rows or distinct != rows:
+            problems.append(f"{sink}: {total} rows ({distinct} distinct (device, seq)), the store has {rows}")
+    out["exact"] = not problems
+    out["problems"] = problems
+    return out
+
+
+def _ratio(x: float | None, base: float | None) -> float | None:
+    return round(x / base, 3) if x is not None and base else None
+
+
+def measure_sinks(
+    scn: runner.Scenario,
+    noop: runner.Target,
+    plain: runner.Target,
+    node: runner.Target,
+    log_dir: Path,
+    progress: TextIO | None,
+) -> dict[str, Any]:
+    """One ``--sinks`` round: the same closed-loop load on the no-op front, the node with
+    SQLite only, then the node with every sink on; the latter drained and checked."""
+    base = runner.run(scn, noop, log_dir / "noop", progress)
+    sq = runner.run(scn, plain, log_dir / "iotnode", progress)
+    sq_stored = stored_rate(sq)
+    sq_drain = wait_drained(plain)
+    wait_drained(node)
+    r = runner.run(scn, node, log_dir / "iotnode+sinks", progress)
+    ended = time.monotonic()
+    end_sinks = procstat.scrape_sink_state(node.sink_metrics)
+    end_depths = procstat.scrape_ring_depths(node.metrics)
+    watch = SinkWatch(node, ended)
+    try:
+        stored = stored_rate(r)
+        rates = sink_rates(r)
+        drain = wait_drained(node)
+        sinks_drain = watch.wait()
+    finally:
+        watch.stop.set()
+    check = verify_stores(node)
+    noop_s = base["acked_msg_s"]
+    slowest = min([stored["stored_msg_s"] or 0.0] + [rates[f"{s}_rows_s"] or 0.0 for s in SINKS])
+    row: dict[str, Any] = {
+        "noop_acked_msg_s": noop_s,
+        "sqlite_acked_msg_s": sq["acked_msg_s"],
+        "sqlite_stored_msg_s": sq_stored["stored_msg_s"],
+        "sqlite_stored_vs_noop": _ratio(sq_stored["stored_msg_s"], noop_s),
+        "acked_msg_s": r["acked_msg_s"],
+        "stored_msg_s": stored["stored_msg_s"],
+        "acked_vs_noop": _ratio(r["acked_msg_s"], noop_s),
+        "stored_vs_noop": _ratio(stored["stored_msg_s"], noop_s),
+        **{f"{s}_rows_s": rates[f"{s}_rows_s"] for s in SINKS},
+        **{f"{s}_vs_noop": _ratio(rates[f"{s}_rows_s"], noop_s) for s in SINKS},
+        "all_sinks_vs_noop": _ratio(slowest, noop_s),
+        **{f"{s}_lag_end": end_sinks.get(f"sink_lag:{s}") for s in SINKS},
+        "ingress_depth_end": end_depths.get("ingress"),
+        "fanin_depth_end": end_depths.get("fanin"),
+        "catch_up_s": drain["catch_up_s"],
+        **{f"{s}_drain_s": sinks_drain[f"{s}_drain_s"] for s in SINKS},
+        "drained": drain["drained"] and sinks_drain["drained"] and sq_drain["drained"],
+        "stores_exact": check["exact"],
+        "store_rows": check["sqlite_rows"],
+        "target_cpu_s_by_role": r["target_procs"]["cpu_s_by_role"],
+        "sqlite_target_cpu_s_by_role": sq["target_procs"]["cpu_s_by_role"],
+    }
+    return {
+        "row": row,
+        "noop": base,
+        "iotnode": sq,
+        "iotnode+sinks": r,
+        "drain": drain,
+        "sinks_drain": sinks_drain,
+        "check": check,
+        "window": {**stored, **rates},
+    }
+
+
+SINKS_COLS = [
+    "round",
+    "noop_acked_msg_s",
+    "sqlite_stored_msg_s",
+    "sqlite_stored_vs_noop",
+    "acked_msg_s",
+    "stored_msg_s",
+    "acked_vs_noop",
+    "stored_vs_noop",
+    "postgres_rows_s",
+    "victoria_rows_s",
+    "lake_rows_s",
+    "all_sinks_vs_noop",
+    "postgres_lag_end",
+    "victoria_lag_end",
+    "lake_lag_end",
+    "catch_up_s",
+    "postgres_drain_s",
+    "victoria_drain_s",
+    "lake_drain_s",
+    "store_rows",
+    "stores_exact",
+]
+SINKS_SUMMARY = [
+    "sqlite_stored_vs_noop",
+    "acked_vs_noop",
+    "stored_vs_noop",
+    "postgres_vs_noop",
+    "victoria_vs_noop",
+    "lake_vs_noop",
+    "all_sinks_vs_noop",
+]
+
+
+def run_sinks(
+    args: argparse.Namespace, workdir: Path, command: str, progress: TextIO | None
+) -> dict[str, Any]:
+    thr, _ = scenarios(args)
+    extra = parse_node_env(getattr(args, "node_env", []))
+    rows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    with (
+        targets.start("noop", workdir / "noop", args.workers) as noop,
+        targets.start("iotnode", workdir / "iotnode", args.workers, extra) as plain,
+        targets.start("iotnode+sinks", workdir / "iotnode+sinks", args.workers, extra) as node,
+    ):
+        for k in range(args.rounds):
+            if progress:
+                print(
+                    f"--- e2e --sinks round {k + 1}/{args.rounds}: no-op, iotnode (SQLite), iotnode+sinks",
+                    file=progress,
+                )
+            m = measure_sinks(thr, noop, plain, node, workdir / "logs" / f"sinks-{k}", progress)
+            rows.append({"round": k + 1, **m["row"]})
+            raw.append(m)
+            if not m["check"]["exact"]:
+                raise proto.BenchError(
+                    f"round {k + 1}: a sink does not hold exactly the stored rows: {m['check']['problems']}"
+                )
+        notes = {"noop": noop.note, "iotnode": plain.note, "iotnode+sinks": node.note}
+    summary: dict[str, Any] = {}
+    for key in SINKS_SUMMARY:
+        xs = [r[key] for r in rows if r[key] is not None]
+        summary[f"{key}_median"] = _median(xs)
+        summary[f"{key}_range"] = [min(xs), max(xs)] if xs else None
+    summary["stores_exact"] = all(r["stores_exact"] for r in rows)
+    doc = {
+        "command": command,
+        "tree": str(runner.REPO),
+        "mode": "sinks",
+        "targets": notes,
+        "throughput": rows,
+        "latency": [],
+        "summary": summary,
+        "runs": raw,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-e2e-sinks.json"
+    path.write_text(json.dumps(doc, indent=1))
+    doc["path"] = str(path)
+    return doc
+
+
 def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO | None) -> dict[str, Any]:
+    if getattr(args, "sinks", False):
+        return run_sinks(args, workdir, command, progress)
     thr, lats = scenarios(args)
     thr_rows: list[dict[str, Any]] = []
     lat_rows: list[dict[str, Any]] = []
@@ -477,6 +809,16 @@ def run(args: argparse.Namespace, workdir: Path, command: str, progress: TextIO 
 
 
 def print_doc(doc: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    if doc.get("mode") == "sinks":
+        print(markdown(doc["throughput"], SINKS_COLS), file=out)
+        s = doc["summary"]
+        print("\nvs the no-op front's acked msg/s, median of rounds (min–max):", file=out)
+        for key in SINKS_SUMMARY:
+            lo_hi = s[f"{key}_range"] or [None, None]
+            print(f"  {key}: {s[f'{key}_median']} ({lo_hi[0]}–{lo_hi[1]})", file=out)
+        print(f"every sink holds exactly the stored rows after each round: {s['stores_exact']}", file=out)
+        print(f"results: {doc['path']}", file=out)
+        return
     print(markdown(doc["throughput"], THR_COLS), file=out)
     print(file=out)
     print(markdown(doc["latency"], LAT_COLS), file=out)

@@ -67,6 +67,10 @@ class Gen:
         self.data = proto.make_data(int(spec.get("payload", 64)))
         self.window: int = int(spec.get("window", 1000))
         self.mode: str = spec["mode"]
+        # Device time ``ts`` in whole, strictly increasing milliseconds per connection: a
+        # store that keeps one sample per series and millisecond (VictoriaMetrics with
+        # -dedup.minScrapeInterval=1ms) then holds every message (bench e2e --sinks).
+        self.distinct_ts = bool(spec.get("distinct_ts", False))
         self.lat = Histogram()  # interval histogram, merged into total each tick
         self.total = Histogram()
         self.connect_hist = Histogram()
@@ -108,6 +112,7 @@ class Conn(WSListener):
         self.mqtt = proto.MqttParser() if gen.kind == "mqtt" else None
         self.connected_evt: asyncio.Event = asyncio.Event()
         self.reconnects = 0
+        self.last_ms = 0  # distinct_ts: the last ts written, in ms
 
     # ------------------------------------------------------------------ picows
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -183,15 +188,22 @@ class Conn(WSListener):
         self.pump()
 
     # ------------------------------------------------------------------ sending
+    def _ts(self) -> float:
+        if not self.gen.distinct_ts:
+            return time.time()
+        ms = max(int(time.time() * 1000), self.last_ms + 1)
+        self.last_ms = ms
+        return ms / 1000
+
     def _write(self, seq: int, sched: float) -> None:
         gen = self.gen
         if self.mqtt is not None:
-            body = proto.encode_message("msgpack", seq, time.time(), gen.data)
+            body = proto.encode_message("msgpack", seq, self._ts(), gen.data)
             pkt = proto.mqtt_publish_qos1(self.topic, seq % 0xFFFF + 1, body)
             self.transport.send(WSMsgType.BINARY, pkt)  # type: ignore[union-attr]
         else:
             self.transport.send(  # type: ignore[union-attr]
-                gen.msg_type, proto.encode_message(gen.encoding, seq, time.time(), gen.data)
+                gen.msg_type, proto.encode_message(gen.encoding, seq, self._ts(), gen.data)
             )
         self.inflight.append((seq, sched))
         gen.sent += 1

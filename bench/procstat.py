@@ -167,6 +167,23 @@ def scrape_stage_counts(urls: list[str], timeout: float = 1.0) -> dict[str, floa
     return out
 
 
+_SINK = re.compile(
+    r'^iotnode_sink_(rows_total|lag_records)\{[^}]*sink="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M
+)
+
+
+def scrape_sink_state(urls: list[str], timeout: float = 1.0) -> dict[str, float]:
+    """Each storage sink's ``iotnode_sink_rows_total`` and ``iotnode_sink_lag_records``
+    from the sink processes' ``/metrics`` that answer (loopback only), keyed
+    ``sink_rows:<sink>`` and ``sink_lag:<sink>`` (e.g. ``sink_rows:postgres``)."""
+    out: dict[str, float] = {}
+    for text in _scrape(urls, timeout):
+        for metric, sink, value in _SINK.findall(text):
+            key = f"{'sink_rows' if metric == 'rows_total' else 'sink_lag'}:{sink}"
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
 _BUCKET = re.compile(r'^iotnode_ack_latency_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
 
 

@@ -38,6 +38,7 @@ class Scenario:
     sources: int = 8  # 127.0.0.x source addresses the connections are spread over
     drain: float = 5.0
     metrics_every: float = 5.0
+    distinct_ts: bool = False  # device ts in strictly increasing whole ms per connection (loadgen)
 
     def check(self) -> None:
         def bad(what: str, value: object, expected: str) -> None:
@@ -75,6 +76,8 @@ class Target:
     metrics: list[str] = field(default_factory=list)  # /metrics URLs to scrape ring depths from
     note: str = ""
     fanout_url: str = ""  # iotnode started by the harness: its client-app stream (bench.e2e)
+    sink_metrics: list[str] = field(default_factory=list)  # /metrics of its storage sinks (iotnode+sinks)
+    stores: dict[str, str] = field(default_factory=dict)  # where it stores: sqlite, postgres, victoria, lake
 
     def check(self) -> None:
         host = self.url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
@@ -209,6 +212,7 @@ def run(
                 "drain": scn.drain,
                 "sources": sources,
                 "devices": devices[k::nproc],
+                "distinct_ts": scn.distinct_ts,
             }
             workers.append(_Worker(k, spec, log_dir, lines))
         return _drive(scn, target, workers, lines, progress, started)
@@ -292,6 +296,8 @@ def _drive(
             if depths:
                 ring_depths.append({"t": round(now - t0, 2), **depths})
             counts = procstat.scrape_stage_counts(target.metrics)
+            if counts and target.sink_metrics:
+                counts.update(procstat.scrape_sink_state(target.sink_metrics))
             if counts:
                 stage_counts.append({"t": round(now - t0, 2), **counts})
             next_metrics += scn.metrics_every

@@ -2,6 +2,9 @@
 
 ``noop``      the baseline front (:mod:`bench.servers.front`, sink noop)
 ``iotnode``   the whole node (``honcho start`` in the repository, private data dir)
+``iotnode+sinks``  the whole node and its storage tier (Procfile + Procfile.storage:
+              ``postgres``, ``victoria``, ``lake``) writing to a private PostgreSQL
+              and VictoriaMetrics on loopback and a Parquet lake in the data dir
 ``redis``     ``redis-server`` (appendonly, appendfsync always) + a front that XADDs
 ``mosquitto`` Mosquitto with a WebSocket listener and persistence, MQTT QoS 1
 ``front-pmem``  iotnode's ``web`` alone (issue 3: the front against the no-op), its
@@ -22,15 +25,26 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench import procstat
 from bench.proto import BenchError
 from bench.runner import REPO, Target
 
-NAMES = ("noop", "iotnode", "redis", "mosquitto", "front-pmem", "front-msync")
+NAMES = ("noop", "iotnode", "iotnode+sinks", "redis", "mosquitto", "front-pmem", "front-msync")
+#: The storage sinks of ``iotnode+sinks`` (Procfile.storage) and their metrics ports.
+SINK_PORTS = {
+    "postgres": "NODE_METRICS_PORT_POSTGRES",
+    "victoria": "NODE_METRICS_PORT_VICTORIA",
+    "lake": "NODE_METRICS_PORT_LAKE",
+}
+#: The lake's flush period in the bench (its default is 60 s or 100,000 rows): a 10 s run
+#: would otherwise see at most one flush; ``node_extra`` may set another.
+BENCH_LAKE_FLUSH_SECONDS = "1"
 # The front alone has no monitor draining its ring: big enough for a run at full speed.
 FRONT_RING_BYTES = 256 << 20
 SECRET = "bench-secret-0123456789abcdef-0123456789"
@@ -300,10 +314,10 @@ def start(
             )
         elif name in ("front-pmem", "front-msync"):
             target = _start_front(group, workdir, workers, pmem=name == "front-pmem")
-        else:  # iotnode
+        else:  # iotnode, iotnode+sinks
             if not (REPO / "node" / "workers" / "web.py").exists():
                 raise Skip("iotnode: node/workers/web.py does not exist yet (the web front has not landed)")
-            target = _start_iotnode(group, workdir, workers, node_extra or {})
+            target = _start_iotnode(group, workdir, workers, node_extra or {}, sinks=name == "iotnode+sinks")
         target.note = target.note or ""
         check_loopback_only(name, target.pids)
         yield target
@@ -395,11 +409,64 @@ def _start_front(group: _Group, workdir: Path, workers: int, pmem: bool) -> Targ
     )
 
 
-def _start_iotnode(group: _Group, workdir: Path, workers: int, extra: dict[str, str]) -> Target:
+def _start_storage_servers(group: _Group, workdir: Path) -> dict[str, Any]:
+    """A private PostgreSQL and VictoriaMetrics on loopback (:mod:`bench.servers.storage`),
+    stopped after the node.  PostgreSQL runs as ``postgres``, which cannot enter a
+    root-only temporary directory: its cluster is in a directory of its own under the
+    system's temporary directory, removed at the end (its log is copied to ``workdir``)."""
+    from bench.servers.storage import MissingServer, PgServer, VmServer
+
+    pg_root = Path(tempfile.mkdtemp(prefix="iotnode-bench-pg-"))
+    try:
+        pg = PgServer(pg_root)
+        vm_root = workdir / "vm"
+        vm_root.mkdir(exist_ok=True)
+        vm = VmServer(vm_root)
+    except MissingServer as exc:
+        shutil.rmtree(pg_root, ignore_errors=True)
+        raise Skip(f"iotnode+sinks: {exc} (Debian packages postgresql, victoria-metrics)") from None
+
+    def stop_pg() -> None:
+        pg.stop()
+        with contextlib.suppress(OSError):
+            shutil.copy(pg_root / "postgres.log", workdir / "postgres.log")
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+    # Stopped after the node's processes (cleanup runs after them), PostgreSQL last.
+    group.cleanup.append(vm.stop)
+    group.cleanup.append(stop_pg)
+    pg.start()
+    vm.start()
+    return {"pg": pg, "vm": vm}
+
+
+def _start_iotnode(
+    group: _Group, workdir: Path, workers: int, extra: dict[str, str], sinks: bool = False
+) -> Target:
     data = workdir / "data"
     data.mkdir(exist_ok=True)
-    env, ports = node_env(data, workers, NODE_PORTS, **extra)
     procfile = REPO / "Procfile"
+    stores = {"sqlite": str(data / "store.sqlite3")}
+    servers: dict[str, Any] = {}
+    ports_wanted = NODE_PORTS
+    if sinks:
+        servers = _start_storage_servers(group, workdir)
+        lake = data / "lake"
+        stores.update(postgres=servers["pg"].dsn, victoria=servers["vm"].url, lake=str(lake))
+        extra = {
+            "NODE_PG_DSN": servers["pg"].dsn,
+            "NODE_VM_URL": servers["vm"].url,
+            "NODE_LAKE_DIR": str(lake),
+            "NODE_LAKE_FLUSH_SECONDS": BENCH_LAKE_FLUSH_SECONDS,
+            **extra,
+        }
+        ports_wanted = NODE_PORTS + tuple(SINK_PORTS.values())
+        # One honcho for the node and its storage tier: the two Procfiles, as they are.
+        procfile = workdir / "Procfile.bench"
+        procfile.write_text(
+            (REPO / "Procfile").read_text().rstrip("\n") + "\n" + (REPO / "Procfile.storage").read_text()
+        )
+    env, ports = node_env(data, workers, ports_wanted, **extra)
     names = [
         line.split(":", 1)[0]
         for line in procfile.read_text().splitlines()
@@ -421,18 +488,28 @@ def _start_iotnode(group: _Group, workdir: Path, workers: int, extra: dict[str, 
             "NODE_METRICS_PORT_STORE",
         )
     ]
+    sink_metrics = [f"http://127.0.0.1:{ports[v]}/metrics" for v in SINK_PORTS.values() if v in ports]
+    for port in (ports[v] for v in SINK_PORTS.values() if v in ports):
+        wait_for_port(port, proc, log, timeout=60)
     missing = sorted(set(names) - set(present))
     note = f"honcho start ({', '.join(present)}), {workers} web workers"
+    if sinks:
+        note += "; private PostgreSQL and VictoriaMetrics on loopback, Parquet lake in the data dir"
     if extra:
-        note += "; " + " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
+        note += "; " + " ".join(
+            f"{k}={'<dsn>' if k == 'NODE_PG_DSN' else v}" for k, v in sorted(extra.items())
+        )
     if missing:
         note += f"; not yet built, not running: {', '.join(missing)}"
+    pids = [proc.pid] + [s.proc.pid for s in servers.values() if s.proc is not None]
     return Target(
-        "iotnode",
+        "iotnode+sinks" if sinks else "iotnode",
         f"ws://127.0.0.1:{ports['NODE_WEB_PORT']}/v1/ingest",
         secret=SECRET,
-        pids=[proc.pid],
+        pids=pids,
         metrics=metrics,
         note=note,
         fanout_url=f"ws://127.0.0.1:{ports['NODE_FANOUT_PORT']}/v1/stream",
+        sink_metrics=sink_metrics,
+        stores=stores,
     )

@@ -139,7 +139,9 @@ class LakeSink(TailSink):
             part.append(r)
         self._buffered += len(rows)
         self._pending_cursor = cursor
-        if self._buffered >= self.flush_rows:
+        # By time here too, not only in idle(): under steady load the sink is never idle,
+        # and its oldest buffered row would otherwise wait for flush_rows.
+        if self._buffered >= self.flush_rows or time.monotonic() - self._first_at >= self.flush_seconds:
             self.flush()
 
     def idle(self) -> None:
