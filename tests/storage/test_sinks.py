@@ -274,9 +274,13 @@ def test_sigkill_mid_batch_and_destination_restart_under_load_store_each_row_onc
     filler = StoreFiller(data_dir / "store.sqlite3", devices=20, prefix=dest.prefix)
     feeder = Feeder(filler, total=12000, rate=2000)  # live traffic meanwhile
     feeder.start()
+    # The lake writes a backlog fastest (Arrow columns, a file per 1500 rows: ~0.2 s for
+    # BURST rows), so the first scrape at >= 1000 rows could already see all of it; it
+    # gets a longer backlog to be caught in the middle of.
+    burst = BURST * (4 if dest.kind == "lake" else 1)
     mid_batch_kills = 0
     for round_ in range(4):
-        filler.write(BURST)  # a backlog the sink is catching up on when it is killed
+        filler.write(burst)  # a backlog the sink is catching up on when it is killed
         processes.start(dest.kind, f"node.workers.{dest.kind}", dest.env, tmp_path)
         # Kill once it has written its first batches of the backlog: it is in the middle of
         # catching up (reading, enriching, writing batch after batch), so the kill lands in a write.
@@ -288,7 +292,7 @@ def test_sigkill_mid_batch_and_destination_restart_under_load_store_each_row_onc
         )
         metrics = scrape(dest.metrics_port())
         processes.kill(dest.kind, signal.SIGKILL)
-        mid_batch_kills += metrics.get("iotnode_sink_rows_total", 0) < BURST
+        mid_batch_kills += metrics.get("iotnode_sink_rows_total", 0) < burst
         if round_ == 1:
             dest.restart()  # the destination goes away under load; the next sink retries
     processes.start(dest.kind, f"node.workers.{dest.kind}", dest.env, tmp_path)
@@ -297,7 +301,7 @@ def test_sigkill_mid_batch_and_destination_restart_under_load_store_each_row_onc
     feeder.join(60)
     assert feeder.error is None and not feeder.is_alive()
     expected = set(filler.written)
-    assert len(expected) == 4 * BURST + 12000
+    assert len(expected) == 4 * burst + 12000
     got = wait_all(dest, expected, timeout=60)
     assert_exactly_once(got, expected)
     assert mid_batch_kills == 4, f"only {mid_batch_kills} of 4 kills came before the backlog was written"
