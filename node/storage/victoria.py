@@ -45,12 +45,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from node.metrics import SINK_SKIPPED_FIELDS
-from node.storage.enrich import Row
+from node.storage.enrich import Batch, Row
 from node.storage.tail import SinkDown, TailSink
 
 REWIND_SECONDS = 5.0  # s of writes rewritten after a reconnect (VictoriaMetrics' unflushed buffer)
@@ -204,10 +203,11 @@ class VictoriaSink(TailSink):
         except OSError as exc:
             raise SinkDown("cursor", f"cannot write the cursor file {self.cursor_file}: {exc}") from None
 
-    def write(self, rows: Sequence[Row], cursor: int) -> None:
+    def write(self, batch: Batch) -> None:
+        cursor = batch.last
         lines = []
         skipped = 0
-        for row in rows:
+        for row in batch.rows:
             text, n = line(row)
             lines.append(text)
             skipped += n
