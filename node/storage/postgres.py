@@ -27,6 +27,12 @@ row in the server).  ``received_at`` is converted exactly as ``to_timestamp()``
 does on the staging path (:func:`pg_timestamp`), so both paths give a row the same
 key.
 
+While the server still parses and indexes the end of a batch's ``COPY`` (the data
+in the socket's buffer), the sink reads the next batch from the SQLite store
+(:meth:`PostgresSink.read`): the tail gets it when it asks for the rows after that
+batch with the same registry; anything else (a reconnect, a reloaded registry)
+drops it and reads again.
+
 ``jsonb`` holds no NUL character and ``text`` no NUL byte: a ``\u0000`` escape in
 ``data`` or in the labels becomes ``\ufffd`` (:func:`jsonb_text`; an escaped backslash
 followed by ``u0000`` is text and stays), a NUL in a context value (the registry
@@ -43,6 +49,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import sqlite3
 from collections.abc import Iterator, Sequence
 from operator import itemgetter
 from typing import Any
@@ -50,8 +57,9 @@ from typing import Any
 import psycopg
 
 from node.metrics import ERRORS
-from node.registry import DeviceContext
-from node.storage.enrich import Batch, Row, labels_json
+from node.registry import DeviceContext, Registry
+from node.storage.enrich import Batch, Row, labels_json, read_batch
+from node.storage.source import StoreLog
 from node.storage.tail import SinkDown, TailSink
 
 TABLE = "iotnode_messages"
@@ -222,6 +230,8 @@ class PostgresSink(TailSink):
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection[Any] | None = None
         self._days: set[int] = set()  # UTC days whose partition exists (committed)
+        self._reader: tuple[StoreLog, int, Registry] | None = None  # how the tail last read
+        self._ahead: tuple[int, Registry, Batch] | None = None  # (after, registry, the batch after it)
 
     def open(self) -> None:
         try:
@@ -243,6 +253,7 @@ class PostgresSink(TailSink):
             raise SinkDown("schema", f"cannot create the PostgreSQL schema: {_first_line(exc)}") from None
         self._conn = conn
         self._days = set()
+        self._ahead = None
 
     def cursor(self) -> int:
         conn = self._need()
@@ -259,6 +270,29 @@ class PostgresSink(TailSink):
         if self._conn is None:
             raise SinkDown("connect", "not connected")
         return self._conn
+
+    def read(self, source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:
+        """The rows after ``after``: read while the server was still busy with the previous
+        batch's ``COPY`` (:meth:`_read_ahead`) when that is what is asked, else read now."""
+        self._reader = (source, limit, registry)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == after and ahead[1] is registry:
+            return ahead[2]
+        return read_batch(source, after, limit, registry)
+
+    def _read_ahead(self, after: int) -> None:
+        """Read the next batch from the store now -- the ``COPY`` data is sent, the server is
+        still parsing and indexing it (the socket's buffer of it) -- instead of after the commit,
+        when the server would wait for us.  A read error is left to the tail's own read."""
+        if self._reader is None:
+            return
+        source, limit, registry = self._reader
+        try:
+            batch = read_batch(source, after, limit, registry)
+        except sqlite3.Error:
+            return
+        if batch is not None:
+            self._ahead = (after, registry, batch)
 
     def write(self, batch: Batch) -> None:
         conn = self._need()
@@ -295,14 +329,14 @@ class PostgresSink(TailSink):
         self._days |= days
         self.durable = cursor
 
-    @staticmethod
-    def _write_direct(conn: psycopg.Connection[Any], batch: Batch, days: set[int]) -> None:
+    def _write_direct(self, conn: psycopg.Connection[Any], batch: Batch, days: set[int]) -> None:
         with conn.cursor() as cur:
             for day in sorted(days):
                 cur.execute(_partition_ddl(day))
             with cur.copy(_COPY_DIRECT) as copy:
                 for chunk in copy_text(batch):  # the server parses a chunk while the next is formatted
                     copy.write(chunk)
+                self._read_ahead(batch.last)  # before the end of the COPY: the server is still busy
 
     @staticmethod
     def _write_staged(conn: psycopg.Connection[Any], rows: Sequence[Row], days: set[int]) -> None:

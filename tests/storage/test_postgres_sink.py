@@ -14,6 +14,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,8 +24,8 @@ from node.registry import DeviceContext, Registry
 from node.storage import postgres as pgsink
 from node.storage.enrich import Batch, batch_of
 from node.storage.postgres import PostgresSink, jsonb_text, pg_day, pg_timestamp
-from node.storage.source import RawRow
-from tests.storage.conftest import PgServer
+from node.storage.source import RawRow, StoreLog
+from tests.storage.conftest import PgServer, StoreFiller
 
 MIDNIGHT = 1_796_083_200.0  # 2026-12-01 00:00:00 UTC
 ODD = "\\ \t\n\r,=\"'\\N|\\."  # every character COPY text or the line protocol treats specially
@@ -224,3 +225,36 @@ def test_copy_text_is_one_line_per_row_with_thirteen_fields(prefix: str) -> None
     assert lines[-1] == "" and len(lines) == batch.count + 1
     assert all(line.count("\t") == 12 for line in lines[:-1])
     assert "\x00" not in text and "\r" not in text
+
+
+def test_the_next_batch_read_during_the_copy_is_the_one_the_tail_asks_for_or_dropped(
+    pg: PgServer, sink: PostgresSink, prefix: str, tmp_path: Path
+) -> None:
+    filler = StoreFiller(tmp_path / "store.sqlite3", devices=3, prefix=prefix)
+    filler.write(250)
+    source = StoreLog(tmp_path / "store.sqlite3")
+    assert source.open()
+
+    def registry_now() -> Registry:
+        return Registry({f"{prefix}0": DeviceContext(f"{prefix}0", "thermo", "", "", "", None, None, "")})
+
+    registry = registry_now()
+    first = sink.read(source, 0, 100, registry)
+    assert first is not None and (first.first, first.last) == (1, 100)
+    sink.write(first)
+    ahead = sink._ahead
+    assert ahead is not None and ahead[0] == 100 and (ahead[2].first, ahead[2].last) == (101, 200)
+    second = sink.read(source, 100, 100, registry)
+    assert second is ahead[2]  # read while the server was busy: no second read
+    sink.write(second)
+    assert sink.read(source, 150, 100, registry) is not None and sink._ahead is None  # another position
+    sink._read_ahead(200)
+    other = registry_now()  # a reloaded registry: the batch read with the old one is dropped
+    third = sink.read(source, 200, 100, other)
+    assert third is not None and third.contexts[f"{prefix}0"] is other.get(f"{prefix}0")
+    sink.write(third)
+    assert cursor_of(pg, sink.source) == 250
+    got = pg.query("SELECT count(*) FROM iotnode_messages WHERE device_id LIKE %s", (prefix + "%",))
+    assert got == [(250,)]
+    source.close()
+    filler.close()
