@@ -35,10 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from node.privatefile import fsync_dir
-from node.storage.enrich import Row, labels_json
+from node.storage.enrich import Batch, labels_json
 from node.storage.tail import SinkDown, TailSink
 
 META_DIR = "_iotnode"
@@ -79,7 +80,7 @@ class LakeSink(TailSink):
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.meta = root / META_DIR
-        self._buffer: dict[tuple[str, str], list[Row]] = {}
+        self._buffer: list[pa.Table] = []  # one per batch: SCHEMA plus the partition columns
         self._buffered = 0
         self._first_at = 0.0
         self._pending_cursor = 0
@@ -124,21 +125,15 @@ class LakeSink(TailSink):
         return self.durable
 
     # ------------------------------------------------------------------ buffering
-    def write(self, rows: Sequence[Row], cursor: int) -> None:
+    def write(self, batch: Batch) -> None:
         if not self._opened:
             raise SinkDown("filesystem", "lake not open")
-        if not self._buffered and rows:
+        if not self._buffered:
             self._first_at = time.monotonic()
-            self._first_rowid = rows[0].rowid
-        for r in rows:
-            day = dt.datetime.fromtimestamp(int(r.received_at // _DAY) * _DAY, dt.UTC).strftime("%Y-%m-%d")
-            key = (day, partition_value(r.ctx.type))
-            part = self._buffer.get(key)
-            if part is None:
-                part = self._buffer[key] = []
-            part.append(r)
-        self._buffered += len(rows)
-        self._pending_cursor = cursor
+            self._first_rowid = batch.first
+        self._buffer.append(_table(batch))
+        self._buffered += batch.count
+        self._pending_cursor = batch.last
         # By time here too, not only in idle(): under steady load the sink is never idle,
         # and its oldest buffered row would otherwise wait for flush_rows.
         if self._buffered >= self.flush_rows or time.monotonic() - self._first_at >= self.flush_seconds:
@@ -156,12 +151,12 @@ class LakeSink(TailSink):
         name = f"part-{first:020d}-{last:020d}.parquet"
         try:
             files: list[str] = []
-            for (day, type_), rows in sorted(self._buffer.items()):
+            for (day, type_), table in _partitions(self._buffer):
                 directory = self.root / f"date={day}" / f"type={type_}"
                 directory.mkdir(parents=True, exist_ok=True)
                 tmp = directory / (name + ".tmp")
                 with open(tmp, "wb") as fh:
-                    pq.write_table(_table(rows), fh, compression="zstd")
+                    pq.write_table(table, fh, compression="zstd")
                     fh.flush()
                     os.fsync(fh.fileno())
                 files.append(str((directory / name).relative_to(self.root)))
@@ -192,25 +187,68 @@ class LakeSink(TailSink):
         self._buffered = 0
 
 
-def _table(rows: Sequence[Row]) -> pa.Table:
-    ctxs = [r.ctx for r in rows]
+_DAY_US = _DAY * 1_000_000
+# a store row as read (node.storage.source.RawRow): pa.array() takes the tuples as they are
+_RAW = pa.struct(
+    [
+        ("rowid", pa.int64()),
+        ("device_id", pa.string()),
+        ("seq", pa.int64()),
+        ("ts", pa.float64()),
+        ("received_at", pa.float64()),
+        ("data", pa.string()),
+    ]
+)
+
+
+def _table(batch: Batch) -> pa.Table:
+    """A batch as Arrow columns (SCHEMA) plus its partition columns ``_day`` and ``_type``.
+
+    Column by column, in Arrow: the store's rows go to ``pa.array`` as they were read (a
+    struct array, flattened into its columns), the context columns are taken from one
+    entry per device, so no Python object is made per row.
+    """
+    rowid, device_arr, seq, ts, received_at, data = pa.array(batch.raw, _RAW).flatten()
+    devices = list(batch.contexts)
+    ctxs = list(batch.contexts.values())
+    which = pc.index_in(device_arr, value_set=pa.array(devices, pa.string()))
+
+    def per_device(values: list[object], kind: pa.DataType) -> pa.Array:
+        return pa.array(values, kind).take(which)
+
+    # round(received_at * 1e6), half to even like Python's round: the same microsecond as before
+    micros = pc.cast(pc.round(pc.multiply(received_at, 1_000_000.0)), pa.int64())
     return pa.Table.from_arrays(
         [
-            pa.array([r.device_id for r in rows], pa.string()),
-            pa.array([r.seq for r in rows], pa.int64()),
-            pa.array([r.ts for r in rows], pa.float64()),
-            pa.array([round(r.received_at * 1_000_000) for r in rows], pa.int64()).cast(
-                pa.timestamp("us", tz="UTC")
-            ),
-            pa.array([c.class_ for c in ctxs], pa.string()),
-            pa.array([c.region for c in ctxs], pa.string()),
-            pa.array([c.site for c in ctxs], pa.string()),
-            pa.array([c.lat for c in ctxs], pa.float64()),
-            pa.array([c.lon for c in ctxs], pa.float64()),
-            pa.array([c.geohash for c in ctxs], pa.string()),
-            pa.array([labels_json(c) for c in ctxs], pa.string()),
-            pa.array([r.data_json for r in rows], pa.string()),
-            pa.array([r.rowid for r in rows], pa.int64()),
+            device_arr,
+            seq,
+            ts,
+            micros.cast(pa.timestamp("us", tz="UTC")),
+            per_device([c.class_ for c in ctxs], pa.string()),
+            per_device([c.region for c in ctxs], pa.string()),
+            per_device([c.site for c in ctxs], pa.string()),
+            per_device([c.lat for c in ctxs], pa.float64()),
+            per_device([c.lon for c in ctxs], pa.float64()),
+            per_device([c.geohash for c in ctxs], pa.string()),
+            per_device([labels_json(c) for c in ctxs], pa.string()),
+            data,
+            rowid,
+            # the UTC day of the stored received_at (floor division of its microseconds)
+            pc.divide(pc.subtract(micros, pc.if_else(pc.less(micros, 0), _DAY_US - 1, 0)), _DAY_US),
+            per_device([partition_value(c.type) for c in ctxs], pa.string()),
         ],
-        schema=SCHEMA,
+        names=[*SCHEMA.names, "_day", "_type"],
     )
+
+
+def _partitions(tables: Sequence[pa.Table]) -> list[tuple[tuple[str, str], pa.Table]]:
+    """The buffered rows per (UTC day, type) partition, sorted, each in store order, as SCHEMA."""
+    table = pa.concat_tables(tables)
+    keys = table.select(["_day", "_type"]).group_by(["_day", "_type"]).aggregate([])
+    out = []
+    for day, type_ in zip(keys["_day"].to_pylist(), keys["_type"].to_pylist(), strict=True):
+        mask = pc.and_(pc.equal(table["_day"], day), pc.equal(table["_type"], type_))
+        part = table.filter(mask).select(SCHEMA.names).cast(SCHEMA)
+        name = dt.datetime.fromtimestamp(day * _DAY, dt.UTC).strftime("%Y-%m-%d")
+        out.append(((name, type_), part))
+    return sorted(out, key=lambda item: item[0])

@@ -6,7 +6,10 @@ The interface a destination implements::
         name: str                       # "postgres", "victoria", "lake": metrics label, cursor key
         def open(self) -> None          # connect, create the schema; SinkDown if unreachable
         def cursor(self) -> int          # rowid to resume after (0: from the first row)
-        def write(self, rows, cursor)    # hand over rows (rowid order) ending at rowid `cursor`
+        def read(self, source, after, limit, registry) -> Batch | None
+                                         # the next rows after rowid `after` (default: read + enrich;
+                                         # a sink may read them in its own shape, e.g. columns)
+        def write(self, batch)           # hand over a batch (rowid order) ending at rowid batch.last
         def idle(self) -> None           # nothing new to read (a buffering sink may flush)
         durable: int                     # rowid through which everything is durable there
         def close(self) -> None
@@ -32,7 +35,6 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
 from node.errors import NodeError
 from node.metrics import (
@@ -45,8 +47,8 @@ from node.metrics import (
     SINK_UNKNOWN_DEVICES,
     SINK_WRITE_SECONDS,
 )
-from node.registry import RegistryWatcher
-from node.storage.enrich import Row, enrich
+from node.registry import Registry, RegistryWatcher
+from node.storage.enrich import Batch, read_batch
 from node.storage.source import StoreLog
 
 POLL = 0.1  # s: wait when the sink has read every stored row
@@ -76,8 +78,12 @@ class TailSink(ABC):
     @abstractmethod
     def cursor(self) -> int: ...
 
+    def read(self, source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:
+        """Up to ``limit`` rows after rowid ``after`` (None: none yet), enriched with ``registry``."""
+        return read_batch(source, after, limit, registry)
+
     @abstractmethod
-    def write(self, rows: Sequence[Row], cursor: int) -> None: ...
+    def write(self, batch: Batch) -> None: ...
 
     def idle(self) -> None:  # noqa: B027 -- optional hook
         """Called when every stored row has been handed over (a buffering sink flushes when due)."""
@@ -150,8 +156,9 @@ class Tail:
         return wait
 
     def _move(self) -> float:
-        raw = self.source.read(self.pos, self.batch_rows)
-        if not raw:
+        registry = self.registry.current()
+        batch = self.sink.read(self.source, self.pos, self.batch_rows, registry)
+        if batch is None:
             if self.pos > self.source.last_rowid() and not self.beyond_logged:
                 self.beyond_logged = True
                 ERRORS.labels(stage=self.sink.name, reason="cursor_beyond_store").inc()
@@ -166,19 +173,17 @@ class Tail:
             self.sink.idle()
             self._count(before)
             return POLL
-        registry = self.registry.current()
         self._registry_metrics(len(registry))
-        rows, unknown = enrich(raw, registry)
-        if unknown:
-            self.unknown_metric.inc(unknown)
+        if batch.unknown:
+            self.unknown_metric.inc(batch.unknown)
         before = self.sink.durable
         started = time.monotonic()
-        self.sink.write(rows, rows[-1].rowid)
+        self.sink.write(batch)
         if self.sink.durable != before:
             self.write_seconds.observe(time.monotonic() - started)
-        self.pos = rows[-1].rowid
+        self.pos = batch.last
         self._count(before)
-        return 0.0 if len(raw) == self.batch_rows else POLL / 4
+        return 0.0 if batch.count == self.batch_rows else POLL / 4
 
     def _count(self, before: int) -> None:
         # Rows made durable = rowids passed (the store never deletes, so rowids are dense).

@@ -45,12 +45,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orjson import JSONDecodeError
+from orjson import loads as _orjson_loads
+
 from node.metrics import SINK_SKIPPED_FIELDS
-from node.storage.enrich import Row
+from node.registry import DeviceContext
+from node.storage.enrich import Batch, Row
 from node.storage.tail import SinkDown, TailSink
 
 REWIND_SECONDS = 5.0  # s of writes rewritten after a reconnect (VictoriaMetrics' unflushed buffer)
@@ -78,7 +81,12 @@ def metric_name(raw: str) -> str:
 
 
 def _tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    """A tag value in the line protocol, which has no escape for a line break: CR/LF (possible
+    in a registry value) become escaped spaces."""
+    value = value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    if "\n" in value or "\r" in value:
+        value = value.replace("\n", "\\ ").replace("\r", "\\ ")
+    return value
 
 
 def _fields(data: Any, prefix: str, out: list[str], depth: int) -> int:
@@ -99,34 +107,99 @@ def _fields(data: Any, prefix: str, out: list[str], depth: int) -> int:
     return 1  # string, list, null, or nested too deep
 
 
-def sample_ms(row: Row) -> int:
-    ts = row.ts
-    if ts is not None and math.isfinite(ts) and abs(ts - row.received_at) <= _YEAR:
+def _ms(ts: float | None, received_at: float) -> int:
+    if ts is not None and math.isfinite(ts) and abs(ts - received_at) <= _YEAR:
         return round(ts * 1000)
-    return round(row.received_at * 1000)
+    return round(received_at * 1000)
+
+
+def sample_ms(row: Row) -> int:
+    return _ms(row.ts, row.received_at)
+
+
+def loads(text: str) -> Any:
+    """``data``'s JSON text parsed: orjson (≈ 4x faster than ``json``), and ``json`` for what
+    orjson refuses but the store may hold (integers beyond 64 bits, lone surrogate escapes)."""
+    try:
+        return _orjson_loads(text)
+    except JSONDecodeError:
+        return json.loads(text)
+
+
+_keys: dict[str, str] = {}  # top-level key of data -> "<field name>=": the same keys on every row
+
+
+def _key(key: str) -> str:
+    name = _keys.get(key)
+    if name is None:
+        name = metric_name(key or "value") + "="
+        if len(_keys) < _NAMES_MAX:
+            _keys[key] = name
+    return name
+
+
+def _top_fields(data: Any, out: list[str]) -> int:
+    """:func:`_fields` of a row's ``data`` (the same fields, in the same order), with the usual
+    case -- an object of numbers -- in one loop: no call, no f-string per value."""
+    if type(data) is not dict:
+        return _fields(data, "", out, 0)
+    skipped = 0
+    keys = _keys
+    for key, value in data.items():
+        kind = type(value)
+        if kind is float:
+            if value - value == 0.0:  # finite (inf - inf and nan - nan are nan)
+                out.append((keys.get(key) or _key(key)) + repr(value))
+            else:
+                skipped += 1
+        elif kind is int:
+            out.append((keys.get(key) or _key(key)) + str(value))
+        elif kind is bool:
+            out.append((keys.get(key) or _key(key)) + ("1" if value else "0"))
+        elif kind is dict:
+            skipped += _fields(value, key, out, 1)
+        else:
+            skipped += 1  # string, list, null
+    return skipped
 
 
 _prefixes: dict[str, tuple[object, str]] = {}  # device_id -> (its context, "measurement,tags")
 
 
+def _prefix(device_id: str, ctx: DeviceContext) -> str:
+    cached = _prefixes.get(device_id)
+    if cached is not None and cached[0] is ctx:
+        return cached[1]
+    prefix = _line_prefix(device_id, ctx)  # first row of the device, or a new registry (a new context)
+    if cached is not None or len(_prefixes) < _NAMES_MAX:
+        _prefixes[device_id] = (ctx, prefix)
+    return prefix
+
+
 def line(row: Row) -> tuple[str, int]:
     """The line protocol line of a row, and how many of its values were skipped."""
-    cached = _prefixes.get(row.device_id)
-    if cached is not None and cached[0] is row.ctx:
-        prefix = cached[1]
-    else:  # first row of the device, or a new registry (a new context object)
-        prefix = _line_prefix(row)
-        if cached is not None or len(_prefixes) < _NAMES_MAX:
-            _prefixes[row.device_id] = (row.ctx, prefix)
     fields: list[str] = []
-    skipped = _fields(json.loads(row.data_json), "", fields, 0)
+    skipped = _top_fields(loads(row.data_json), fields)
     fields.append(f"iotnode_seq={row.seq}")
-    return f"{prefix} {','.join(fields)} {sample_ms(row)}", skipped
+    return f"{_prefix(row.device_id, row.ctx)} {','.join(fields)} {sample_ms(row)}", skipped
 
 
-def _line_prefix(row: Row) -> str:
-    ctx = row.ctx
-    tags = [f"device_id={_tag(row.device_id)}", f"type={_tag(ctx.type)}"]
+def batch_lines(batch: Batch) -> tuple[list[str], int]:
+    """:func:`line` of every row of the batch (from the store's tuples: no Row objects), and how
+    many values were skipped in all."""
+    prefixes = {device_id: _prefix(device_id, ctx) for device_id, ctx in batch.contexts.items()}
+    lines = []
+    skipped = 0
+    for _rowid, device_id, seq, ts, at, text in batch.raw:
+        fields: list[str] = []
+        skipped += _top_fields(loads(text), fields)
+        fields.append(f"iotnode_seq={seq}")
+        lines.append(f"{prefixes[device_id]} {','.join(fields)} {_ms(ts, at)}")
+    return lines, skipped
+
+
+def _line_prefix(device_id: str, ctx: DeviceContext) -> str:
+    tags = [f"device_id={_tag(device_id)}", f"type={_tag(ctx.type)}"]
     if ctx.class_:
         tags.append(f"class={_tag(ctx.class_)}")
     if ctx.region:
@@ -204,13 +277,9 @@ class VictoriaSink(TailSink):
         except OSError as exc:
             raise SinkDown("cursor", f"cannot write the cursor file {self.cursor_file}: {exc}") from None
 
-    def write(self, rows: Sequence[Row], cursor: int) -> None:
-        lines = []
-        skipped = 0
-        for row in rows:
-            text, n = line(row)
-            lines.append(text)
-            skipped += n
+    def write(self, batch: Batch) -> None:
+        cursor = batch.last
+        lines, skipped = batch_lines(batch)
         self._request("/write?precision=ms", ("\n".join(lines) + "\n").encode())
         self._save_cursor(cursor)  # after the acknowledgement: a crash in between rewrites this batch
         if skipped:

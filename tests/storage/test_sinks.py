@@ -30,7 +30,9 @@ from tests.storage.conftest import Feeder, PgServer, StoreFiller, VmServer
 from tests.support import REPO, Processes, free_port, node_env, wait_until
 
 SINKS = ("postgres", "victoria", "lake")
-BURST = 20000  # rows of backlog per kill round of the crash test
+# rows of backlog per kill round of the crash test: enough that the sink is still catching up
+# when it is killed (the lake, buffering Arrow columns, drains 20k rows in well under 0.1 s)
+BURST = {"postgres": 20000, "victoria": 20000, "lake": 60000}
 TYPE_REGION_QUERY = (
     "EXPLAIN SELECT count(*) FROM iotnode_messages WHERE type = 'thermo' AND region = 'eu-west'"
     " AND received_at > now() - interval '1 hour'"
@@ -274,25 +276,22 @@ def test_sigkill_mid_batch_and_destination_restart_under_load_store_each_row_onc
     filler = StoreFiller(data_dir / "store.sqlite3", devices=20, prefix=dest.prefix)
     feeder = Feeder(filler, total=12000, rate=2000)  # live traffic meanwhile
     feeder.start()
-    # The lake writes a backlog fastest (Arrow columns, a file per 1500 rows: ~0.2 s for
-    # BURST rows), so the first scrape at >= 1000 rows could already see all of it; it
-    # gets a longer backlog to be caught in the middle of.
-    burst = BURST * (4 if dest.kind == "lake" else 1)
     mid_batch_kills = 0
+    burst = BURST[dest.kind]
     for round_ in range(4):
         filler.write(burst)  # a backlog the sink is catching up on when it is killed
         processes.start(dest.kind, f"node.workers.{dest.kind}", dest.env, tmp_path)
         # Kill once it has written its first batches of the backlog: it is in the middle of
         # catching up (reading, enriching, writing batch after batch), so the kill lands in a write.
-        wait_until(
-            lambda: scrape(dest.metrics_port()).get("iotnode_sink_rows_total", 0) >= 1000,
+        metrics = wait_until(
+            lambda: (m := scrape(dest.metrics_port())).get("iotnode_sink_rows_total", 0) >= 1000 and m,
             20,
             0.01,
             f"{dest.kind} to start writing",
         )
-        metrics = scrape(dest.metrics_port())
-        processes.kill(dest.kind, signal.SIGKILL)
-        mid_batch_kills += metrics.get("iotnode_sink_rows_total", 0) < burst
+        processes.kill(dest.kind, signal.SIGKILL)  # at once: no second scrape in between
+        assert isinstance(metrics, dict)
+        mid_batch_kills += metrics["iotnode_sink_rows_total"] < burst
         if round_ == 1:
             dest.restart()  # the destination goes away under load; the next sink retries
     processes.start(dest.kind, f"node.workers.{dest.kind}", dest.env, tmp_path)
