@@ -113,6 +113,19 @@ def test_every_panel_query_returns_data_from_a_real_node(
             return bool(got) and int(got[0]["value"][1]) == len(targets) and bool(acked["data"]["result"])
 
         wait_until(scraped, 30, 0.5, "VictoriaMetrics to scrape every node process")
+
+        def acked_in_vm() -> float:
+            vm.flush()
+            got = vm.get_json("/api/v1/query", query='sum(iotnode_messages_total{stage="acked"})')
+            return float(got["data"]["result"][0]["value"][1])
+
+        # rate() needs the counters to *move* between two scrapes: the first scrape that saw
+        # them may have come after all the traffic (the web workers publish their metrics
+        # about a second late), which left every rate at 0 and the ack quantiles empty.  So
+        # one more round once VictoriaMetrics scrapes, and wait until it saw that round.
+        seen = acked_in_vm()
+        send_round(node, devices, 3 * 40, 40, base)
+        wait_until(lambda: acked_in_vm() > seen, 30, 0.5, "VictoriaMetrics to scrape the last round's acks")
         time.sleep(2.5)  # at least two scrapes after the traffic
         vm.flush()
 
