@@ -27,7 +27,11 @@ The two protocol classes here are what ``node.workers.web`` and
   :attr:`Limits.ws_max_unwritten_bytes` (a peer that pings but does not read its
   pongs stops being read).  So per connection at most ``ws_max_queued_frames +
   SLICE / 6`` frames are queued and about ``ws_max_unwritten_bytes + SLICE`` bytes
-  wait to be written, whatever the peer does.
+  wait to be written, whatever the peer does.  It also offers the app the
+  *direct lane* (:mod:`node.directlane`, scope extension ``iotnode.direct``):
+  data frames handed synchronously to an app callback, replies written at once,
+  no ASGI message, queue or task wake-up per frame; the limits above hold there
+  too (the lane's backlog counts like the queue).
 
 :func:`install` (called in each server process before it serves) sets the
 limits; :func:`open_connections` reports the counts (tests, debugging).
@@ -47,6 +51,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from node.config import Settings
+from node.directlane import EXTENSION, DirectLane, LaneInbox
 
 __all__ = [
     "GuardedHttpToolsProtocol",
@@ -298,7 +303,8 @@ def _who(client: tuple[str, int] | None) -> str:
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol with bounded queued frames and unwritten bytes."""
+    """uvicorn's websockets-sansio protocol with bounded queued frames and unwritten
+    bytes, and the direct lane (:mod:`node.directlane`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -308,6 +314,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._slot: _Slot | None = None
         self._held = b""  # read from the socket, not yet given to the parser
         self._write_paused = False
+        self._lane: DirectLane | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -323,7 +330,12 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _room(self) -> bool:
         if self._write_paused:
             return False
-        return self.close_sent or self.queue.qsize() < self._max_queued
+        if self.close_sent:
+            return True
+        lane = self._lane
+        if lane is not None:
+            return not lane.holding
+        return self.queue.qsize() < self._max_queued
 
     def data_received(self, data: bytes) -> None:
         self._held = self._held + data if self._held else data
@@ -344,7 +356,14 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _set_reading(self) -> None:
         if self.transport.is_closing():
             return
-        pause = bool(self._held) or self._write_paused or (not self.close_sent and not self.queue.empty())
+        if self._held or self._write_paused:
+            pause = True
+        elif self.close_sent:
+            pause = False
+        elif self._lane is not None:
+            pause = self._lane.holding
+        else:
+            pause = not self.queue.empty()
         if pause and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
@@ -376,4 +395,74 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         await super().send(message)
         if self.close_sent and self._held:  # frames are discarded now: parse on to the peer's close
+            self._feed()
+
+    # -- the direct lane
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # set only when the upgrade goes to the app
+        if scope is not None:
+            scope["extensions"][EXTENSION] = {"open": self._open_lane}
+
+    def _open_lane(self) -> DirectLane:
+        """Switch this accepted connection to direct mode (node.directlane)."""
+        if self._lane is not None:
+            raise RuntimeError("the connection is already in direct mode")
+        if not self.handshake_complete or self.initial_response is not None:
+            raise RuntimeError("the direct lane opens only on an accepted WebSocket")
+        lane = DirectLane(self)
+        queued = self.queue
+        self._lane = lane
+        self.queue = LaneInbox(lane)  # type: ignore[assignment]
+        while not queued.empty():  # what the app had not received yet, in order
+            message: Any = queued.get_nowait()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                frame = message.get("bytes")
+                lane.deliver(frame if frame is not None else message.get("text", ""))
+            elif kind == "websocket.disconnect":
+                lane._finish(int(message.get("code", 1005)))
+        return lane
+
+    def send_receive_event_to_app(self) -> None:
+        lane = self._lane
+        if lane is None:
+            super().send_receive_event_to_app()
+            return
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past the app's close: discarded, reading goes on to the peer's close
+        if self.curr_msg_data_type == "text":
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                self.logger.exception("Invalid UTF-8 sequence received from client.")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+            lane.deliver(text)
+        else:
+            lane.deliver(data)
+
+    def _lane_resumed(self) -> None:
+        if self._held:
+            self._feed()
+        else:
+            self._set_reading()
+
+    def _lane_close(self, code: int, reason: str) -> None:
+        """uvicorn's ``websocket.close`` (send()), synchronously."""
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+        if self._held:  # frames are discarded now: parse on to the peer's close
             self._feed()
