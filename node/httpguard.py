@@ -49,6 +49,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+from websockets.speedups import apply_mask
 
 from node.config import Settings
 from node.directlane import EXTENSION, DirectLane, LaneInbox
@@ -73,6 +75,9 @@ WS_PROTOCOL = "node.httpguard:GuardedWebSocketProtocol"
 #: Bytes handed to the WebSocket parser at a time.  The smallest client frame is 6
 #: bytes (2 header + 4 mask), so one slice yields at most ~341 frames.
 SLICE = 2048
+
+#: Direct lanes opened with the lane's own frame splitter (tests, debugging).
+fast_lanes = 0
 
 
 @dataclass(frozen=True)
@@ -315,6 +320,11 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._held = b""  # read from the socket, not yet given to the parser
         self._write_paused = False
         self._lane: DirectLane | None = None
+        # Direct lane only: data frames are split here, websockets gets every other
+        # frame whole (so its parser is always at a frame boundary); see _feed_split.
+        self._split = False
+        self._ws_fed = False  # websockets' parser has seen bytes after the request
+        self._incomplete = False  # _held is one incomplete frame: read on, parse later
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -339,11 +349,19 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._held = self._held + data if self._held else data
+        self._incomplete = False
         self._feed()
 
     def _feed(self) -> None:
+        if self._split and not self.close_sent:
+            self._feed_split()
+            if self._split or not self._held:
+                return
         held = self._held
         feed = super().data_received
+        self._incomplete = False
+        if held and self.handshake_initiated:
+            self._ws_fed = True
         while held and self._room():
             chunk, held = held[:SLICE], held[SLICE:]
             self._held = held
@@ -356,7 +374,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _set_reading(self) -> None:
         if self.transport.is_closing():
             return
-        if self._held or self._write_paused:
+        if (self._held and not self._incomplete) or self._write_paused:
             pause = True
         elif self.close_sent:
             pause = False
@@ -410,8 +428,14 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             raise RuntimeError("the connection is already in direct mode")
         if not self.handshake_complete or self.initial_response is not None:
             raise RuntimeError("the direct lane opens only on an accepted WebSocket")
+        global fast_lanes
         lane = DirectLane(self)
         queued = self.queue
+        # Split frames here only if websockets' parser stands at a frame boundary: it
+        # has seen nothing after the request (a device that sent frames before the 101
+        # keeps websockets' parsing) and no extension transforms frames.
+        self._split = not self._ws_fed and not self.conn.reader.buffer and not self.conn.extensions
+        fast_lanes += self._split
         self._lane = lane
         self.queue = LaneInbox(lane)  # type: ignore[assignment]
         while not queued.empty():  # what the app had not received yet, in order
@@ -423,6 +447,77 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             elif kind == "websocket.disconnect":
                 lane._finish(int(message.get("code", 1005)))
         return lane
+
+    def _feed_split(self) -> None:
+        """The direct lane's parse: complete, unfragmented, masked text/binary frames
+        within the size limit are unmasked here and handed to the lane; any other
+        complete frame (ping, pong, close, fragments, reserved bits or opcodes) goes to
+        websockets whole, as before; a header websockets must refuse (unmasked: 1002,
+        over the size limit: 1009) goes to it with the rest of the stream, and
+        websockets parses from then on.  Stops like the slices do: while the lane
+        holds frames or the write buffer is over its limit."""
+        held = self._held
+        lane = self._lane
+        assert lane is not None
+        conn = self.conn
+        limit = conn.max_message_size
+        ws_frame = super().data_received
+        pos, end = 0, len(held)
+        incomplete = False
+        while pos < end:
+            if self._write_paused or lane.holding or self.close_sent or self.transport.is_closing():
+                break
+            left = end - pos
+            if left < 2:
+                incomplete = True
+                break
+            b0, b1 = held[pos], held[pos + 1]
+            n = b1 & 0x7F
+            if n < 126:
+                head = 2
+            elif n == 126:
+                if left < 4:
+                    incomplete = True
+                    break
+                n, head = int.from_bytes(held[pos + 2 : pos + 4], "big"), 4
+            else:
+                if left < 10:
+                    incomplete = True
+                    break
+                n, head = int.from_bytes(held[pos + 2 : pos + 10], "big"), 10
+            current = conn.current_size
+            if not b1 & 0x80 or (limit is not None and n > limit - (current or 0)):
+                self._split = False  # websockets refuses it from the header and closes
+                break
+            size = head + 4 + n
+            if left < size:
+                incomplete = True
+                break
+            start = pos + head
+            pos += size
+            if (b0 == 0x82 or b0 == 0x81) and current is None and conn.state is State.OPEN:
+                data = apply_mask(held[start + 4 : pos], held[start : start + 4])
+                if b0 == 0x82:
+                    lane.deliver(data)
+                    continue
+                try:
+                    text = data.decode()
+                except UnicodeDecodeError:
+                    self._held = b""
+                    self.logger.exception("Invalid UTF-8 sequence received from client.")
+                    conn.send_close(1007)
+                    self.handle_parser_exception()
+                    return
+                lane.deliver(text)
+            else:
+                self._ws_fed = True
+                ws_frame(held[pos - size : pos])
+        self._held = held[pos:] if pos else held
+        self._incomplete = incomplete and self._split
+        if self.transport.is_closing():
+            self._held = b""
+        if self._split or not self._held:
+            self._set_reading()
 
     def send_receive_event_to_app(self) -> None:
         lane = self._lane
