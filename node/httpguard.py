@@ -27,7 +27,11 @@ The two protocol classes here are what ``node.workers.web`` and
   :attr:`Limits.ws_max_unwritten_bytes` (a peer that pings but does not read its
   pongs stops being read).  So per connection at most ``ws_max_queued_frames +
   SLICE / 6`` frames are queued and about ``ws_max_unwritten_bytes + SLICE`` bytes
-  wait to be written, whatever the peer does.
+  wait to be written, whatever the peer does.  It also offers the app the
+  *direct lane* (:mod:`node.directlane`, scope extension ``iotnode.direct``):
+  data frames handed synchronously to an app callback, replies written at once,
+  no ASGI message, queue or task wake-up per frame; the limits above hold there
+  too (the lane's backlog counts like the queue).
 
 :func:`install` (called in each server process before it serves) sets the
 limits; :func:`open_connections` reports the counts (tests, debugging).
@@ -45,8 +49,11 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+from websockets.speedups import apply_mask
 
 from node.config import Settings
+from node.directlane import EXTENSION, DirectLane, LaneInbox
 
 __all__ = [
     "GuardedHttpToolsProtocol",
@@ -68,6 +75,9 @@ WS_PROTOCOL = "node.httpguard:GuardedWebSocketProtocol"
 #: Bytes handed to the WebSocket parser at a time.  The smallest client frame is 6
 #: bytes (2 header + 4 mask), so one slice yields at most ~341 frames.
 SLICE = 2048
+
+#: Direct lanes opened with the lane's own frame splitter (tests, debugging).
+fast_lanes = 0
 
 
 @dataclass(frozen=True)
@@ -298,7 +308,8 @@ def _who(client: tuple[str, int] | None) -> str:
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol with bounded queued frames and unwritten bytes."""
+    """uvicorn's websockets-sansio protocol with bounded queued frames and unwritten
+    bytes, and the direct lane (:mod:`node.directlane`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -308,6 +319,12 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._slot: _Slot | None = None
         self._held = b""  # read from the socket, not yet given to the parser
         self._write_paused = False
+        self._lane: DirectLane | None = None
+        # Direct lane only: data frames are split here, websockets gets every other
+        # frame whole (so its parser is always at a frame boundary); see _feed_split.
+        self._split = False
+        self._ws_fed = False  # websockets' parser has seen bytes after the request
+        self._incomplete = False  # _held is one incomplete frame: read on, parse later
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -323,15 +340,28 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _room(self) -> bool:
         if self._write_paused:
             return False
-        return self.close_sent or self.queue.qsize() < self._max_queued
+        if self.close_sent:
+            return True
+        lane = self._lane
+        if lane is not None:
+            return not lane.holding
+        return self.queue.qsize() < self._max_queued
 
     def data_received(self, data: bytes) -> None:
         self._held = self._held + data if self._held else data
+        self._incomplete = False
         self._feed()
 
     def _feed(self) -> None:
+        if self._split and not self.close_sent:
+            self._feed_split()
+            if self._split or not self._held:
+                return
         held = self._held
         feed = super().data_received
+        self._incomplete = False
+        if held and self.handshake_initiated:
+            self._ws_fed = True
         while held and self._room():
             chunk, held = held[:SLICE], held[SLICE:]
             self._held = held
@@ -344,7 +374,14 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _set_reading(self) -> None:
         if self.transport.is_closing():
             return
-        pause = bool(self._held) or self._write_paused or (not self.close_sent and not self.queue.empty())
+        if (self._held and not self._incomplete) or self._write_paused:
+            pause = True
+        elif self.close_sent:
+            pause = False
+        elif self._lane is not None:
+            pause = self._lane.holding
+        else:
+            pause = not self.queue.empty()
         if pause and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
@@ -376,4 +413,151 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         await super().send(message)
         if self.close_sent and self._held:  # frames are discarded now: parse on to the peer's close
+            self._feed()
+
+    # -- the direct lane
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # set only when the upgrade goes to the app
+        if scope is not None:
+            scope["extensions"][EXTENSION] = {"open": self._open_lane}
+
+    def _open_lane(self) -> DirectLane:
+        """Switch this accepted connection to direct mode (node.directlane)."""
+        if self._lane is not None:
+            raise RuntimeError("the connection is already in direct mode")
+        if not self.handshake_complete or self.initial_response is not None:
+            raise RuntimeError("the direct lane opens only on an accepted WebSocket")
+        global fast_lanes
+        lane = DirectLane(self)
+        queued = self.queue
+        # Split frames here only if websockets' parser stands at a frame boundary: it
+        # has seen nothing after the request (a device that sent frames before the 101
+        # keeps websockets' parsing) and no extension transforms frames.
+        self._split = not self._ws_fed and not self.conn.reader.buffer and not self.conn.extensions
+        fast_lanes += self._split
+        self._lane = lane
+        self.queue = LaneInbox(lane)  # type: ignore[assignment]
+        while not queued.empty():  # what the app had not received yet, in order
+            message: Any = queued.get_nowait()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                frame = message.get("bytes")
+                lane.deliver(frame if frame is not None else message.get("text", ""))
+            elif kind == "websocket.disconnect":
+                lane._finish(int(message.get("code", 1005)))
+        return lane
+
+    def _feed_split(self) -> None:
+        """The direct lane's parse: complete, unfragmented, masked text/binary frames
+        within the size limit are unmasked here and handed to the lane; any other
+        complete frame (ping, pong, close, fragments, reserved bits or opcodes) goes to
+        websockets whole, as before; a header websockets must refuse (unmasked: 1002,
+        over the size limit: 1009) goes to it with the rest of the stream, and
+        websockets parses from then on.  Stops like the slices do: while the lane
+        holds frames or the write buffer is over its limit."""
+        held = self._held
+        lane = self._lane
+        assert lane is not None
+        conn = self.conn
+        limit = conn.max_message_size
+        ws_frame = super().data_received
+        pos, end = 0, len(held)
+        incomplete = False
+        while pos < end:
+            if self._write_paused or lane.holding or self.close_sent or self.transport.is_closing():
+                break
+            left = end - pos
+            if left < 2:
+                incomplete = True
+                break
+            b0, b1 = held[pos], held[pos + 1]
+            n = b1 & 0x7F
+            if n < 126:
+                head = 2
+            elif n == 126:
+                if left < 4:
+                    incomplete = True
+                    break
+                n, head = int.from_bytes(held[pos + 2 : pos + 4], "big"), 4
+            else:
+                if left < 10:
+                    incomplete = True
+                    break
+                n, head = int.from_bytes(held[pos + 2 : pos + 10], "big"), 10
+            current = conn.current_size
+            if not b1 & 0x80 or (limit is not None and n > limit - (current or 0)):
+                self._split = False  # websockets refuses it from the header and closes
+                break
+            size = head + 4 + n
+            if left < size:
+                incomplete = True
+                break
+            start = pos + head
+            pos += size
+            if (b0 == 0x82 or b0 == 0x81) and current is None and conn.state is State.OPEN:
+                data = apply_mask(held[start + 4 : pos], held[start : start + 4])
+                if b0 == 0x82:
+                    lane.deliver(data)
+                    continue
+                try:
+                    text = data.decode()
+                except UnicodeDecodeError:
+                    self._held = b""
+                    self.logger.exception("Invalid UTF-8 sequence received from client.")
+                    conn.send_close(1007)
+                    self.handle_parser_exception()
+                    return
+                lane.deliver(text)
+            else:
+                self._ws_fed = True
+                ws_frame(held[pos - size : pos])
+        self._held = held[pos:] if pos else held
+        self._incomplete = incomplete and self._split
+        if self.transport.is_closing():
+            self._held = b""
+        if self._split or not self._held:
+            self._set_reading()
+
+    def send_receive_event_to_app(self) -> None:
+        lane = self._lane
+        if lane is None:
+            super().send_receive_event_to_app()
+            return
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past the app's close: discarded, reading goes on to the peer's close
+        if self.curr_msg_data_type == "text":
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                self.logger.exception("Invalid UTF-8 sequence received from client.")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+            lane.deliver(text)
+        else:
+            lane.deliver(data)
+
+    def _lane_resumed(self) -> None:
+        if self._held:
+            self._feed()
+        else:
+            self._set_reading()
+
+    def _lane_close(self, code: int, reason: str) -> None:
+        """uvicorn's ``websocket.close`` (send()), synchronously."""
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+        if self._held:  # frames are discarded now: parse on to the peer's close
             self._feed()

@@ -144,6 +144,13 @@ def main() -> None:
         f"node {node_cpu / elapsed / 1e7:.0f} %, generator {gen_cpu / elapsed / 1e7:.0f} %,"
         f" everything else on the machine {max(0, other) / elapsed / 1e7:.0f} % (of one core)"
     )
+    # the messages acked in the window: the ack histogram's count (every message gets one sample)
+    acks = hist_after.get(HISTOGRAMS[0], {}).get("+Inf", 0.0)
+    acks -= hist_before.get(HISTOGRAMS[0], {}).get("+Inf", 0.0)
+    web_cpu = sum(after[n][0] - before[n][0] for n in procs if n.startswith("web worker"))
+    if acks:
+        per = web_cpu / 1e3 / acks
+        print(f"web workers: {per:.1f} µs of CPU per acked message ({acks / elapsed:.0f} msg/s acked)")
     for name in HISTOGRAMS:
         delta = {le: v - hist_before.get(name, {}).get(le, 0.0) for le, v in hist_after.get(name, {}).items()}
         total = delta.pop("+Inf", 0.0)

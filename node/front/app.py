@@ -6,10 +6,16 @@ ASGI extension, no upgrade); each frame goes through :func:`node.protocol.parse_
 accepted messages are packed into the ring envelope and handed to the worker's
 :class:`node.front.committer.Committer`, which acks after the persist.
 
-Per connection there are two coroutines: the *reader* (this endpoint) waits for
-window room, reads a frame, and parses it; the *writer* sends what the committer
-and the parser left for the device (error replies and the coalesced ack), so a
-device that does not read its acks never blocks the committer or other devices.
+Under the node's own uvicorn protocol (``node.httpguard``) a connection runs on the
+*direct lane* (:mod:`node.directlane`): each frame is parsed and submitted in a
+synchronous callback of the protocol's ``data_received``, error replies are written
+at once, and the committer writes the ack through ``Conn.on_ready`` right after the
+persist that covers it; no window room pauses reading the socket.  Under another
+server (no ``iotnode.direct`` scope extension) the ASGI path runs: per connection a
+*reader* (this endpoint) waits for window room, receives a frame, and parses it; a
+*writer* task sends what the committer and the parser left for the device (error
+replies and the coalesced ack).  Either way a device that does not read its acks
+never blocks the committer or other devices.
 
 ``create_app(settings=None, *, on_group=None, routes=(), commit_mode="auto")``
 builds the app; the lifespan opens the ring *in the worker*, after the fork/spawn.
@@ -29,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -39,12 +45,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from node import logredact
 from node.auth import TokenPolicy, load_secret, token_from_request, verify_device_claims
 from node.config import Settings, load_settings
+from node.directlane import EXTENSION, DirectLane
 from node.errors import AuthError
 from node.front.committer import Committer, Conn, FrontStats, GroupCallback
 from node.front.sessions import CLOSE_TAKEN_OVER, REASON_TAKEN_OVER, Sessions, TakeoverFailed
 from node.gcpolicy import GcPolicy
 from node.httpguard import Limits, install
-from node.protocol import ErrorReply, parse_frame, reject
+from node.protocol import ErrorReply, Message, parse_frame, reject
 from node.record import pack_record
 
 __all__ = ["FrontState", "create_app", "raise_nofile_limit"]
@@ -267,7 +274,6 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
         return
     committer, sessions = state.committer, state.sessions
     assert committer is not None and sessions is not None, "lifespan did not run"
-    max_record = state.ring.max_record
     conn = committer.connect(device_id)
     # One session per device: older ones (in any worker) settle and close with 4000 first.
     try:
@@ -293,14 +299,132 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
             ending.append((code, reason))
             conn.close_when_settled()
 
+    direct = websocket.scope.get("extensions", {}).get(EXTENSION)
+    lane = direct["open"]() if direct is not None else None  # before anything can end the session
     session.on_taken(lambda: end_with(CLOSE_TAKEN_OVER, REASON_TAKEN_OVER))
     loop = asyncio.get_running_loop()
     timer = None
     if expires_at is not None:  # the session lasts no longer than the token that opened it
         timer = loop.call_later(max(0.0, expires_at - time.time()), end_with, CLOSE_POLICY, "token expired")
-    writer = loop.create_task(_write(websocket, conn, ending))
     state.revocable[id(conn)] = (device_id, issued_at, end_with)
-    perf_counter, wall = time.perf_counter, time.time
+    take = _frame_taker(state, conn, ending)
+    try:
+        if lane is not None:
+            await _serve_direct(lane, take, committer, conn, ending, stats)
+        else:
+            await _serve_asgi(websocket, take, committer, conn, ending, stats)
+    finally:
+        conn.on_ready = None
+        state.revocable.pop(id(conn), None)
+        if timer is not None:
+            timer.cancel()
+        committer.disconnect(conn)
+        sessions.end(session)
+        if state.gc is not None:
+            state.gc.note_garbage(ended=True)  # a closed connection's objects are cyclic
+
+
+def _frame_taker(
+    state: FrontState, conn: Conn, ending: list[tuple[int, str]]
+) -> Callable[[bytes | str, float], bytes | str | None]:
+    """The per-frame work of one connection, free of I/O: parse, envelope, submit.
+    ``take(frame, t_received)`` returns the error reply to send (or None)."""
+    committer, stats = state.committer, state.stats
+    assert committer is not None
+    device_id, max_record, wall = conn.device_id, state.ring.max_record, time.time
+    submit, errors = committer.submit, stats.errors
+
+    def take(frame: bytes | str, t_received: float) -> bytes | str | None:
+        result = parse_frame(frame)
+        if type(result) is ErrorReply:
+            errors[result.kind] += 1
+            return result.frame
+        message = cast(Message, result)
+        payload = pack_record(device_id, message.seq, message.ts, wall(), message.data)
+        if len(payload) > max_record:
+            too_large = reject(
+                "too_large",
+                f"message too large: its record is {len(payload)} bytes, the ring takes {max_record}",
+                message.seq,
+                message.binary,
+            )
+            errors[too_large.kind] += 1
+            return too_large.frame
+        if ending:
+            return None  # taken over or expired: the device resends on its next connection
+        submit(conn, message.seq, message.binary, payload, t_received)
+        return None
+
+    return take
+
+
+async def _serve_direct(
+    lane: DirectLane,
+    take: Callable[[bytes | str, float], bytes | str | None],
+    committer: Committer,
+    conn: Conn,
+    ending: list[tuple[int, str]],
+    stats: FrontStats,
+) -> None:
+    """The direct lane (node/directlane.py): frames are taken in ``on_frame``, called
+    from the protocol's ``data_received``; replies are written at once; the committer
+    calls ``on_ready`` after each persist that covers this connection (the ack is
+    written then, in the committer's step), when it failed, or when the session ends.
+    No window room pauses the lane (the socket is not read) until ``on_ready`` sees
+    room again."""
+    perf_counter = time.perf_counter
+    paused_at = 0.0  # perf_counter() when the lane paused for room, else 0
+    send = lane.send
+
+    def on_frame(frame: bytes | str) -> None:
+        nonlocal paused_at
+        if conn.failed:
+            return  # being closed with 1011; the device resends
+        reply = take(frame, perf_counter())
+        if reply is not None:
+            send(reply)
+        if not committer.has_room(conn):
+            lane.pause()
+            paused_at = perf_counter()
+            committer.notify_room(conn)
+
+    def on_ready() -> None:
+        nonlocal paused_at
+        for frame in conn.take():
+            send(frame)
+        if conn.failed:
+            lane.close(CLOSE_INTERNAL_ERROR, "could not persist; resend")
+        elif ending and not conn.unacked:  # settled: the last ack is sent
+            lane.close(*ending[0])
+        elif paused_at:
+            if committer.has_room(conn):
+                stats.paused += 1
+                stats.paused_seconds += perf_counter() - paused_at
+                paused_at = 0.0
+                lane.resume()
+            else:
+                committer.notify_room(conn)
+
+    conn.on_ready = on_ready
+    stats.direct += 1
+    lane.start(on_frame)
+    on_ready()  # the session may have ended already (taken over before the lane opened)
+    if await lane.done == CLOSE_TOO_BIG:
+        stats.errors["oversize"] += 1  # closed by the server from the frame header
+
+
+async def _serve_asgi(
+    websocket: WebSocket,
+    take: Callable[[bytes | str, float], bytes | str | None],
+    committer: Committer,
+    conn: Conn,
+    ending: list[tuple[int, str]],
+    stats: FrontStats,
+) -> None:
+    """The ASGI path (a server without the direct lane): a reader (this coroutine)
+    and a writer task per connection."""
+    writer = asyncio.get_running_loop().create_task(_write(websocket, conn, ending))
+    perf_counter = time.perf_counter
     receive = websocket.receive
     try:
         while True:
@@ -319,35 +443,12 @@ async def _serve_device(websocket: WebSocket, state: FrontState) -> None:
                 frame = message.get("text")
                 if frame is None:
                     continue
-            result = parse_frame(frame)
-            if type(result) is ErrorReply:
-                stats.errors[result.kind] += 1
-                conn.reply(result.frame)
-                continue
-            payload = pack_record(device_id, result.seq, result.ts, wall(), result.data)  # type: ignore[union-attr]
-            if len(payload) > max_record:
-                too_large = reject(
-                    "too_large",
-                    f"message too large: its record is {len(payload)} bytes, the ring takes {max_record}",
-                    result.seq,  # type: ignore[union-attr]
-                    result.binary,  # type: ignore[union-attr]
-                )
-                stats.errors[too_large.kind] += 1
-                conn.reply(too_large.frame)
-                continue
-            if ending:
-                continue  # taken over or expired: the device resends on its next connection
-            committer.submit(conn, result.seq, result.binary, payload, t_received)  # type: ignore[union-attr]
+            reply = take(frame, t_received)
+            if reply is not None:
+                conn.reply(reply)
     except WebSocketDisconnect:
         pass
     finally:
-        state.revocable.pop(id(conn), None)
-        if timer is not None:
-            timer.cancel()
-        committer.disconnect(conn)
-        sessions.end(session)
-        if state.gc is not None:
-            state.gc.note_garbage(ended=True)  # a closed connection's objects are cyclic
         if not writer.done():
             writer.cancel()
         try:

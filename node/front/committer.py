@@ -43,6 +43,14 @@ Public API::
     conn.reply(frame)                             # an error reply to send in order with acks
     frames = await conn.outgoing()                # the connection's writer: what to send next
     committer.disconnect(conn)
+
+Or, for a connection on the direct lane (node/directlane.py: no writer task), a
+synchronous callback instead of the writer's events::
+
+    conn.on_ready = callback    # called when frames are due, room may be back, or it failed/closes
+    frames = conn.take()        # in the callback: what to send now (replies, then the ack)
+    committer.notify_room(conn) # reader paused for room: call on_ready when the worker's
+                                # pending bytes drop (its own window frees through on_ready anyway)
 """
 
 from __future__ import annotations
@@ -95,6 +103,7 @@ class FrontStats:
     append_max_seconds: float = 0.0  # the slowest one
     paused: int = 0  # times a connection's reader waited for room (back-pressure)
     paused_seconds: float = 0.0  # total time readers spent waiting for room
+    direct: int = 0  # connections served on the direct lane (node/directlane.py) so far
 
 
 class Conn:
@@ -116,6 +125,7 @@ class Conn:
         "closed",
         "failed",
         "closing",
+        "on_ready",
     )
 
     def __init__(self, device_id: str, window: int) -> None:
@@ -134,6 +144,8 @@ class Conn:
         self.closed = False
         self.failed = False  # the committer could not persist: close with 1011
         self.closing = False  # the writer closes once nothing is in flight (session taken over)
+        # The direct lane's callback (called synchronously instead of waking a writer task).
+        self.on_ready: Callable[[], None] | None = None
 
     @property
     def unacked(self) -> int:
@@ -145,13 +157,39 @@ class Conn:
     def reply(self, frame: bytes | str) -> None:
         """Queue an error reply; it counts against the window until written."""
         self._replies.append(frame)
-        self._wake.set()
+        if self.on_ready is not None:
+            self._ready()
+        else:
+            self._wake.set()
 
     def close_when_settled(self) -> None:
         """Make :meth:`outgoing` return once nothing is in flight (after the last ack),
         so the writer can close the connection (a newer session took over)."""
         self.closing = True
-        self._wake.set()
+        if self.on_ready is not None:
+            self._ready()
+        else:
+            self._wake.set()
+
+    def take(self) -> list[bytes | str]:
+        """Every frame due to this device now (replies, then the ack); the direct lane's
+        :meth:`outgoing`, without waiting."""
+        frames: list[bytes | str] = []
+        if self._replies:
+            frames.extend(self._replies)
+            self._replies.clear()
+        if self._ack is not None:
+            frames.append(encode_ack(self._ack, self._ack_binary))
+            self._ack = None
+        return frames
+
+    def _ready(self) -> None:
+        callback = self.on_ready
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # the connection's bug must not stop the committer's acks
+                log.exception("committer: the on_ready callback of %r failed", self.device_id)
 
     async def outgoing(self) -> list[bytes | str]:
         """Wait for, then take, every frame due to this device (replies, then the ack);
@@ -192,8 +230,12 @@ class Conn:
             self._ack_max = n
             self._ack = n
             self._ack_binary = binary
-            self._wake.set()
-        self._room.set()
+            if self.on_ready is None:
+                self._wake.set()
+        if self.on_ready is not None:
+            self._ready()  # the ack (if any) is written now, the window may have room again
+        else:
+            self._room.set()
 
 
 class _Entry:
@@ -235,6 +277,7 @@ class Committer:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._room_waiters: set[Conn] = set()  # direct-lane connections paused for pending bytes
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
@@ -308,6 +351,21 @@ class Committer:
         if t0:
             self.stats.paused += 1
             self.stats.paused_seconds += time.perf_counter() - t0
+
+    def notify_room(self, conn: Conn) -> None:
+        """For a direct-lane connection whose reader paused (``has_room`` was false):
+        make sure ``conn.on_ready`` runs once the worker's pending bytes are below the
+        limit again.  Its own window frees in a completed group, which calls
+        ``on_ready`` anyway."""
+        if self.stats.pending_bytes >= self._max_pending:
+            self._room_waiters.add(conn)
+
+    def _wake_room_waiters(self) -> None:
+        waiters = self._room_waiters
+        if waiters:
+            self._room_waiters = set()
+            for conn in waiters:
+                conn._ready()
 
     def submit(self, conn: Conn, seq: int, binary: bool, payload: bytes, t_received: float) -> None:
         """Queue one accepted record for the next group (never blocks: the reader
@@ -408,14 +466,15 @@ class Committer:
                 if e.seq > acc[1]:
                     acc[1] = e.seq
                 acc[2] = e.binary
-        for conn, (count, max_seq, binary) in per_conn.items():
-            conn._durable(count, max_seq, bool(binary))
         stats = self.stats
         stats.acked += len(done)
         stats.groups += 1
-        stats.pending_bytes -= nbytes
+        stats.pending_bytes -= nbytes  # before the acks: a direct lane's on_ready sees the room
+        for conn, (count, max_seq, binary) in per_conn.items():
+            conn._durable(count, max_seq, bool(binary))
         if stats.pending_bytes < self._max_pending:
             self._room.set()
+            self._wake_room_waiters()
         if self.on_group is not None:
             try:
                 self.on_group(now, [e.t_received for e in done], nbytes)
@@ -441,3 +500,5 @@ class Committer:
             conn.failed = True
             conn._wake.set()
             conn._room.set()
+            conn._ready()
+        self._wake_room_waiters()
