@@ -325,6 +325,10 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._split = False
         self._ws_fed = False  # websockets' parser has seen bytes after the request
         self._incomplete = False  # _held is one incomplete frame: read on, parse later
+        # ... and when its header was complete: its pieces, collected until _need bytes
+        self._parts: list[bytes] = []
+        self._parts_len = 0
+        self._need = 0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -348,6 +352,16 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         return self.queue.qsize() < self._max_queued
 
     def data_received(self, data: bytes) -> None:
+        if self._need:
+            # The lane waits for the rest of one frame whose size it knows: collect the
+            # pieces and join them once (adding each piece to _held copied it again
+            # every time: quadratic in a 64 KiB frame sent a few bytes at a time).
+            self._parts.append(data)
+            self._parts_len += len(data)
+            if self._parts_len < self._need:
+                return  # still incomplete; reading goes on (_set_reading left it on)
+            data = b"".join(self._parts)
+            self._parts, self._parts_len, self._need = [], 0, 0
         self._held = self._held + data if self._held else data
         self._incomplete = False
         self._feed()
@@ -464,6 +478,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         ws_frame = super().data_received
         pos, end = 0, len(held)
         incomplete = False
+        need = 0  # the incomplete frame's whole size, once its header is complete
         while pos < end:
             if self._write_paused or lane.holding or self.close_sent or self.transport.is_closing():
                 break
@@ -492,6 +507,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             size = head + 4 + n
             if left < size:
                 incomplete = True
+                need = size
                 break
             start = pos + head
             pos += size
@@ -514,6 +530,9 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
                 ws_frame(held[pos - size : pos])
         self._held = held[pos:] if pos else held
         self._incomplete = incomplete and self._split
+        if self._incomplete and need:
+            self._parts, self._parts_len, self._need = [self._held], len(self._held), need
+            self._held = b""
         if self.transport.is_closing():
             self._held = b""
         if self._split or not self._held:

@@ -345,3 +345,27 @@ def test_bad_frames_close_the_lane_with_the_protocol_code(web: Server, frame: by
         assert first == 0x88 and int.from_bytes(payload[:2], "big") == code
     finally:
         sock.close()
+
+
+def test_a_large_frame_in_many_small_pieces_then_another_frame_is_acked_on_the_lane(web: Server) -> None:
+    """The lane collects the pieces of a frame whose header it has read and parses it
+    once it is whole (the pieces are joined once, not re-copied per piece); a frame
+    that starts in the last piece is parsed right after it."""
+    sock = ws_open(web)
+    try:
+        big = _masked(0x82, msgpack.packb({"seq": 1, "data": "y" * 20000}))
+        after = _masked(0x82, msgpack.packb({"seq": 2, "data": 2}))
+        stream = big + after[:5]
+        for i in range(0, len(stream), 64):
+            sock.sendall(stream[i : i + 64])
+        sock.sendall(after[5:])
+        seen = -1
+        deadline = time.monotonic() + 10
+        while seen < 2 and time.monotonic() < deadline:
+            (_first, payload) = _read_frames(sock, 1)[0]
+            reply = decode_reply(payload)
+            assert isinstance(reply, Ack), reply
+            seen = reply.n
+        assert seen == 2
+    finally:
+        sock.close()
