@@ -13,6 +13,7 @@ protocol to the front without ASGI, and the ASGI path that stays for other serve
 from __future__ import annotations
 
 import asyncio
+import logging
 import select
 import socket
 import threading
@@ -61,6 +62,14 @@ class InProcess:
 def _serve(tmp_path: Path, ws: str) -> Iterator[InProcess]:
     env = node_env(tmp_path / "data", NODE_MAX_MESSAGE_BYTES="4096", NODE_LOG_LEVEL="warning")
     settings = Settings.from_env(env)
+    # create_app points the "iotnode" and "node" loggers at their own handler (no
+    # propagation, NODE_LOG_LEVEL) as in a worker; in this test process that would hide
+    # every later test's log records from caplog: put them back afterwards.
+    saved = {
+        name: (lg.level, lg.propagate, list(lg.handlers))
+        for name in ("iotnode", "node")
+        for lg in [logging.getLogger(name)]
+    }
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -86,6 +95,11 @@ def _serve(tmp_path: Path, ws: str) -> Iterator[InProcess]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+        for name, (level, propagate, handlers) in saved.items():
+            lg = logging.getLogger(name)
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.handlers[:] = handlers
 
 
 @pytest.fixture(params=["direct", "asgi"])
