@@ -16,8 +16,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.sinks import rows_table as reference  # the first version's build: a Python list per column
 from node.registry import DeviceContext, Registry
-from node.storage.enrich import Row, batch_of, enrich, labels_json
+from node.storage.enrich import batch_of, enrich
 from node.storage.lake import SCHEMA, LakeSink, partition_value
 from node.storage.source import RawRow
 
@@ -47,31 +48,6 @@ def raw_rows(first: int, count: int) -> list[RawRow]:
         data = json.dumps({"v": i, "s": "é\\\t", "n": None}, ensure_ascii=False, separators=(",", ":"))
         out.append((first + i, devices[i % 4], first + i, ts, at, data))
     return out
-
-
-def reference(rows: list[Row]) -> pa.Table:
-    """The first version's table of rows: one Python list per column."""
-    ctxs = [r.ctx for r in rows]
-    return pa.Table.from_arrays(
-        [
-            pa.array([r.device_id for r in rows], pa.string()),
-            pa.array([r.seq for r in rows], pa.int64()),
-            pa.array([r.ts for r in rows], pa.float64()),
-            pa.array([round(r.received_at * 1_000_000) for r in rows], pa.int64()).cast(
-                pa.timestamp("us", tz="UTC")
-            ),
-            pa.array([c.class_ for c in ctxs], pa.string()),
-            pa.array([c.region for c in ctxs], pa.string()),
-            pa.array([c.site for c in ctxs], pa.string()),
-            pa.array([c.lat for c in ctxs], pa.float64()),
-            pa.array([c.lon for c in ctxs], pa.float64()),
-            pa.array([c.geohash for c in ctxs], pa.string()),
-            pa.array([labels_json(c) for c in ctxs], pa.string()),
-            pa.array([r.data_json for r in rows], pa.string()),
-            pa.array([r.rowid for r in rows], pa.int64()),
-        ],
-        schema=SCHEMA,
-    )
 
 
 def test_lake_files_hold_the_rows_of_the_row_by_row_build_partitioned_by_utc_day_and_type(
