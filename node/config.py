@@ -256,7 +256,7 @@ class Settings:
     curve_subscribers_dir: Path | None = None  # *.key public keys of the stores/fanouts a publisher accepts
 
     # Device connections
-    ws_ping_interval: float = 20.0  # seconds; 0 disables keep-alive pings
+    ws_ping_interval: float = 20.0  # seconds of silence before a keep-alive ping; 0 disables them
     ws_ping_timeout: float = 20.0
     conn_window: int = 256  # unacked messages in flight per device connection
 
