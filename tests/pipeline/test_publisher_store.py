@@ -273,7 +273,7 @@ def test_long_poll_fetch_is_parked_until_records_arrive_then_answered_at_once(pi
         assert waited < 1.0, f"parked FETCH answered {waited:.2f}s after the records were committed"
         # Nothing more arrives: the long poll ends with an empty answer after a bounded time.
         replay.fetch(ring_id, answer.next, 100)
-        empty, waited = replay.answer(5)
+        empty, waited = replay.answer(PARK_TIMEOUT + 3.0)  # due at PARK_TIMEOUT: not a 5 s wait
         assert empty is not None and empty.records == [] and empty.next == answer.next
         assert PARK_TIMEOUT - 0.3 < waited < PARK_TIMEOUT + 2.0
         # Without "wait" an empty answer comes at once (a tool's poll, the old behaviour).

@@ -27,10 +27,15 @@ ops = st.lists(
 
 
 class Model:
-    """Positions exactly as the ring assigns them: 32-byte records, padding at the wrap."""
+    """Positions exactly as the ring assigns them: 32-byte records, padding at the wrap.
+
+    The reader's scan steps over the wrap padding after the last record it returns, and
+    a pop to a record's end also releases padding the reader has scanned past (the
+    head then stands at the next record: node/ring/reader.py, ``pop``)."""
 
     def __init__(self) -> None:
         self.head = self.tail = 0
+        self.scanned = 0  # the reader's cursor: where its last read stopped
         self.records: list[tuple[int, int, bytes]] = []  # (pos, end, payload), un-popped
         self.counter = 0
 
@@ -54,6 +59,21 @@ class Model:
             self.tail = pos + rsz
         return len(payloads)
 
+    def read(self, n: int) -> None:
+        if n:
+            end = self.records[n - 1][1]
+            if len(self.records) > n and self.records[n][0] > end:
+                end = self.records[n][0]  # the scan stepped over the padding
+            self.scanned = max(self.scanned, end)
+
+    def pop(self, k: int) -> None:
+        head = self.records[k - 1][1]
+        nxt = self.records[k][0] if len(self.records) > k else None
+        if self.scanned > head and (nxt is None or nxt >= self.scanned):
+            head = self.scanned  # only padding between: released too
+        self.head = head
+        del self.records[:k]
+
 
 def run(backend: str, program: list[tuple[str, object]]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ringmodel-"))
@@ -70,13 +90,13 @@ def run(backend: str, program: list[tuple[str, object]]) -> None:
             elif op == "read":
                 recs = reader.read(ring.head, max_records=int(arg))  # type: ignore[call-overload]
                 assert [(r.pos, r.end, r.payload) for r in recs] == model.records[: int(arg)]  # type: ignore[call-overload]
+                model.read(len(recs))
                 read_upto = max(read_upto, len(recs))
             elif op == "pop":
                 k = min(int(arg), read_upto)  # type: ignore[call-overload]
                 if k:
                     assert reader.pop(model.records[k - 1][1]) == k
-                    model.head = model.records[k - 1][1]
-                    del model.records[:k]
+                    model.pop(k)
                     read_upto -= k
             else:
                 ring.close()
@@ -84,6 +104,7 @@ def run(backend: str, program: list[tuple[str, object]]) -> None:
                 assert ring.recovered
                 reader = ring.reader()
                 read_upto = 0
+                model.scanned = 0
             assert ring.head == model.head
             assert ring.tail == model.tail
             assert ring.depth == len(model.records)
