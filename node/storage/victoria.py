@@ -32,6 +32,15 @@ a second), so after a lost connection (it may have been killed) the sink rewrite
 the last ``REWIND_SECONDS`` of its writes.  (A first version kept the cursor as a
 series in VictoriaMetrics; a restarted sink could not find the fresh series for a
 while through ``/api/v1/export`` label filters, and rewrote everything.)
+
+**One batch in flight.**  :meth:`VictoriaSink.write` formats its batch, then waits for the
+previous batch's POST (sent from a background thread), commits it as above (cursor file,
+``durable``), and sends the new one: VictoriaMetrics ingests a batch while the loop reads
+and formats the next.  ``durable`` thus trails the rows handed over by one batch until
+``idle()`` or ``flush()``; a POST that failed raises ``SinkDown`` at that point, commits
+nothing, and the batch in hand is dropped (the loop reconnects and rewrites both).
+Formatting stays in Python: building the lines in SQLite (``json_each``/``->`` and string
+concatenation, SQLite 3.40) measured 8-90 us a row against Python's ≈ 5 (docs/bench.md).
 """
 
 from __future__ import annotations
