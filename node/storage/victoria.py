@@ -32,6 +32,15 @@ a second), so after a lost connection (it may have been killed) the sink rewrite
 the last ``REWIND_SECONDS`` of its writes.  (A first version kept the cursor as a
 series in VictoriaMetrics; a restarted sink could not find the fresh series for a
 while through ``/api/v1/export`` label filters, and rewrote everything.)
+
+**One batch in flight.**  :meth:`VictoriaSink.write` formats its batch, then waits for the
+previous batch's POST (sent from a background thread), commits it as above (cursor file,
+``durable``), and sends the new one: VictoriaMetrics ingests a batch while the loop reads
+and formats the next.  ``durable`` thus trails the rows handed over by one batch until
+``idle()`` or ``flush()``; a POST that failed raises ``SinkDown`` at that point, commits
+nothing, and the batch in hand is dropped (the loop reconnects and rewrites both).
+Formatting stays in Python: building the lines in SQLite (``json_each``/``->`` and string
+concatenation, SQLite 3.40) measured 8-90 us a row against Python's ≈ 5 (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +229,8 @@ class VictoriaSink(TailSink):
         self.skipped = SINK_SKIPPED_FIELDS.labels(sink=self.name)
         self._history: deque[tuple[float, int]] = deque(maxlen=4096)  # (monotonic, cursor) of writes
         self._started_at: int | None = None  # cursor this process started from
+        self._poster: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future[bytes], int, int] | None = None  # (POST in flight, its cursor, skipped)
 
     def _request(self, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
@@ -278,14 +290,38 @@ class VictoriaSink(TailSink):
             raise SinkDown("cursor", f"cannot write the cursor file {self.cursor_file}: {exc}") from None
 
     def write(self, batch: Batch) -> None:
-        cursor = batch.last
+        """Format the batch while VictoriaMetrics ingests the previous one, then commit that one
+        (its cursor after its acknowledgement) and send this one: ``durable`` trails the batches
+        handed over by at most one until :meth:`idle` / :meth:`flush`."""
         lines, skipped = batch_lines(batch)
-        self._request("/write?precision=ms", ("\n".join(lines) + "\n").encode())
+        body = ("\n".join(lines) + "\n").encode()
+        self._commit()  # the previous batch (SinkDown if it failed: this one is dropped, rewritten)
+        if self._poster is None:
+            self._poster = ThreadPoolExecutor(1, thread_name_prefix="victoria-write")
+        self._pending = (self._poster.submit(self._request, "/write?precision=ms", body), batch.last, skipped)
+
+    def _commit(self) -> None:
+        """Wait for the write in flight; once acknowledged, save its cursor and count it durable."""
+        if self._pending is None:
+            return
+        future, cursor, skipped = self._pending
+        self._pending = None
+        future.result()  # SinkDown of the POST: nothing committed, the loop reconnects and rewrites
         self._save_cursor(cursor)  # after the acknowledgement: a crash in between rewrites this batch
         if skipped:
             self.skipped.inc(skipped)
         self.durable = cursor
         self._history.append((time.monotonic(), cursor))
 
+    def idle(self) -> None:
+        self._commit()
+
+    def flush(self) -> None:
+        self._commit()
+
     def close(self) -> None:
-        pass
+        """Drop a write in flight uncommitted (after a failure; a clean stop flushed it first)."""
+        self._pending = None
+        if self._poster is not None:
+            self._poster.shutdown(wait=True)
+            self._poster = None
