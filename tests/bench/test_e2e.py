@@ -4,7 +4,6 @@ and agree with what the generator sent.  Bounded: a few seconds of load."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import time
@@ -14,27 +13,13 @@ import pytest
 
 from bench import e2e, proto
 from node.front.metrics import FLUSH_INTERVAL, RENDER_TTL
+from tests.bench import e2e_args
 
 
 @pytest.mark.timeout(120)
 def test_e2e_reports_stored_rate_and_fanout_latency_against_a_small_node(tmp_path: Path) -> None:
-    args = argparse.Namespace(
-        connections=10,
-        window=8,
-        duration=2.0,
-        devices=50,
-        rates="200",
-        latency_duration=2.0,
-        rounds=1,
-        payload=64,
-        encoding="msgpack",
-        processes=1,
-        workers=1,
-        out=tmp_path / "results",
-        quiet=True,
-        keep=None,
-        client_during_throughput=True,
-    )
+    args = e2e_args(tmp_path, "-n", "10", "--devices", "50", "--rates", "200", "--latency-duration", "2")
+    args.client_during_throughput = True
     started = time.monotonic()
     doc = e2e.run(args, tmp_path / "work", "test", progress=None)
     assert time.monotonic() - started < 60
@@ -72,22 +57,8 @@ def test_e2e_reports_stored_rate_and_fanout_latency_against_a_small_node(tmp_pat
 def test_e2e_drained_store_counter_matches_the_rows_in_sqlite(tmp_path: Path) -> None:
     # stored_rate reads the store's counter; check it against the rows on disk of a
     # drained node: the same number the contract's table holds.
-    args = argparse.Namespace(
-        connections=4,
-        window=4,
-        duration=1.0,
-        devices=10,
-        rates="50",
-        latency_duration=1.0,
-        rounds=1,
-        payload=64,
-        encoding="json",
-        processes=1,
-        workers=1,
-        out=tmp_path / "results",
-        quiet=True,
-        keep=None,
-    )
+    options = ["-n", "4", "-w", "4", "-d", "1", "--devices", "10", "--rates", "50", "--latency-duration", "1"]
+    args = e2e_args(tmp_path, *options, "--encoding", "json")
     doc = e2e.run(args, tmp_path / "work", "test", progress=None)
     thr, lat = doc["runs"]
     assert thr["iotnode"]["acked"] > 0 and lat["iotnode"]["acked"] > 0

@@ -17,28 +17,15 @@ import pytest
 from bench import e2e, proto
 from bench.loadgen import Conn, Gen
 from bench.servers.storage import PG_BIN, VM_BIN
+from tests.bench import e2e_args
 
 
 @pytest.mark.timeout(120)
 def test_e2e_sinks_reports_ratios_and_every_sink_holds_exactly_the_stored_rows(tmp_path: Path) -> None:
     if not (PG_BIN / "postgres").exists() or not Path(VM_BIN).exists():
         pytest.skip("PostgreSQL or VictoriaMetrics not installed (Debian: postgresql, victoria-metrics)")
-    args = argparse.Namespace(
-        connections=8,
-        window=8,
-        duration=2.0,
-        devices=10,
-        rates="100",
-        latency_duration=1.0,
-        rounds=1,
-        payload=64,
-        encoding="msgpack",
-        processes=1,
-        workers=1,
-        out=tmp_path / "results",
-        quiet=True,
-        keep=None,
-        sinks=True,
+    args = e2e_args(
+        tmp_path, "-n", "8", "--devices", "10", "--rates", "100", "--latency-duration", "1", "--sinks"
     )
     started = time.monotonic()
     # A short work directory: the node's ipc:// socket paths under it must stay within
