@@ -1,4 +1,5 @@
-"""Build hook for the ring's small C helper (cffi API mode).
+"""Build hook for the C helpers: the ring's (cffi API mode and a CPython extension) and the
+VictoriaMetrics sink's line protocol formatter (a CPython extension).
 
 Everything else is in pyproject.toml; setuptools needs this file only for
 ``cffi_modules``.  The helper has no link-time dependency on libpmem: libpmem is
@@ -10,7 +11,9 @@ from setuptools import Extension, setup
 setup(
     cffi_modules=["node/ring/_cbuild.py:ffibuilder"],
     # Ring.append_batch hands its list of bytes to the C helper through this (no join)
+    # and the VictoriaMetrics sink formats its line protocol with this (node/storage/_vmlines.c)
     ext_modules=[
-        Extension("node.ring._gather", ["node/ring/_gather.c"], extra_compile_args=["-O2", "-Wall"])
+        Extension("node.ring._gather", ["node/ring/_gather.c"], extra_compile_args=["-O2", "-Wall"]),
+        Extension("node.storage._vmlines", ["node/storage/_vmlines.c"], extra_compile_args=["-O2", "-Wall"]),
     ],
 )

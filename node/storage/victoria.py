@@ -39,8 +39,12 @@ previous batch's POST (sent from a background thread), commits it as above (curs
 and formats the next.  ``durable`` thus trails the rows handed over by one batch until
 ``idle()`` or ``flush()``; a POST that failed raises ``SinkDown`` at that point, commits
 nothing, and the batch in hand is dropped (the loop reconnects and rewrites both).
-Formatting stays in Python: building the lines in SQLite (``json_each``/``->`` and string
-concatenation, SQLite 3.40) measured 8-90 us a row against Python's ≈ 5 (docs/bench.md).
+**Formatting in C.**  :func:`batch_body` builds the body in ``_vmlines.c`` (built at install
+like the ring's C helpers): it parses ``data`` itself and writes exactly the bytes of the Python
+formatter :func:`batch_lines` (a hypothesis test compares them), handing the rows whose result
+could differ -- escaped or repeated keys, integers beyond 18 digits, overflowing floats -- to
+:func:`raw_line`.  (Building the lines in SQLite, ``json_each`` and string concatenation in
+SQLite 3.40, measured 8-90 us a row against Python's ≈ 5: docs/bench.md.)
 """
 
 from __future__ import annotations
@@ -64,7 +68,16 @@ from orjson import loads as _orjson_loads
 from node.metrics import SINK_SKIPPED_FIELDS
 from node.registry import DeviceContext
 from node.storage.enrich import Batch, Row
+from node.storage.source import RawRow
 from node.storage.tail import SinkDown, TailSink
+
+try:
+    from node.storage._vmlines import format_batch as format_batch  # type: ignore[import-not-found,import-untyped,unused-ignore]
+except ImportError as exc:  # pragma: no cover - a build problem, not a runtime path
+    raise ImportError(
+        f"the VictoriaMetrics sink's C formatter (node.storage._vmlines) is not built ({exc});"
+        " run `pip install -e .` in the repository root"
+    ) from exc
 
 REWIND_SECONDS = 5.0  # s of writes rewritten after a reconnect (VictoriaMetrics' unflushed buffer)
 log = logging.getLogger("node.storage.victoria")
@@ -194,18 +207,41 @@ def line(row: Row) -> tuple[str, int]:
     return f"{_prefix(row.device_id, row.ctx)} {','.join(fields)} {sample_ms(row)}", skipped
 
 
+def raw_line(raw: RawRow, prefixes: dict[str, str]) -> tuple[str, int]:
+    """:func:`line` of one store tuple, its device's prefix taken from ``prefixes``."""
+    _rowid, device_id, seq, ts, at, text = raw
+    fields: list[str] = []
+    skipped = _top_fields(loads(text), fields)
+    fields.append(f"iotnode_seq={seq}")
+    return f"{prefixes[device_id]} {','.join(fields)} {_ms(ts, at)}", skipped
+
+
+def _prefixes_of(batch: Batch) -> dict[str, str]:
+    return {device_id: _prefix(device_id, ctx) for device_id, ctx in batch.contexts.items()}
+
+
 def batch_lines(batch: Batch) -> tuple[list[str], int]:
     """:func:`line` of every row of the batch (from the store's tuples: no Row objects), and how
-    many values were skipped in all."""
-    prefixes = {device_id: _prefix(device_id, ctx) for device_id, ctx in batch.contexts.items()}
+    many values were skipped in all: the Python formatter, which :func:`batch_body` must match."""
+    prefixes = _prefixes_of(batch)
     lines = []
     skipped = 0
-    for _rowid, device_id, seq, ts, at, text in batch.raw:
-        fields: list[str] = []
-        skipped += _top_fields(loads(text), fields)
-        fields.append(f"iotnode_seq={seq}")
-        lines.append(f"{prefixes[device_id]} {','.join(fields)} {_ms(ts, at)}")
+    for raw in batch.raw:
+        text, n = raw_line(raw, prefixes)
+        lines.append(text)
+        skipped += n
     return lines, skipped
+
+
+def batch_body(batch: Batch) -> tuple[bytes, int]:
+    """The ``/write`` body of a batch -- ``("\\n".join(lines) + "\\n").encode()`` of
+    :func:`batch_lines` -- and the skipped values, formatted in C (``_vmlines.c``); a row the C
+    code does not format itself (escaped or repeated keys, huge integers, ...) goes through
+    :func:`raw_line`."""
+    body: bytes
+    skipped: int
+    body, skipped = format_batch(batch.raw, _prefixes_of(batch), raw_line)
+    return body, skipped
 
 
 def _line_prefix(device_id: str, ctx: DeviceContext) -> str:
@@ -293,8 +329,7 @@ class VictoriaSink(TailSink):
         """Format the batch while VictoriaMetrics ingests the previous one, then commit that one
         (its cursor after its acknowledgement) and send this one: ``durable`` trails the batches
         handed over by at most one until :meth:`idle` / :meth:`flush`."""
-        lines, skipped = batch_lines(batch)
-        body = ("\n".join(lines) + "\n").encode()
+        body, skipped = batch_body(batch)
         self._commit()  # the previous batch (SinkDown if it failed: this one is dropped, rewritten)
         if self._poster is None:
             self._poster = ThreadPoolExecutor(1, thread_name_prefix="victoria-write")
