@@ -14,7 +14,7 @@ import pytest
 @pytest.mark.timeout(180)
 def test_bench_sinks_reports_raw_sink_and_floor_rates_for_victoria_and_the_lake() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.sinks", "--rows", "2000", "--devices", "10", "--sinks", "victoria,lake"],
+        [sys.executable, "-m", "bench.sinks", "--rows", "2000", "--devices", "10", "--sinks=victoria,lake"],
         capture_output=True,
         text=True,
         timeout=170,
