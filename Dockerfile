@@ -4,8 +4,9 @@
 #   docker build -t iotnode .
 #   docker run -p 8000:8000 -p 8001:8001 -v iotnode-data:/var/lib/iotnode iotnode
 #
-# Stage 1 compiles the ring's C helper (cffi) and node.ring._gather against the same
-# Python as the runtime stage; stage 2 has no compiler.
+# Stage 1 compiles the ring's C helper (cffi), node.ring._gather and the VictoriaMetrics
+# sink's node.storage._vmlines against the same Python as the runtime stage; stage 2 has
+# no compiler.
 
 FROM python:3.11-slim AS builder
 RUN apt-get update \
@@ -16,7 +17,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY node ./node
 RUN python -m venv /opt/iotnode \
  && /opt/iotnode/bin/pip install --no-cache-dir . \
- && /opt/iotnode/bin/python -c "import node.ring._chelper, node.ring._gather"
+ && /opt/iotnode/bin/python -c "import node.ring._chelper, node.ring._gather, node.storage._vmlines"
 
 FROM python:3.11-slim
 # libpmem1: the ring's persistent-memory backend (optional: without it, mmap + msync)
