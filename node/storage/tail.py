@@ -68,6 +68,9 @@ class SinkDown(NodeError):
 
 class TailSink(ABC):
     name: str = "sink"
+    #: True: the sink observes ``iotnode_sink_write_seconds`` itself (its durable write happens
+    #: outside :meth:`write`, e.g. in a thread); False: the loop times :meth:`write`.
+    times_its_writes: bool = False
 
     def __init__(self) -> None:
         self.durable = 0
@@ -179,7 +182,7 @@ class Tail:
         before = self.sink.durable
         started = time.monotonic()
         self.sink.write(batch)
-        if self.sink.durable != before:
+        if self.sink.durable != before and not self.sink.times_its_writes:
             self.write_seconds.observe(time.monotonic() - started)
         self.pos = batch.last
         self._count(before)

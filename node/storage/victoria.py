@@ -65,7 +65,7 @@ from typing import Any
 from orjson import JSONDecodeError
 from orjson import loads as _orjson_loads
 
-from node.metrics import SINK_SKIPPED_FIELDS
+from node.metrics import SINK_SKIPPED_FIELDS, SINK_WRITE_SECONDS
 from node.registry import DeviceContext
 from node.storage.enrich import Batch, Row
 from node.storage.source import RawRow
@@ -257,16 +257,18 @@ def _line_prefix(device_id: str, ctx: DeviceContext) -> str:
 
 class VictoriaSink(TailSink):
     name = "victoria"
+    times_its_writes = True  # the POST runs in a thread: write() times only formatting + waiting
 
     def __init__(self, url: str, cursor_file: Path) -> None:
         super().__init__()
         self.url = url.rstrip("/")
         self.cursor_file = cursor_file
         self.skipped = SINK_SKIPPED_FIELDS.labels(sink=self.name)
+        self.write_seconds = SINK_WRITE_SECONDS.labels(sink=self.name)
         self._history: deque[tuple[float, int]] = deque(maxlen=4096)  # (monotonic, cursor) of writes
         self._started_at: int | None = None  # cursor this process started from
         self._poster: ThreadPoolExecutor | None = None
-        self._pending: tuple[Future[bytes], int, int] | None = None  # (POST in flight, its cursor, skipped)
+        self._pending: tuple[Future[float], int, int] | None = None  # (POST in flight, its cursor, skipped)
 
     def _request(self, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
@@ -333,7 +335,13 @@ class VictoriaSink(TailSink):
         self._commit()  # the previous batch (SinkDown if it failed: this one is dropped, rewritten)
         if self._poster is None:
             self._poster = ThreadPoolExecutor(1, thread_name_prefix="victoria-write")
-        self._pending = (self._poster.submit(self._request, "/write?precision=ms", body), batch.last, skipped)
+        self._pending = (self._poster.submit(self._post, body), batch.last, skipped)
+
+    def _post(self, body: bytes) -> float:
+        """(In the poster thread.)  POST a batch; return how long VictoriaMetrics took to acknowledge it."""
+        started = time.monotonic()
+        self._request("/write?precision=ms", body)
+        return time.monotonic() - started
 
     def _commit(self) -> None:
         """Wait for the write in flight; once acknowledged, save its cursor and count it durable."""
@@ -341,8 +349,10 @@ class VictoriaSink(TailSink):
             return
         future, cursor, skipped = self._pending
         self._pending = None
-        future.result()  # SinkDown of the POST: nothing committed, the loop reconnects and rewrites
+        posted = future.result()  # SinkDown of the POST: nothing committed, the loop reconnects and rewrites
+        started = time.monotonic()
         self._save_cursor(cursor)  # after the acknowledgement: a crash in between rewrites this batch
+        self.write_seconds.observe(posted + time.monotonic() - started)  # one durable write: POST + cursor
         if skipped:
             self.skipped.inc(skipped)
         self.durable = cursor

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from bench.servers.storage import VmServer
 from node.registry import Registry
@@ -31,6 +32,11 @@ def _store(tmp_path: Path, rows: int) -> StoreLog:
     return source
 
 
+def _write_seconds_count() -> float:
+    value = REGISTRY.get_sample_value("iotnode_sink_write_seconds_count", {"sink": "victoria"})
+    return value or 0.0
+
+
 def _saved(cursor_file: Path) -> int:
     return int(json.loads(cursor_file.read_text())["position"])
 
@@ -45,12 +51,15 @@ def test_a_batch_is_durable_and_its_cursor_saved_once_acknowledged_when_the_next
     first = read_batch(source, 0, 10, Registry({}))
     second = read_batch(source, 10, 10, Registry({}))
     assert first is not None and second is not None
+    observed = _write_seconds_count()
     sink.write(first)
     assert sink.durable == 0 and not sink.cursor_file.exists()  # in flight
+    assert _write_seconds_count() == observed  # nothing durable yet: no durable write timed
     sink.write(second)
     assert sink.durable == first.last == _saved(sink.cursor_file)
     sink.idle()
     assert sink.durable == second.last == _saved(sink.cursor_file)
+    assert _write_seconds_count() == observed + 2  # one durable write (POST + cursor file) per batch
     sink.idle()  # nothing in flight: nothing changes
     assert sink.durable == second.last
     sink.close()
@@ -68,6 +77,7 @@ def test_a_write_that_fails_in_flight_commits_nothing_and_raises_sink_down(tmp_p
         listener.listen()
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         sink = VictoriaSink(url, tmp_path / "victoria.cursor")
+        observed = _write_seconds_count()
         batch = read_batch(source, 0, 10, Registry({}))
         assert batch is not None
         sink.write(batch)
@@ -76,6 +86,7 @@ def test_a_write_that_fails_in_flight_commits_nothing_and_raises_sink_down(tmp_p
         with pytest.raises(SinkDown):
             sink.flush()
     assert sink.durable == 0 and not sink.cursor_file.exists()
+    assert _write_seconds_count() == observed  # a failed write is not a durable write
     sink.flush()  # the failed write is gone: nothing left to commit
     sink.close()
     source.close()
