@@ -8,6 +8,7 @@ or flushes); a write that failed in flight commits nothing and surfaces as ``Sin
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -15,10 +16,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from bench.servers.storage import VmServer
-from node.registry import Registry
+from node.registry import Registry, RegistryWatcher
 from node.storage.enrich import read_batch
 from node.storage.source import StoreLog
-from node.storage.tail import SinkDown
+from node.storage.tail import SinkDown, Tail
 from node.storage.victoria import VictoriaSink
 from tests.storage.conftest import StoreFiller
 
@@ -90,3 +91,21 @@ def test_a_write_that_fails_in_flight_commits_nothing_and_raises_sink_down(tmp_p
     sink.flush()  # the failed write is gone: nothing left to commit
     sink.close()
     source.close()
+
+
+def test_the_tail_loop_counts_one_durable_write_per_batch_not_two(vm: VmServer, tmp_path: Path) -> None:
+    """The sink times its own writes (``times_its_writes``): the loop, which times ``write()``
+    for other sinks, must not observe them a second time."""
+    source = _store(tmp_path, 30)
+    registry = tmp_path / "devices.csv"
+    registry.write_text("device_id,type,class,region,site,lat,lon\n")
+    sink = VictoriaSink(vm.url, tmp_path / "victoria.cursor")
+    tail = Tail(sink, source, RegistryWatcher(registry), 10, logging.getLogger("test"))
+    observed = _write_seconds_count()
+    for _ in range(50):
+        if sink.durable == 30:
+            break
+        tail.step()
+    tail.close()
+    assert sink.durable == 30 == _saved(sink.cursor_file)
+    assert _write_seconds_count() == observed + 3
