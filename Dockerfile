@@ -4,9 +4,10 @@
 #   docker build -t iotnode .
 #   docker run -p 8000:8000 -p 8001:8001 -v iotnode-data:/var/lib/iotnode iotnode
 #
-# Stage 1 compiles the ring's C helper (cffi), node.ring._gather and the VictoriaMetrics
-# sink's node.storage._vmlines against the same Python as the runtime stage; stage 2 has
-# no compiler.
+# Stage 1 compiles the ring's C helper (cffi), node.ring._gather, the VictoriaMetrics
+# sink's node.storage._vmlines and the sinks' columnar store reader node.storage._storeread
+# against the same Python as the runtime stage (and checks the reader finds the libsqlite3
+# Python's sqlite3 uses); stage 2 has no compiler.
 
 FROM python:3.11-slim AS builder
 RUN apt-get update \
@@ -17,7 +18,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY node ./node
 RUN python -m venv /opt/iotnode \
  && /opt/iotnode/bin/pip install --no-cache-dir . \
- && /opt/iotnode/bin/python -c "import node.ring._chelper, node.ring._gather, node.storage._vmlines"
+ && /opt/iotnode/bin/python -c "import node.ring._chelper, node.ring._gather, node.storage._vmlines" \
+ && /opt/iotnode/bin/python -c "from node.storage.source import _columnar; assert _columnar(), 'no columnar reader'"
 
 FROM python:3.11-slim
 # libpmem1: the ring's persistent-memory backend (optional: without it, mmap + msync)

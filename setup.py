@@ -1,5 +1,6 @@
 """Build hook for the C helpers: the ring's (cffi API mode and a CPython extension) and the
-VictoriaMetrics sink's line protocol formatter (a CPython extension).
+VictoriaMetrics sink's line protocol formatter and the sinks' columnar store reader (CPython
+extensions).
 
 Everything else is in pyproject.toml; setuptools needs this file only for
 ``cffi_modules``.  The helper has no link-time dependency on libpmem: libpmem is
@@ -15,5 +16,13 @@ setup(
     ext_modules=[
         Extension("node.ring._gather", ["node/ring/_gather.c"], extra_compile_args=["-O2", "-Wall"]),
         Extension("node.storage._vmlines", ["node/storage/_vmlines.c"], extra_compile_args=["-O2", "-Wall"]),
+        # the sinks read the SQLite store in columns with this (node/storage/_storeread.c); it
+        # dlopen()s the libsqlite3 Python's sqlite3 module uses, so it links only libdl
+        Extension(
+            "node.storage._storeread",
+            ["node/storage/_storeread.c"],
+            extra_compile_args=["-O2", "-Wall"],
+            libraries=["dl"],
+        ),
     ],
 )

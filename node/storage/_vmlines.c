@@ -1,12 +1,16 @@
 /* node.storage._vmlines: the VictoriaMetrics sink's line protocol, formatted in C.
  *
  * format_batch(rows, prefixes, fallback) -> (bytes body, int skipped)
+ * format_columns(cols, prefixes, prefix_of, fallback) -> (bytes body, int skipped)
  *
  *   rows:      the store's tuples (rowid, device_id, seq, ts, received_at, data JSON text);
  *   prefixes:  device_id -> "measurement,tags" (node.storage.victoria._prefix);
  *   fallback:  fallback(row, prefixes) -> (line str, skipped int), the Python formatter
  *              (node.storage.victoria.raw_line), called for every row this code does not
  *              format itself.
+ *   cols:      the same rows read in columns (node.storage.source.Columns, _storeread.c);
+ *              prefixes is then a list (the prefix of cols.devices[k] at k), prefix_of the
+ *              dict above, and the fallback gets the row rebuilt as the store's tuple.
  *
  * The body is, byte for byte, what "\n".join(lines) + "\n" encoded gives for the lines
  * of raw_line (tests/storage/test_victoria_native.py checks it with hypothesis): for each
@@ -383,7 +387,39 @@ static int fields(Row *r, Cur *c, size_t n, int depth) {
     return OK;
 }
 
-/* One store row formatted into out; FALLBACK leaves out as it was. */
+/* One row formatted into out from its parts (prefix and data as UTF-8); FALLBACK leaves out
+ * as it was. */
+static int format_text(Out *out, const char *ptext, size_t plen, long long seqv, int has_ts, double tsv,
+                       double atv, const char *dtext, size_t dlen, long long *skipped) {
+    /* victoria._ms: the device's time if finite and within a year of received_at */
+    double when = atv;
+    if (has_ts && isfinite(tsv) && fabs(tsv - atv) <= YEAR) when = tsv;
+    double ms = nearbyint(when * 1000); /* round half to even, as Python's round() */
+    if (!isfinite(ms) || fabs(ms) >= 9.0e18) return FALLBACK;
+    size_t mark = out->len;
+    Row r;
+    r.out = out;
+    r.skipped = 0;
+    r.fields = 0;
+    if (out_put(out, ptext, plen) || out_ch(out, ' ')) return ERROR;
+    Cur c = {dtext, dtext + dlen};
+    int rc = fields(&r, &c, 0, 0);
+    if (rc == OK) {
+        ws(&c);
+        if (c.p != c.end) rc = FALLBACK; /* text after the value */
+    }
+    if (rc != OK) {
+        out->len = mark;
+        return rc;
+    }
+    if ((r.fields && out_ch(out, ',')) || out_put(out, "iotnode_seq=", 12) || out_ll(out, seqv) ||
+        out_ch(out, ' ') || out_ll(out, (long long)ms) || out_ch(out, '\n'))
+        return ERROR;
+    *skipped += r.skipped;
+    return OK;
+}
+
+/* One store row (a tuple) formatted into out; FALLBACK leaves out as it was. */
 static int format_row(Out *out, PyObject *row, PyObject *prefixes, long long *skipped) {
     if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 6) return FALLBACK;
     PyObject *device = PyTuple_GET_ITEM(row, 1), *seq = PyTuple_GET_ITEM(row, 2);
@@ -403,15 +439,6 @@ static int format_row(Out *out, PyObject *row, PyObject *prefixes, long long *sk
         PyErr_Clear();
         return FALLBACK;
     }
-    /* victoria._ms: the device's time if finite and within a year of received_at */
-    double atv = PyFloat_AS_DOUBLE(at), when = atv;
-    if (ts != Py_None) {
-        double tsv = PyFloat_AS_DOUBLE(ts);
-        if (isfinite(tsv) && fabs(tsv - atv) <= YEAR) when = tsv;
-    }
-    double ms = nearbyint(when * 1000); /* round half to even, as Python's round() */
-    if (!isfinite(ms) || fabs(ms) >= 9.0e18) return FALLBACK;
-
     Py_ssize_t plen, dlen;
     const char *ptext = PyUnicode_AsUTF8AndSize(prefix, &plen);
     if (ptext == NULL) {
@@ -423,27 +450,9 @@ static int format_row(Out *out, PyObject *row, PyObject *prefixes, long long *sk
         PyErr_Clear(); /* a lone surrogate: Python's json reads it */
         return FALLBACK;
     }
-    size_t mark = out->len;
-    Row r;
-    r.out = out;
-    r.skipped = 0;
-    r.fields = 0;
-    if (out_put(out, ptext, (size_t)plen) || out_ch(out, ' ')) return ERROR;
-    Cur c = {dtext, dtext + dlen};
-    int rc = fields(&r, &c, 0, 0);
-    if (rc == OK) {
-        ws(&c);
-        if (c.p != c.end) rc = FALLBACK; /* text after the value */
-    }
-    if (rc != OK) {
-        out->len = mark;
-        return rc;
-    }
-    if ((r.fields && out_ch(out, ',')) || out_put(out, "iotnode_seq=", 12) || out_ll(out, seqv) ||
-        out_ch(out, ' ') || out_ll(out, (long long)ms) || out_ch(out, '\n'))
-        return ERROR;
-    *skipped += r.skipped;
-    return OK;
+    double tsv = ts == Py_None ? 0.0 : PyFloat_AS_DOUBLE(ts);
+    return format_text(out, ptext, (size_t)plen, seqv, ts != Py_None, tsv, PyFloat_AS_DOUBLE(at), dtext,
+                       (size_t)dlen, skipped);
 }
 
 static int call_fallback(Out *out, PyObject *fallback, PyObject *row, PyObject *prefixes, long long *skipped) {
@@ -508,9 +517,125 @@ done:
     return result;
 }
 
+/* A column of cols (node.storage.source.Columns) as bytes of at least `need` bytes. */
+static const char *column(PyObject *cols, Py_ssize_t i, const char *name, size_t need) {
+    PyObject *b = PyTuple_GET_ITEM(cols, i);
+    if (!PyBytes_CheckExact(b) || (size_t)PyBytes_GET_SIZE(b) < need) {
+        PyErr_Format(PyExc_ValueError, "format_columns: column %s is not bytes of %zu bytes", name, need);
+        return NULL;
+    }
+    return PyBytes_AS_STRING(b);
+}
+
+/* Row i of the columns as the store's tuple (rowid, device_id, seq, ts|None, received_at, data),
+ * for the fallback. */
+static PyObject *column_row(long long rowid, PyObject *device, long long seq, int has_ts, double ts, double at,
+                            const char *data, size_t dlen) {
+    PyObject *text = PyUnicode_DecodeUTF8(data, (Py_ssize_t)dlen, NULL);
+    if (text == NULL) return NULL;
+    PyObject *tsobj = has_ts ? PyFloat_FromDouble(ts) : (Py_INCREF(Py_None), Py_None);
+    if (tsobj == NULL) {
+        Py_DECREF(text);
+        return NULL;
+    }
+    return Py_BuildValue("(LOLNdN)", rowid, device, seq, tsobj, at, text);
+}
+
+/* format_columns(cols, prefixes, prefix_of, fallback): format_batch of a batch read in columns
+ * (node.storage.source.Columns); prefixes[k] is the prefix of cols.devices[k], prefix_of the
+ * same as a dict for the fallback, which gets the row rebuilt as the store's tuple. */
+static PyObject *format_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "format_columns expected 4 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *cols = args[0], *prefixes = args[1], *prefix_of = args[2], *fallback = args[3];
+    if (!PyTuple_Check(cols) || PyTuple_GET_SIZE(cols) != 12) {
+        PyErr_SetString(PyExc_TypeError, "format_columns: cols must be node.storage.source.Columns");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(cols, 0));
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    PyObject *devices = PyTuple_GET_ITEM(cols, 3);
+    if (n < 0 || !PyList_CheckExact(devices) || !PyList_CheckExact(prefixes) ||
+        PyList_GET_SIZE(prefixes) != PyList_GET_SIZE(devices) || !PyDict_Check(prefix_of)) {
+        PyErr_SetString(PyExc_ValueError, "format_columns: prefixes must be a list of one str per device");
+        return NULL;
+    }
+    size_t count = (size_t)n;
+    const char *rowid = column(cols, 1, "rowid", count * 8), *index = column(cols, 2, "device_index", count * 4),
+               *seq = column(cols, 5, "seq", count * 8), *ts = column(cols, 6, "ts", count * 8),
+               *valid = column(cols, 7, "ts_valid", (count + 7) / 8), *at = column(cols, 9, "received_at", count * 8),
+               *offsets = column(cols, 10, "data_offsets", (count + 1) * 4), *data = column(cols, 11, "data", 0);
+    if (!rowid || !index || !seq || !ts || !valid || !at || !offsets || !data) return NULL;
+    size_t data_len = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(cols, 11));
+    Py_ssize_t ndev = PyList_GET_SIZE(devices);
+    /* the prefixes as UTF-8, once per device */
+    const char **ptext = PyMem_Calloc((size_t)ndev + 1, sizeof(char *));
+    size_t *plen = PyMem_Calloc((size_t)ndev + 1, sizeof(size_t));
+    Out out = {NULL, 0, 0};
+    long long skipped = 0;
+    PyObject *result = NULL;
+    /* tuples: a fallback runs Python code, and the UTF-8 of the prefixes must outlive it */
+    prefixes = PyList_AsTuple(prefixes);
+    devices = PyList_AsTuple(devices);
+    if (prefixes == NULL || devices == NULL || ptext == NULL || plen == NULL) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < ndev; k++) {
+        PyObject *p = PyTuple_GET_ITEM(prefixes, k);
+        Py_ssize_t len;
+        if (!PyUnicode_CheckExact(p) || (ptext[k] = PyUnicode_AsUTF8AndSize(p, &len)) == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "format_columns: a prefix is not a str");
+            goto done;
+        }
+        plen[k] = (size_t)len;
+    }
+    for (size_t i = 0; i < count; i++) {
+        int32_t dev, lo, hi;
+        long long rid, sq;
+        double tsv, atv;
+        memcpy(&dev, index + 4 * i, 4);
+        memcpy(&lo, offsets + 4 * i, 4);
+        memcpy(&hi, offsets + 4 * (i + 1), 4);
+        memcpy(&rid, rowid + 8 * i, 8);
+        memcpy(&sq, seq + 8 * i, 8);
+        memcpy(&tsv, ts + 8 * i, 8);
+        memcpy(&atv, at + 8 * i, 8);
+        int has_ts = (((const unsigned char *)valid)[i >> 3] >> (i & 7)) & 1;
+        if (dev < 0 || dev >= ndev || lo < 0 || hi < lo || (size_t)hi > data_len) {
+            PyErr_Format(PyExc_ValueError, "format_columns: row %zu's device or data offsets are out of range", i);
+            goto done;
+        }
+        int rc = format_text(&out, ptext[dev], plen[dev], sq, has_ts, tsv, atv, data + lo, (size_t)(hi - lo),
+                             &skipped);
+        if (rc == FALLBACK) {
+            PyObject *row = column_row(rid, PyTuple_GET_ITEM(devices, dev), sq, has_ts, tsv, atv, data + lo,
+                                       (size_t)(hi - lo));
+            if (row == NULL) goto done;
+            rc = call_fallback(&out, fallback, row, prefix_of, &skipped);
+            Py_DECREF(row);
+        }
+        if (rc != OK) goto done;
+    }
+    PyObject *body = PyBytes_FromStringAndSize(out.buf ? out.buf : "", (Py_ssize_t)out.len);
+    if (body != NULL) result = Py_BuildValue("(NL)", body, skipped);
+done:
+    Py_XDECREF(prefixes);
+    Py_XDECREF(devices);
+    PyMem_Free(ptext);
+    PyMem_Free(plen);
+    PyMem_Free(out.buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"format_batch", (PyCFunction)(void (*)(void))format_batch, METH_FASTCALL,
      "format_batch(rows, prefixes, fallback) -> (bytes, int): the line protocol body of a batch."},
+    {"format_columns", (PyCFunction)(void (*)(void))format_columns, METH_FASTCALL,
+     "format_columns(cols, prefixes, prefix_of, fallback) -> (bytes, int): format_batch of a batch in columns."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,13 +3,17 @@
 A :class:`Batch` is what the tail loop hands a sink: the store rows read (rowid order),
 each device's context, how many rows belong to devices missing from the registry, and
 -- built when a sink asks for them -- the rows one by one as :class:`Row`.  A sink that
-formats rows column by column (the lake) or in SQL (VictoriaMetrics) never pays for
-the per-row objects.
+formats rows column by column (the lake, VictoriaMetrics in C) never pays for the
+per-row objects.  :func:`read_column_batch` reads the rows in columns
+(:class:`~node.storage.source.Columns`, the C reader) into a :class:`ColumnBatch`,
+whose ``raw`` tuples are made only when a sink asks for them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from functools import cached_property
@@ -17,7 +21,9 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from node.registry import UNKNOWN, DeviceContext, Registry
-from node.storage.source import RawRow, StoreLog
+from node.storage.source import Columns, RawRow, StoreLog
+
+log = logging.getLogger("node.storage.enrich")
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -74,6 +80,42 @@ class Batch:
     def rows(self) -> list[Row]:
         ctx = self.contexts
         return [Row(r, d, s, t, at, data, ctx[d]) for r, d, s, t, at, data in self.raw]
+
+
+class ColumnBatch(Batch):
+    """A :class:`Batch` read in columns: ``cols``; ``raw`` (and ``rows``) built on first use."""
+
+    def __init__(self, cols: Columns, registry: Registry) -> None:
+        rowids = array("q", cols.rowid[:8] + cols.rowid[-8:])
+        self.cols = cols
+        self.count = cols.count
+        self.first, self.last = rowids[0], rowids[-1]
+        self.contexts, self.unknown = contexts_of(dict(zip(cols.devices, cols.counts, strict=True)), registry)
+
+    @cached_property
+    def raw(self) -> list[RawRow]:  # type: ignore[override]
+        return self.cols.tuples()
+
+
+_odd_logged = False
+
+
+def read_column_batch(source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:
+    """:func:`read_batch` through the C reader where it is available (a :class:`ColumnBatch`);
+    a batch it refuses (a row not of the store's types) is read by :func:`read_batch`."""
+    if not source.columnar:
+        return read_batch(source, after, limit, registry)
+    try:
+        cols = source.read_columns(after, limit)
+    except ValueError as exc:
+        global _odd_logged
+        if not _odd_logged:
+            _odd_logged = True
+            log.warning(
+                "the columnar reader refused store rows after %d (%s): reading them row by row", after, exc
+            )
+        return read_batch(source, after, limit, registry)
+    return None if cols is None else ColumnBatch(cols, registry)
 
 
 def read_batch(source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:

@@ -39,7 +39,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from node.privatefile import fsync_dir
-from node.storage.enrich import Batch, labels_json
+from node.registry import Registry
+from node.storage.enrich import Batch, ColumnBatch, labels_json, read_column_batch
+from node.storage.source import Columns, StoreLog
 from node.storage.tail import SinkDown, TailSink
 
 META_DIR = "_iotnode"
@@ -124,6 +126,9 @@ class LakeSink(TailSink):
     def cursor(self) -> int:
         return self.durable
 
+    def read(self, source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:
+        return read_column_batch(source, after, limit, registry)  # in columns: Arrow takes the buffers
+
     # ------------------------------------------------------------------ buffering
     def write(self, batch: Batch) -> None:
         if not self._opened:
@@ -204,14 +209,17 @@ _RAW = pa.struct(
 def _table(batch: Batch) -> pa.Table:
     """A batch as Arrow columns (SCHEMA) plus its partition columns ``_day`` and ``_type``.
 
-    Column by column, in Arrow: the store's rows go to ``pa.array`` as they were read (a
-    struct array, flattened into its columns), the context columns are taken from one
-    entry per device, so no Python object is made per row.
+    Column by column, in Arrow: the store's columns as the C reader returned them
+    (:func:`_arrays`; rows read by Python's sqlite3 go to ``pa.array`` as a struct array,
+    flattened), the context columns taken from one entry per device (``batch.contexts`` is
+    in the order of the batch's devices), so no Python object is made per row.
     """
-    rowid, device_arr, seq, ts, received_at, data = pa.array(batch.raw, _RAW).flatten()
-    devices = list(batch.contexts)
     ctxs = list(batch.contexts.values())
-    which = pc.index_in(device_arr, value_set=pa.array(devices, pa.string()))
+    if isinstance(batch, ColumnBatch):  # read in columns: the buffers become Arrow arrays as they are
+        rowid, device_arr, seq, ts, received_at, data, which = _arrays(batch.cols)
+    else:
+        rowid, device_arr, seq, ts, received_at, data = pa.array(batch.raw, _RAW).flatten()
+        which = pc.index_in(device_arr, value_set=pa.array(list(batch.contexts), pa.string()))
 
     def per_device(values: list[object], kind: pa.DataType) -> pa.Array:
         return pa.array(values, kind).take(which)
@@ -238,6 +246,32 @@ def _table(batch: Batch) -> pa.Table:
             per_device([partition_value(c.type) for c in ctxs], pa.string()),
         ],
         names=[*SCHEMA.names, "_day", "_type"],
+    )
+
+
+def _arrays(cols: Columns) -> tuple[pa.Array, ...]:
+    """rowid, device_id, seq, ts, received_at (float seconds), data and each row's device index
+    as Arrow arrays over the column buffers (data was validated as UTF-8 when read)."""
+    n = cols.count
+
+    def fixed(kind: pa.DataType, buffer: bytes, valid: bytes | None = None, nulls: int = 0) -> pa.Array:
+        bitmap = pa.py_buffer(valid) if valid is not None and nulls else None
+        return pa.Array.from_buffers(
+            kind, n, [bitmap, pa.py_buffer(buffer)], null_count=nulls if bitmap else 0
+        )
+
+    which = fixed(pa.int32(), cols.device_index)
+    data = pa.Array.from_buffers(
+        pa.string(), n, [None, pa.py_buffer(cols.data_offsets), pa.py_buffer(cols.data)]
+    )
+    return (
+        fixed(pa.int64(), cols.rowid),
+        pa.array(cols.devices, pa.string()).take(which),
+        fixed(pa.int64(), cols.seq),
+        fixed(pa.float64(), cols.ts, cols.ts_valid, cols.ts_nulls),
+        fixed(pa.float64(), cols.received_at),
+        data,
+        which,
     )
 
 

@@ -43,8 +43,10 @@ nothing, and the batch in hand is dropped (the loop reconnects and rewrites both
 like the ring's C helpers): it parses ``data`` itself and writes exactly the bytes of the Python
 formatter :func:`batch_lines` (a hypothesis test compares them), handing the rows whose result
 could differ -- escaped or repeated keys, integers beyond 18 digits, overflowing floats -- to
-:func:`raw_line`.  (Building the lines in SQLite, ``json_each`` and string concatenation in
-SQLite 3.40, measured 8-90 us a row against Python's ≈ 5: docs/bench.md.)
+:func:`raw_line`.  The sink reads the store in columns (:func:`read_column_batch`, the C reader
+of ``_storeread.c``), which ``format_columns`` formats without a Python object per row.
+(Building the lines in SQLite, ``json_each`` and string concatenation in SQLite 3.40,
+measured 8-90 us a row against Python's ≈ 5: docs/bench.md.)
 """
 
 from __future__ import annotations
@@ -66,13 +68,16 @@ from orjson import JSONDecodeError
 from orjson import loads as _orjson_loads
 
 from node.metrics import SINK_SKIPPED_FIELDS, SINK_WRITE_SECONDS
-from node.registry import DeviceContext
-from node.storage.enrich import Batch, Row
-from node.storage.source import RawRow
+from node.registry import DeviceContext, Registry
+from node.storage.enrich import Batch, ColumnBatch, Row, read_column_batch
+from node.storage.source import RawRow, StoreLog
 from node.storage.tail import SinkDown, TailSink
 
 try:
-    from node.storage._vmlines import format_batch as format_batch  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from node.storage._vmlines import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        format_batch,
+        format_columns,
+    )
 except ImportError as exc:  # pragma: no cover - a build problem, not a runtime path
     raise ImportError(
         f"the VictoriaMetrics sink's C formatter (node.storage._vmlines) is not built ({exc});"
@@ -240,7 +245,12 @@ def batch_body(batch: Batch) -> tuple[bytes, int]:
     :func:`raw_line`."""
     body: bytes
     skipped: int
-    body, skipped = format_batch(batch.raw, _prefixes_of(batch), raw_line)
+    prefixes = _prefixes_of(batch)
+    if isinstance(batch, ColumnBatch):  # read in columns: the C code reads the buffers as they are
+        # prefixes (a dict) is in the order of the batch's devices (contexts_of keeps it)
+        body, skipped = format_columns(batch.cols, list(prefixes.values()), prefixes, raw_line)
+    else:
+        body, skipped = format_batch(batch.raw, prefixes, raw_line)
     return body, skipped
 
 
@@ -269,6 +279,9 @@ class VictoriaSink(TailSink):
         self._started_at: int | None = None  # cursor this process started from
         self._poster: ThreadPoolExecutor | None = None
         self._pending: tuple[Future[float], int, int] | None = None  # (POST in flight, its cursor, skipped)
+
+    def read(self, source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:
+        return read_column_batch(source, after, limit, registry)  # in columns: batch_body reads them in C
 
     def _request(self, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")

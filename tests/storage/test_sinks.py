@@ -31,8 +31,8 @@ from tests.support import REPO, Processes, free_port, node_env, wait_until
 
 SINKS = ("postgres", "victoria", "lake")
 # rows of backlog per kill round of the crash test: enough that the sink is still catching up
-# when it is killed (the lake, buffering Arrow columns, drains 20k rows in well under 0.1 s)
-BURST = {"postgres": 20000, "victoria": 20000, "lake": 60000}
+# when it is killed (the lake, reading columns in C into Arrow, drains 60k rows in well under 0.1 s)
+BURST = {"postgres": 20000, "victoria": 20000, "lake": 200000}
 TYPE_REGION_QUERY = (
     "EXPLAIN SELECT count(*) FROM iotnode_messages WHERE type = 'thermo' AND region = 'eu-west'"
     " AND received_at > now() - interval '1 hour'"
