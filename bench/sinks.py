@@ -19,7 +19,9 @@ and, just before each sink:
   ``StoreLog.read`` loop of the tail, ``BATCH`` rows at a time from cursor 0, nothing
   done with them.  No sink that tails the store in Python can be faster than that,
   so ``floor / raw`` is the highest ``sink / raw`` a sink could reach if everything
-  it does besides reading were free (or hidden behind the read).
+  it does besides reading were free (or hidden behind the read).  The VictoriaMetrics
+  and lake sinks read in columns in C (``StoreLog.read_columns``) where available, so
+  this Python floor bounds only the PostgreSQL sink.
 
 It prints rows/s for all three, ``sink / raw`` and ``floor / raw``, as a table and one
 JSON line.
