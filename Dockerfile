@@ -5,7 +5,8 @@
 #   docker run -p 8000:8000 -p 8001:8001 -v iotnode-data:/var/lib/iotnode iotnode
 #
 # Stage 1 compiles the ring's C helper (cffi), node.ring._gather, the VictoriaMetrics
-# sink's node.storage._vmlines and the sinks' columnar store reader node.storage._storeread
+# sink's node.storage._vmlines, the PostgreSQL sink's node.storage._pgcopy and the sinks'
+# columnar store reader node.storage._storeread
 # against the same Python as the runtime stage (and checks the reader finds the libsqlite3
 # Python's sqlite3 uses); stage 2 has no compiler.
 
@@ -18,7 +19,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY node ./node
 RUN python -m venv /opt/iotnode \
  && /opt/iotnode/bin/pip install --no-cache-dir . \
- && /opt/iotnode/bin/python -c "import node.ring._chelper, node.ring._gather, node.storage._vmlines" \
+ && /opt/iotnode/bin/python -c "import node.ring._chelper, node.ring._gather, node.storage._vmlines, node.storage._pgcopy" \
  && /opt/iotnode/bin/python -c "from node.storage.source import _columnar; assert _columnar(), 'no columnar reader'"
 
 FROM python:3.11-slim

@@ -34,6 +34,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_cout.h"
+
 #define YEAR (365 * 86400.0)
 #define MAX_DEPTH 3     /* victoria._MAX_DEPTH: objects at depth 0..2 are expanded */
 #define MAX_NAME 512    /* bytes of a field's raw path; longer: fallback */
@@ -43,50 +45,6 @@
 
 enum { OK = 0, FALLBACK = 1, ERROR = -1, MORE = 2 };
 
-typedef struct {
-    char *buf;
-    size_t len, cap;
-} Out;
-
-static int out_grow(Out *o, size_t more) {
-    size_t need = o->len + more;
-    if (need <= o->cap) return 0;
-    size_t cap = o->cap ? o->cap : 65536;
-    while (cap < need) cap *= 2;
-    char *buf = PyMem_Realloc(o->buf, cap);
-    if (buf == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    o->buf = buf;
-    o->cap = cap;
-    return 0;
-}
-
-static inline int out_put(Out *o, const char *s, size_t n) {
-    if (o->len + n > o->cap && out_grow(o, n) < 0) return -1;
-    memcpy(o->buf + o->len, s, n);
-    o->len += n;
-    return 0;
-}
-
-static inline int out_ch(Out *o, char c) {
-    if (o->len + 1 > o->cap && out_grow(o, 1) < 0) return -1;
-    o->buf[o->len++] = c;
-    return 0;
-}
-
-static int out_ll(Out *o, long long v) {
-    char tmp[24];
-    char *w = tmp + sizeof tmp;
-    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-    do {
-        *--w = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (v < 0) *--w = '-';
-    return out_put(o, w, (size_t)(tmp + sizeof tmp - w));
-}
 
 typedef struct {
     const char *p, *end;
@@ -517,15 +475,6 @@ done:
     return result;
 }
 
-/* A column of cols (node.storage.source.Columns) as bytes of at least `need` bytes. */
-static const char *column(PyObject *cols, Py_ssize_t i, const char *name, size_t need) {
-    PyObject *b = PyTuple_GET_ITEM(cols, i);
-    if (!PyBytes_CheckExact(b) || (size_t)PyBytes_GET_SIZE(b) < need) {
-        PyErr_Format(PyExc_ValueError, "format_columns: column %s is not bytes of %zu bytes", name, need);
-        return NULL;
-    }
-    return PyBytes_AS_STRING(b);
-}
 
 /* Row i of the columns as the store's tuple (rowid, device_id, seq, ts|None, received_at, data),
  * for the fallback. */
@@ -564,10 +513,10 @@ static PyObject *format_columns(PyObject *self, PyObject *const *args, Py_ssize_
         return NULL;
     }
     size_t count = (size_t)n;
-    const char *rowid = column(cols, 1, "rowid", count * 8), *index = column(cols, 2, "device_index", count * 4),
-               *seq = column(cols, 5, "seq", count * 8), *ts = column(cols, 6, "ts", count * 8),
-               *valid = column(cols, 7, "ts_valid", (count + 7) / 8), *at = column(cols, 9, "received_at", count * 8),
-               *offsets = column(cols, 10, "data_offsets", (count + 1) * 4), *data = column(cols, 11, "data", 0);
+    const char *rowid = column(cols, 1, "format_columns", "rowid", count * 8), *index = column(cols, 2, "format_columns", "device_index", count * 4),
+               *seq = column(cols, 5, "format_columns", "seq", count * 8), *ts = column(cols, 6, "format_columns", "ts", count * 8),
+               *valid = column(cols, 7, "format_columns", "ts_valid", (count + 7) / 8), *at = column(cols, 9, "format_columns", "received_at", count * 8),
+               *offsets = column(cols, 10, "format_columns", "data_offsets", (count + 1) * 4), *data = column(cols, 11, "format_columns", "data", 0);
     if (!rowid || !index || !seq || !ts || !valid || !at || !offsets || !data) return NULL;
     size_t data_len = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(cols, 11));
     Py_ssize_t ndev = PyList_GET_SIZE(devices);

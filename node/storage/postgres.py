@@ -27,6 +27,14 @@ row in the server).  ``received_at`` is converted exactly as ``to_timestamp()``
 does on the staging path (:func:`pg_timestamp`), so both paths give a row the same
 key.
 
+**Formatting in C.**  The sink reads the store in columns (:func:`read_column_batch`, the C
+reader of ``_storeread.c``) and ``_pgcopy.c`` builds the batch's ``COPY`` text from them
+(:func:`copy_data`): the UTF-8 of :func:`copy_text` byte for byte (a hypothesis test compares
+them), without a Python object per row; a ``data`` text with a backslash, tab, newline or CR
+goes through :func:`_data_field`, a batch with a receive time outside years 1000..9999 through
+:func:`copy_text`.  Used when the connection's client encoding is UTF-8 (else psycopg encodes
+the Python text itself) and the extension is built (else logged, and Python formats).
+
 While the server still parses and indexes the end of a batch's ``COPY`` (the data
 in the socket's buffer), the sink reads the next batch from the SQLite store
 (:meth:`PostgresSink.read`): the tail gets it when it asks for the rows after that
@@ -50,7 +58,7 @@ import datetime as dt
 import logging
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -58,9 +66,16 @@ import psycopg
 
 from node.metrics import ERRORS
 from node.registry import DeviceContext, Registry
-from node.storage.enrich import Batch, Row, labels_json, read_batch
+from node.storage.enrich import Batch, ColumnBatch, Row, labels_json, read_batch, read_column_batch
 from node.storage.source import StoreLog
 from node.storage.tail import SinkDown, TailSink
+
+try:
+    from node.storage._pgcopy import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        format_copy,
+    )
+except ImportError:  # pragma: no cover - a build problem: the sink formats in Python then (logged)
+    format_copy = None
 
 TABLE = "iotnode_messages"
 CURSORS = "iotnode_sink_cursor"
@@ -108,6 +123,8 @@ _SET_CURSOR = (
 _INSERT_ONE = f"""INSERT INTO {TABLE} VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s,
     %s::jsonb, %s::jsonb) ON CONFLICT DO NOTHING"""
 _DAY = 86400
+CopyChunk = str | bytes | memoryview  # what copy_data yields: Python text, or slices of the C text
+_CHUNK = 256 * 1024  # bytes of C-built COPY data per write
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _PG_EPOCH_UNIX = 946684800.0  # s from the unix epoch to PostgreSQL's
 _PG_EPOCH_DAYS = 10957  # days from the unix epoch to PostgreSQL's
@@ -206,6 +223,24 @@ def copy_text(batch: Batch, chunk_rows: int = 500) -> Iterator[str]:
         yield "".join(out)
 
 
+def _data_field(data: str) -> str:
+    """A data text with a backslash, tab, newline or CR as its ``COPY`` field (as :func:`copy_text`)."""
+    return _copy_field(jsonb_text(data))
+
+
+def copy_data(batch: Batch, native: bool = True) -> tuple[Iterable[CopyChunk], set[int]]:
+    """The batch's ``COPY`` data and the UTC days (:func:`pg_day`) of its rows: built in C
+    from the columns (``_pgcopy.c``, the UTF-8 of :func:`copy_text`, byte for byte) for a
+    :class:`ColumnBatch` when ``native`` and the module is built, else :func:`copy_text`."""
+    if native and format_copy is not None and isinstance(batch, ColumnBatch):
+        fields = [_device_fields(d, batch.contexts[d]) for d in batch.cols.devices]
+        made = format_copy(batch.cols, [f[0] for f in fields], [f[1] for f in fields], _data_field)
+        if made is not None:  # None: a receive time the C code leaves to Python
+            body, days = made
+            return (memoryview(body)[k : k + _CHUNK] for k in range(0, len(body), _CHUNK)), set(days)
+    return copy_text(batch), set(map(pg_day, map(itemgetter(4), batch.raw)))
+
+
 def _values(r: Row) -> tuple[Any, ...]:
     """A row's parameters on the staging and the row-by-row path (``received_at`` in seconds)."""
     return (r.device_id, r.seq, r.ts, r.received_at, *_context(r.ctx), jsonb_text(r.data_json))
@@ -232,6 +267,7 @@ class PostgresSink(TailSink):
         self._days: set[int] = set()  # UTC days whose partition exists (committed)
         self._reader: tuple[StoreLog, int, Registry] | None = None  # how the tail last read
         self._ahead: tuple[int, Registry, Batch] | None = None  # (after, registry, the batch after it)
+        self._native = False  # COPY text built in C from batches read in columns (set by open())
 
     def open(self) -> None:
         try:
@@ -254,6 +290,11 @@ class PostgresSink(TailSink):
         self._conn = conn
         self._days = set()
         self._ahead = None
+        # The C text is UTF-8: used when the connection's client encoding is UTF-8 (psycopg
+        # encodes the Python text in any other encoding itself).
+        self._native = format_copy is not None and conn.info.encoding == "utf-8"
+        if format_copy is None:
+            log.warning("node.storage._pgcopy is not built: COPY text formatted in Python (pip install .)")
 
     def cursor(self) -> int:
         conn = self._need()
@@ -278,6 +319,12 @@ class PostgresSink(TailSink):
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == after and ahead[1] is registry:
             return ahead[2]
+        return self._read(source, after, limit, registry)
+
+    def _read(self, source: StoreLog, after: int, limit: int, registry: Registry) -> Batch | None:
+        """In columns (the C reader) when the COPY text is built in C, else as rows."""
+        if self._native:
+            return read_column_batch(source, after, limit, registry)
         return read_batch(source, after, limit, registry)
 
     def _read_ahead(self, after: int) -> None:
@@ -288,7 +335,7 @@ class PostgresSink(TailSink):
             return
         source, limit, registry = self._reader
         try:
-            batch = read_batch(source, after, limit, registry)
+            batch = self._read(source, after, limit, registry)
         except sqlite3.Error:
             return
         if batch is not None:
@@ -297,10 +344,11 @@ class PostgresSink(TailSink):
     def write(self, batch: Batch) -> None:
         conn = self._need()
         cursor = batch.last
-        days = set(map(pg_day, map(itemgetter(4), batch.raw))) - self._days
+        chunks, days = copy_data(batch, self._native)
+        days -= self._days
         try:
             try:
-                self._write_direct(conn, batch, days)
+                self._write_direct(conn, batch, chunks, days)
             except psycopg.errors.UniqueViolation:
                 # Rows already in the table (not by this sink's committed batches: those carry
                 # their cursor): store the rest the tolerant way.
@@ -329,12 +377,14 @@ class PostgresSink(TailSink):
         self._days |= days
         self.durable = cursor
 
-    def _write_direct(self, conn: psycopg.Connection[Any], batch: Batch, days: set[int]) -> None:
+    def _write_direct(
+        self, conn: psycopg.Connection[Any], batch: Batch, chunks: Iterable[CopyChunk], days: set[int]
+    ) -> None:
         with conn.cursor() as cur:
             for day in sorted(days):
                 cur.execute(_partition_ddl(day))
             with cur.copy(_COPY_DIRECT) as copy:
-                for chunk in copy_text(batch):  # the server parses a chunk while the next is formatted
+                for chunk in chunks:  # the server parses a chunk while the next is formatted (or sent)
                     copy.write(chunk)
                 self._read_ahead(batch.last)  # before the end of the COPY: the server is still busy
 
