@@ -425,8 +425,13 @@ def _merge(
     }
     cpu_s = 0.0
     max_lag = 0.0
+    gc_count, gc_max = [0, 0, 0], [0.0, 0.0, 0.0]
     samples: list[str] = []
     for r in results.values():
+        watch = r.get("gc") or {"collections": [0, 0, 0], "max_ms": [0.0, 0.0, 0.0]}
+        for g, (n, worst) in enumerate(zip(watch["collections"], watch["max_ms"], strict=True)):
+            gc_count[g] += n
+            gc_max[g] = max(gc_max[g], worst)
         lat.merge(Histogram.from_json(r["lat"]))
         conn.merge(Histogram.from_json(r["connect"]))
         for key in totals:
@@ -474,6 +479,9 @@ def _merge(
             "cpu_s": round(cpu_s, 2),
             "cpu_pct_of_one_core": round(100 * cpu_s / scn.duration, 1),
             "max_lag_ms": max_lag,
+            # its cyclic-GC collections per generation, and the longest pause of each
+            "gc_collections": gc_count,
+            "gc_max_ms": gc_max,
             "cpu_us_per_msg": round(1e6 * cpu_s / totals["acked"], 1) if totals["acked"] else None,
             "samples": gen_samples,
         },

@@ -131,6 +131,10 @@ def test_generator_and_target_cpu_are_reported(noop: Target, workdir: Path) -> N
     r = _run(noop, workdir, connections=20, rate=50.0)
     assert r["generator"]["cpu_s"] > 0
     assert r["generator"]["max_lag_ms"] >= 0.0 and all("gen_lag_ms" in t for t in r["timeline"])
+    # the generator's own GC pauses, per generation (its loop stalls would count as latency)
+    gc_count, gc_max = r["generator"]["gc_collections"], r["generator"]["gc_max_ms"]
+    assert len(gc_count) == len(gc_max) == 3 and all(n >= 0 for n in gc_count)
+    assert all(worst == 0.0 for n, worst in zip(gc_count, gc_max, strict=True) if n == 0)
     assert r["target_procs"]["cpu_s"], "the target's processes were sampled"
     assert any(s["procs"] for s in r["target_procs"]["samples"])
 
