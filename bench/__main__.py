@@ -80,6 +80,14 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
         default=os.cpu_count() or 1,
         help="web worker processes of a target the harness starts (default: CPUs, like NODE_WEB_WORKERS)",
     )
+    t.add_argument(
+        "--node-env",
+        action="append",
+        default=[],
+        metavar="NODE_VAR=VALUE",
+        help="a setting for the iotnode targets the harness starts (repeatable), e.g."
+        " NODE_PIPELINE_COALESCE_MS=20",
+    )
     t.add_argument("--out", type=Path, default=report.RESULTS, help="results directory (bench/results)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     t.add_argument(
@@ -201,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         with _workdir(args.keep) as tmp:
             if args.target:
                 try:
-                    with targets.start(args.target, Path(tmp) / args.target, args.workers) as target:
+                    extra = e2e.parse_node_env(args.node_env)
+                    with targets.start(args.target, Path(tmp) / args.target, args.workers, extra) as target:
                         result = runner.run(scn, target, Path(tmp) / "logs", progress)
                 except targets.Skip as exc:
                     print(f"skipped: {exc}", file=sys.stderr)
@@ -252,9 +261,12 @@ def _compare(args: argparse.Namespace, command: str, progress: Any) -> int:
     skipped: dict[str, str] = {}
     with _workdir(args.keep) as tmp, contextlib.ExitStack() as stack:
         running: dict[str, runner.Target] = {}
+        extra = e2e.parse_node_env(args.node_env)
         for name in names:
             try:
-                running[name] = stack.enter_context(targets.start(name, Path(tmp) / name, args.workers))
+                running[name] = stack.enter_context(
+                    targets.start(name, Path(tmp) / name, args.workers, extra)
+                )
             except targets.Skip as exc:
                 print(f"skipped: {exc}", file=sys.stderr)
                 skipped[name] = str(exc)

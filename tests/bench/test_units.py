@@ -192,3 +192,17 @@ def test_e2e_node_env_options_become_node_settings_and_anything_else_is_refused(
     for bad in ("NODE_PIPELINE_COALESCE_MS", "PATH=/tmp"):
         with pytest.raises(proto.BenchError, match="NODE_VAR=VALUE"):
             parse_node_env([bad])
+
+
+def test_c10k_max_soak_and_compare_take_node_env_options() -> None:
+    from bench.__main__ import build_parser
+
+    ap = build_parser()
+    for argv in (
+        ["c10k", "--target", "iotnode", "--node-env", "NODE_PIPELINE_COALESCE_MS=20"],
+        ["max", "--target", "iotnode", "--node-env", "NODE_PIPELINE_COALESCE_MS=20"],
+        ["soak", "--target", "iotnode", "--node-env", "NODE_PIPELINE_COALESCE_MS=20"],
+        ["compare", "--node-env", "NODE_PIPELINE_COALESCE_MS=20"],
+    ):
+        assert ap.parse_args(argv).node_env == ["NODE_PIPELINE_COALESCE_MS=20"], argv
+    assert ap.parse_args(["c10k", "--target", "iotnode"]).node_env == []
