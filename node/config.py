@@ -280,6 +280,9 @@ class Settings:
     # Seconds a drained monitor/publisher waits after a record is committed before it
     # reads (node/pipeline/doorbell.py): fewer, larger batches down the pipeline.
     pipeline_coalesce: float = 0.005
+    # Shortest time between two persists of one web worker's group commit while records are
+    # flowing (node/front/committer.py): fewer, larger groups; a lone record persists at once.
+    web_commit_interval: float = 0.001
 
     # Storage tier (README, "Storage tier"): external sinks tailing the SQLite store; None: not configured
     device_registry: Path | None = None  # CSV/JSON device context for enrichment (node/registry.py)
@@ -415,6 +418,7 @@ class Settings:
         take("NODE_ROUTER_GATHER_BYTES", "router_gather_bytes", _int_between(1024, 1024 * MIB))
         take("NODE_ROUTER_RCVHWM", "router_rcvhwm", _int_between(1, 1_000_000))
         take("NODE_PIPELINE_COALESCE_MS", "pipeline_coalesce", _milliseconds_between(0, 1000))
+        take("NODE_WEB_COMMIT_INTERVAL_MS", "web_commit_interval", _milliseconds_between(0, 100))
         take("NODE_DEVICE_REGISTRY", "device_registry", _parse_registry)
         take("NODE_PG_DSN", "pg_dsn", _parse_pg_dsn)
         take("NODE_VM_URL", "vm_url", _parse_http_url)

@@ -82,6 +82,8 @@ def test_every_contract_variable_is_read() -> None:
         ("NODE_PIPELINE_COALESCE_MS", "-1", ">= 0"),
         ("NODE_PIPELINE_COALESCE_MS", "2000", "<= 1000"),
         ("NODE_PIPELINE_COALESCE_MS", "soon", "expected a number"),
+        ("NODE_WEB_COMMIT_INTERVAL_MS", "-1", ">= 0"),
+        ("NODE_WEB_COMMIT_INTERVAL_MS", "101", "<= 100"),
         ("NODE_ROUTER_GATHER_BATCHES", "0", ">= 1"),
         ("NODE_ROUTER_GATHER_BYTES", "4 MiB", "expected an integer"),
         ("NODE_ROUTER_RCVHWM", "-1", ">= 1"),
@@ -129,6 +131,8 @@ def test_pipeline_coalesce_is_read_in_milliseconds_and_defaults_to_5() -> None:
     assert Settings.from_env({}).pipeline_coalesce == 0.005
     assert Settings.from_env({"NODE_PIPELINE_COALESCE_MS": "0"}).pipeline_coalesce == 0.0
     assert Settings.from_env({"NODE_PIPELINE_COALESCE_MS": "2.5"}).pipeline_coalesce == 0.0025
+    assert Settings.from_env({}).web_commit_interval == 0.001
+    assert Settings.from_env({"NODE_WEB_COMMIT_INTERVAL_MS": "0"}).web_commit_interval == 0.0
 
 
 def test_ack_timeout_ceiling_below_the_timeout_is_refused_and_an_unset_one_follows_it() -> None:

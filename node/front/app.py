@@ -186,6 +186,7 @@ def create_app(
             threaded=threaded,
             on_group=on_group,
             stats=state.stats,
+            interval=settings.web_commit_interval,
         )
         await committer.start()
         sessions = Sessions(settings.data_path / "sessions")

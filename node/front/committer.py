@@ -35,7 +35,7 @@ the ``time.perf_counter()`` receive time of each message in it (ack latency =
 Public API::
 
     committer = Committer(ring, max_pending_bytes=..., window=..., threaded=True,
-                          on_group=None, stats=None)
+                          on_group=None, stats=None, interval=0.0)
     await committer.start();  await committer.stop()
     conn = committer.connect(device_id)           # one per WebSocket
     await committer.wait_room(conn)               # before reading the next frame
@@ -261,11 +261,15 @@ class Committer:
         threaded: bool = True,
         on_group: GroupCallback | None = None,
         stats: FrontStats | None = None,
+        interval: float = 0.0,
     ) -> None:
         if max_pending_bytes < 1 or window < 1:
             raise ValueError(
                 f"expected max_pending_bytes >= 1 and window >= 1, got {max_pending_bytes}, {window}"
             )
+        if not 0.0 <= interval <= 0.1:
+            raise ValueError(f"interval must be between 0 and 0.1 seconds, got {interval!r}")
+        self._interval = interval
         self._ring = ring
         self._max_pending = max_pending_bytes
         self._window = window
@@ -383,6 +387,8 @@ class Committer:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         queue = self._queue
+        interval = self._interval
+        last_start = -1.0  # perf_counter of the last group's persist start
         while True:
             if not queue:
                 if self._stopping:
@@ -390,9 +396,17 @@ class Committer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if interval and not self._stopping:
+                # Records are flowing (the last persist started less than ``interval`` ago):
+                # let more arrive, so the group is one persist for several of them.  A lone
+                # record, or a persist that took ``interval`` already, goes at once.
+                wait = last_start + interval - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             group = self._take()
             payloads = [e.payload for e in group]
             t0 = time.perf_counter()
+            last_start = t0
             try:
                 if self._executor is not None:
                     n = await loop.run_in_executor(self._executor, self._append_blocking, payloads)

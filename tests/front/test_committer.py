@@ -291,3 +291,74 @@ def test_an_ack_never_claims_a_pending_message_whatever_the_seq_order(ops: list[
                 assert acks and acks[-1] == max(sent)
         finally:
             ring.close()
+
+
+def _flowing(ring: Ring, interval: float, count: int = 60, gap: float = 0.0005) -> tuple[int, list[float]]:
+    """Submit ``count`` records ``gap`` apart on one connection (records flowing, each acked
+    before the next few arrive); return the committer's groups and each record's ack delay."""
+    delays: list[float] = []
+
+    async def go() -> int:
+        committer = Committer(
+            ring,
+            max_pending_bytes=1 << 20,
+            window=1024,
+            interval=interval,
+            on_group=lambda now, ts, n: delays.extend(now - t for t in ts),
+        )
+        await committer.start()
+        conn = committer.connect("d")
+        for seq in range(count):
+            committer.submit(conn, seq, True, payload("d", seq), time.perf_counter())
+            await asyncio.sleep(gap)
+        for _ in range(200):
+            if committer.stats.acked == count:
+                break
+            await asyncio.sleep(0.01)
+        await committer.stop()
+        assert committer.stats.acked == count
+        acks = [a.n for a in [decode_reply(f) for f in conn.take()] if isinstance(a, Ack)]
+        assert acks and acks[-1] == count - 1
+        return committer.stats.groups
+
+    groups = asyncio.run(go())
+    assert [r.seq for r in drain(ring)] == list(range(count))
+    return groups, delays
+
+
+def test_commit_interval_makes_fewer_groups_of_flowing_records_and_delays_each_by_at_most_it(
+    ring: Ring,
+) -> None:
+    interval = 0.02
+    groups, delays = _flowing(ring, interval)
+    # 60 records over >= 30 ms: without the interval about one group each (see below);
+    # with 20 ms between persists, a handful.
+    assert groups <= 8, groups
+    assert max(delays) < interval + 0.015, max(delays)  # the wait, one persist and loop slack
+
+
+def test_commit_interval_zero_persists_every_record_at_once(ring: Ring) -> None:
+    groups, _ = _flowing(ring, 0.0)
+    assert groups > 20, groups
+
+
+def test_commit_interval_does_not_delay_a_lone_record(ring: Ring) -> None:
+    async def go() -> float:
+        committer = Committer(ring, max_pending_bytes=1 << 20, window=64, interval=0.05)
+        await committer.start()
+        conn = committer.connect("d")
+        await asyncio.sleep(0.06)  # the committer has been idle longer than the interval
+        t0 = time.perf_counter()
+        committer.submit(conn, 0, True, payload("d", 0), t0)
+        await take_acks(conn)
+        took = time.perf_counter() - t0
+        await committer.stop()
+        return took
+
+    assert asyncio.run(go()) < 0.04  # well under the 50 ms interval
+
+
+def test_commit_interval_is_bounded(ring: Ring) -> None:
+    for bad in (-0.001, 0.2):
+        with pytest.raises(ValueError, match="interval"):
+            Committer(ring, max_pending_bytes=1, window=1, interval=bad)
