@@ -76,6 +76,9 @@ MAX_GROUP_BYTES = 4 << 20
 _BACKOFF_FIRST = 0.0005
 _BACKOFF_MAX = 0.010
 _FULL_SLICE = 0.050  # the thread gives the loop a turn at least this often when full
+#: The commit interval applies only after a group smaller than this: a larger one already
+#: shares its persist among enough records (and a closed loop's acks should not wait).
+SMALL_GROUP = 32
 
 
 class Appender(Protocol):
@@ -389,6 +392,7 @@ class Committer:
         queue = self._queue
         interval = self._interval
         last_start = -1.0  # perf_counter of the last group's persist start
+        last_size = 0  # records in the last group
         while True:
             if not queue:
                 if self._stopping:
@@ -396,17 +400,18 @@ class Committer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if interval and not self._stopping:
-                # Records are flowing (the last persist started less than ``interval`` ago):
-                # let more arrive, so the group is one persist for several of them.  A lone
-                # record, or a persist that took ``interval`` already, goes at once.
+            if interval and last_size < SMALL_GROUP and not self._stopping:
+                # Records are flowing in small groups (the last persist started less than
+                # ``interval`` ago): let more arrive, so the group is one persist for several
+                # of them.  A lone record, a persist that took ``interval`` already, or groups
+                # large enough to amortise their persist (a closed loop) go at once.
                 wait = last_start + interval - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
             group = self._take()
             payloads = [e.payload for e in group]
             t0 = time.perf_counter()
-            last_start = t0
+            last_start, last_size = t0, len(group)
             try:
                 if self._executor is not None:
                     n = await loop.run_in_executor(self._executor, self._append_blocking, payloads)

@@ -362,3 +362,23 @@ def test_commit_interval_is_bounded(ring: Ring) -> None:
     for bad in (-0.001, 0.2):
         with pytest.raises(ValueError, match="interval"):
             Committer(ring, max_pending_bytes=1, window=1, interval=bad)
+
+
+def test_commit_interval_does_not_hold_back_the_group_after_a_large_one(ring: Ring) -> None:
+    from node.front.committer import SMALL_GROUP
+
+    async def go() -> float:
+        committer = Committer(ring, max_pending_bytes=1 << 20, window=1024, interval=0.05)
+        await committer.start()
+        conn = committer.connect("d")
+        for seq in range(SMALL_GROUP):  # queued together: one large group, persisted at once
+            committer.submit(conn, seq, True, payload("d", seq), 0.0)
+        await take_acks(conn)
+        t0 = time.perf_counter()  # well within 50 ms of that persist's start
+        committer.submit(conn, SMALL_GROUP, True, payload("d", SMALL_GROUP), t0)
+        await take_acks(conn)
+        took = time.perf_counter() - t0
+        await committer.stop()
+        return took
+
+    assert asyncio.run(go()) < 0.03
