@@ -4,13 +4,16 @@
 
 Prints the backend and, for groups of 1/8/64/512 records of 100 bytes, the median
 microseconds per append_batch call and per record (500 calls each, ring drained
-between rounds), and the same call through the commit thread (the hop's cost).
+between rounds), the CPU time per call (user + kernel, ``getrusage``: an msync's cost
+to the other processes on the cores, beside its wall time), and the same call through
+the commit thread (the hop's cost).
 Results and what they decided: docs/front.md ("Thread or inline?").
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import statistics
 import sys
 import tempfile
@@ -57,6 +60,7 @@ def main() -> None:
         for size in (1, 8, 64, 512):
             group = [record] * size
             times = []
+            before = resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(500):
                 t0 = time.perf_counter()
                 n = ring.append_batch(group)
@@ -64,8 +68,14 @@ def main() -> None:
                 assert n == size
                 if ring.bytes_used > ring.capacity // 2:
                     drain(ring, reader)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            user = (after.ru_utime - before.ru_utime) / 500 * 1e6  # drains included (every ~2k calls)
+            kernel = (after.ru_stime - before.ru_stime) / 500 * 1e6
             med = statistics.median(times) * 1e6
-            print(f"  group {size:4d}: {med:8.1f} us per call, {med / size:7.2f} us per record")
+            print(
+                f"  group {size:4d}: {med:8.1f} us per call, {med / size:7.2f} us per record;"
+                f" CPU {user:.1f} us user + {kernel:.1f} us kernel per call"
+            )
             drain(ring, reader)
         hop = asyncio.run(thread_hop(ring, reader, [record] * 8))
         print(f"  group    8 via the commit thread (run_in_executor): {hop:8.1f} us per call")
