@@ -326,6 +326,16 @@ def _flowing(ring: Ring, interval: float, count: int = 60, gap: float = 0.0005) 
     return groups, delays
 
 
+async def _time_to_ack(committer: Committer, conn: Conn, seq: int) -> float:
+    """Submit record ``seq`` now; the seconds until its ack; then stop the committer."""
+    t0 = time.perf_counter()
+    committer.submit(conn, seq, True, payload("d", seq), t0)
+    await take_acks(conn)
+    took = time.perf_counter() - t0
+    await committer.stop()
+    return took
+
+
 def test_commit_interval_makes_fewer_groups_of_flowing_records_and_delays_each_by_at_most_it(
     ring: Ring,
 ) -> None:
@@ -348,12 +358,7 @@ def test_commit_interval_does_not_delay_a_lone_record(ring: Ring) -> None:
         await committer.start()
         conn = committer.connect("d")
         await asyncio.sleep(0.06)  # the committer has been idle longer than the interval
-        t0 = time.perf_counter()
-        committer.submit(conn, 0, True, payload("d", 0), t0)
-        await take_acks(conn)
-        took = time.perf_counter() - t0
-        await committer.stop()
-        return took
+        return await _time_to_ack(committer, conn, 0)
 
     assert asyncio.run(go()) < 0.04  # well under the 50 ms interval
 
@@ -374,11 +379,6 @@ def test_commit_interval_does_not_hold_back_the_group_after_a_large_one(ring: Ri
         for seq in range(SMALL_GROUP):  # queued together: one large group, persisted at once
             committer.submit(conn, seq, True, payload("d", seq), 0.0)
         await take_acks(conn)
-        t0 = time.perf_counter()  # well within 50 ms of that persist's start
-        committer.submit(conn, SMALL_GROUP, True, payload("d", SMALL_GROUP), t0)
-        await take_acks(conn)
-        took = time.perf_counter() - t0
-        await committer.stop()
-        return took
+        return await _time_to_ack(committer, conn, SMALL_GROUP)  # well within 50 ms of that persist
 
     assert asyncio.run(go()) < 0.03
