@@ -89,6 +89,35 @@ class MappedRing:
             self.fd = -1
 
 
+PRELOAD_CHUNK = 1 << 20  # bytes per read while preloading a ring file (reset_page_cache)
+
+
+def reset_page_cache(fd: int, size: int) -> None:
+    """Replace whatever the page cache holds of a ring file with single pages.
+
+    Called by the exclusive opener before it maps the file (no other process has it
+    mapped; recovery then scans every page of the lap).  Large folios left by earlier
+    readahead (a previous run's recovery scan, a ``cp``, a backup) would make each
+    small persist write a whole folio (docs/ring.md, "Page cache").  ``fsync`` first
+    (dirty pages cannot be dropped), then ``POSIX_FADV_DONTNEED`` drops the clean,
+    unmapped pages, and a read of the whole file with ``POSIX_FADV_RANDOM`` (reads
+    exactly what is asked, one page per folio) brings it back in large I/Os, so the
+    recovery scan does not fault page by page.  The scan reads the whole file anyway;
+    this adds about one sequential read of it (64 MiB: ~50 ms here).
+    """
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    buf = bytearray(min(PRELOAD_CHUNK, max(size, 1)))
+    off = 0
+    while off < size:
+        n = os.preadv(fd, [buf], off)
+        if n <= 0:
+            break
+        off += n
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+
+
 def fsync_directory(path: str) -> None:
     """fsync the directory holding ``path``, so a new entry in it survives a power cut."""
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

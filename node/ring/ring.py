@@ -50,7 +50,7 @@ from node.ring.errors import (
     RingVersionError,
 )
 from node.ring.liveness import identity, pid_namespace
-from node.ring.mapped import MappedRing, fsync_directory, open_lock_file
+from node.ring.mapped import MappedRing, fsync_directory, open_lock_file, reset_page_cache
 from node.ring.reader import Reader
 
 log = logging.getLogger("node.ring")
@@ -135,6 +135,9 @@ class Ring:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 hdr = self._check_header(path, fd)
+                alone = self._lock_if_alone(fd)
+                if alone:
+                    reset_page_cache(fd, D.file_size(hdr.capacity))
                 m = MappedRing(path, fd, hdr, backend)
             except BaseException:
                 os.close(fd)
@@ -151,7 +154,7 @@ class Ring:
                 self.backend = m.backend
                 self._ctx = m.ctx
                 self._set_identity(*identity())
-                self.recovered = self._recover_if_alone()
+                self.recovered = self._recover() if alone else False
                 self._epoch = m.load(D.EPOCH_OFFSET)  # changes only at an exclusive open: read once
                 if durability == "process":
                     m.skip_persist()
@@ -237,14 +240,21 @@ class Ring:
             raise RingNamespaceError(path, hdr.pid_namespace, here)
         return hdr
 
-    def _recover_if_alone(self) -> bool:
-        assert self._m is not None
-        fd = self._m.fd
+    @staticmethod
+    def _lock_if_alone(fd: int) -> bool:
+        """Under the opener lock: True (holding ``LOCK_EX``) when no other process has
+        the ring open, else False (holding ``LOCK_SH``, as every opener does)."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fcntl.flock(fd, fcntl.LOCK_SH)
             return False
+        return True
+
+    def _recover(self) -> bool:
+        """Recovery by the exclusive opener (see :meth:`_lock_if_alone`); downgrades to ``LOCK_SH``."""
+        assert self._m is not None
+        fd = self._m.fd
         tail = ffi.new("uint64_t *")
         count = ffi.new("uint64_t *")
         repaired = ffi.new("uint64_t *")
