@@ -352,8 +352,8 @@ def node_env(
         NODE_JWT_SECRET=SECRET,
         NODE_WEB_WORKERS=str(workers),
         NODE_LOG_LEVEL="warning",
-        **extra,
     )
+    env.update(extra)  # --node-env may set any of the above too (e.g. NODE_LOG_LEVEL=info)
     return env, chosen
 
 

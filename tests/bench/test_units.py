@@ -194,6 +194,18 @@ def test_e2e_node_env_options_become_node_settings_and_anything_else_is_refused(
             parse_node_env([bad])
 
 
+def test_node_env_options_override_the_harness_defaults(tmp_path: object) -> None:
+    """``--node-env NODE_LOG_LEVEL=info`` used to crash the harness (a keyword given twice)."""
+    from pathlib import Path
+
+    from bench.targets import node_env
+
+    env, _ = node_env(Path(str(tmp_path)), 2, (), NODE_LOG_LEVEL="info", NODE_PUB_HWM="5")
+    assert env["NODE_LOG_LEVEL"] == "info" and env["NODE_PUB_HWM"] == "5"
+    env, _ = node_env(Path(str(tmp_path)), 2, ())
+    assert env["NODE_LOG_LEVEL"] == "warning" and env["NODE_WEB_WORKERS"] == "2"
+
+
 def test_c10k_max_soak_and_compare_take_node_env_options() -> None:
     from bench.__main__ import build_parser
 
