@@ -9,6 +9,7 @@ C helper's context and reads the header counters.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from typing import Any
@@ -17,6 +18,8 @@ from node.ring import descriptor as D
 from node.ring._native import ffi, lib
 from node.ring.backend import PERSIST_NONE, Mapping, open_mapping
 from node.ring.errors import RingClosed
+
+log = logging.getLogger("node.ring")
 
 
 class MappedRing:
@@ -105,9 +108,13 @@ def reset_page_cache(fd: int, size: int) -> None:
     recovery scan does not fault page by page.  The scan reads the whole file anyway;
     this adds about one sequential read of it (64 MiB: ~50 ms here).
     """
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    os.fsync(fd)  # an I/O error here is real: it propagates
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    except OSError as exc:  # advice only: a file system that refuses it keeps its cache as is
+        log.warning("ring file page-cache reset skipped (posix_fadvise: %s)", exc)
+        return
     buf = bytearray(min(PRELOAD_CHUNK, max(size, 1)))
     off = 0
     while off < size:
